@@ -1,0 +1,1 @@
+"""lenskit: mechanistic interpretability of transformers, as TransformerLens hook functions."""

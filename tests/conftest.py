@@ -1,0 +1,51 @@
+"""Shared test fixtures: small HookedTransformers built from configs, with random weights.
+
+Every parameter is random (biases included, LayerNorm weights around 1), so that bias terms
+and normalisation are exercised, not left at their zero / identity initialisation.
+"""
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+STORIES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "stories260K"
+
+CONFIGS = {
+    "gpt2": dict(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=64, d_vocab=101,
+                 act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard"),
+    "llama": dict(n_layers=3, d_model=32, n_heads=4, n_key_value_heads=2, d_head=8, d_mlp=48,
+                  n_ctx=64, d_vocab=97, act_fn="silu", gated_mlp=True, normalization_type="RMS",
+                  positional_embedding_type="rotary", rotary_dim=8, final_rms=True),
+    "neox": dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=64, d_vocab=89,
+                 act_fn="gelu", normalization_type="LN", positional_embedding_type="rotary",
+                 rotary_dim=4, parallel_attn_mlp=True),
+}
+
+
+def make_model(kind: str = "gpt2", seed: int = 0) -> HookedTransformer:
+    """A small model of the named shape with every parameter random."""
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = HookedTransformer(HookedTransformerConfig(**CONFIGS[kind], seed=seed))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".w"):  # normalisation weights
+                param.copy_(1 + 0.2 * torch.randn_like(param))
+            else:
+                param.copy_(0.2 * torch.randn_like(param))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def gpt2_model() -> HookedTransformer:
+    return make_model("gpt2")
+
+
+@pytest.fixture(scope="module")
+def tokens() -> torch.Tensor:
+    """[batch=3, pos=10] random token ids valid for every config above."""
+    return torch.randint(0, 89, (3, 10), generator=torch.Generator().manual_seed(1))

@@ -1,0 +1,121 @@
+"""The ``lenskit`` command: ``lenskit info MODEL`` and ``lenskit cache MODEL ...``.
+
+Bad input (an unknown model, a missing file, an unknown hook name) ends with a one-line
+``lenskit: error: ...`` on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"lenskit: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lenskit",
+        description="Mechanistic interpretability of transformers, as TransformerLens hook functions.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = commands.add_parser(
+        "info", help="config, parameter count and hook names of a model",
+        description="Print a model's configuration, parameter count and hook names grouped by layer.")
+    info.add_argument("model", help="TransformerLens name, local Hugging Face folder, llama2.c .bin, "
+                                    "lenskit folder, zoo name (lenskit/NAME) or config .json")
+    info.set_defaults(run=run_info)
+
+    cache = commands.add_parser(
+        "cache", help="stream activations over a text file to safetensors shards",
+        description="Run MODEL over the lines of a text file and write the activations of the hooks "
+                    "matching PATTERN to safetensors shards in DIR (resumable: rerun to finish).")
+    cache.add_argument("model", help="as for `lenskit info`")
+    cache.add_argument("--text-file", required=True, type=Path, help="UTF-8 text, one document per line")
+    cache.add_argument("--names", required=True,
+                       help="hook name or glob, e.g. 'blocks.*.hook_resid_post'; comma-separate several")
+    cache.add_argument("--out", required=True, type=Path, help="output folder (shards + manifest.json)")
+    cache.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="stored dtype (default float16)")
+    cache.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
+    cache.add_argument("--max-len", type=int, default=128, help="tokens per row (default 128)")
+    cache.set_defaults(run=run_cache)
+    return parser
+
+
+def run_info(args: argparse.Namespace) -> None:
+    from lenskit.models import load
+
+    model = load(args.model)
+    print(describe_model(args.model, model))
+
+
+def describe_model(name: str, model) -> str:
+    """Config summary, parameter count, and hook names grouped by layer."""
+    cfg = model.cfg
+    heads = f"{cfg.n_heads} heads x d_head {cfg.d_head}"
+    if getattr(cfg, "n_key_value_heads", None):
+        heads += f" ({cfg.n_key_value_heads} key/value heads)"
+    n_params = sum(p.numel() for p in model.parameters())
+    lines = [
+        f"model        {name}  ({type(model).__name__}, architecture {cfg.original_architecture or 'n/a'})",
+        f"shape        {cfg.n_layers} layers, d_model {cfg.d_model}, {heads}, d_mlp {cfg.d_mlp}, "
+        f"vocab {cfg.d_vocab}, context {cfg.n_ctx}",
+        f"components   norm {cfg.normalization_type}, positions {cfg.positional_embedding_type}, "
+        f"activation {cfg.act_fn}{', gated MLP' if cfg.gated_mlp else ''}"
+        f"{', parallel attn+MLP' if cfg.parallel_attn_mlp else ''}",
+        f"parameters   {n_params:,}",
+        f"tokenizer    {type(model.tokenizer).__name__ if model.tokenizer is not None else 'none'}",
+        "hooks",
+    ]
+    for group, leaves in group_hook_names(list(model.hook_dict)).items():
+        lines.append(f"  {group}: {' '.join(leaves)}")
+    return "\n".join(lines)
+
+
+def group_hook_names(names: list[str]) -> dict[str, list[str]]:
+    """{"blocks.0": ["hook_resid_pre", "attn.hook_q", ...], "global": [...]} in model order."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name in names:
+        match = re.match(r"^(.*?blocks\.\d+)\.(.+)$", name)
+        group, leaf = (match.group(1), match.group(2)) if match else ("global", name)
+        groups[group].append(leaf)
+    return dict(groups)
+
+
+def run_cache(args: argparse.Namespace) -> None:
+    from lenskit.cache import stream_cache
+    from lenskit.models import load
+
+    if not args.text_file.is_file():
+        raise FileNotFoundError(f"text file not found: {args.text_file}")
+    texts = [line for line in args.text_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise ValueError(f"text file {args.text_file} holds no text")
+    model = load(args.model)
+    if model.tokenizer is None:
+        raise ValueError(f"model {args.model} has no tokenizer, so it cannot read text")
+    names = [n.strip() for n in args.names.split(",") if n.strip()]
+    out = stream_cache(model, texts, names, args.out, dtype=DTYPES[args.dtype],
+                       batch_size=args.batch_size, max_len=args.max_len)
+    print(f"wrote activations of {', '.join(names)} to {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

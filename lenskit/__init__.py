@@ -1,1 +1,15 @@
-"""lenskit: mechanistic interpretability of transformers, as TransformerLens hook functions."""
+"""lenskit: mechanistic interpretability of transformers, as TransformerLens hook functions.
+
+    >>> import lenskit
+    >>> from lenskit import hooks
+    >>> model = lenskit.load("lenskit/<name>")        # or a TransformerLens name, a folder, a .bin
+    >>> h = hooks.ablate("blocks.1.attn.hook_z", head=3) + hooks.cache("blocks.*.hook_resid_post")
+    >>> logits = model.run_with_hooks(model.to_tokens("Hello"), fwd_hooks=h)
+"""
+
+from lenskit import hooks
+from lenskit.hooks import Hooks
+from lenskit.labelled import LabelledTensor
+from lenskit.models import load, save, zoo_names
+
+__all__ = ["hooks", "Hooks", "LabelledTensor", "load", "save", "zoo_names"]

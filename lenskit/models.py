@@ -1,0 +1,358 @@
+"""`load` a model as a TransformerLens `HookedTransformer` from whatever the user has; `save` one.
+
+`load(name_or_path, **kwargs)` accepts, in this order of precedence:
+
+- ``"lenskit/<name>"``: a checkpoint of the zoo shipped with the package (`ZOO_ROOT/<name>`);
+- an existing path:
+    - a lenskit folder (``hooked_transformer.json`` + ``model.safetensors`` [+ ``tokenizer.json``]),
+      as written by `save`;
+    - a Hugging Face folder (``config.json`` + weights [+ tokenizer files]), loaded offline
+      through TransformerLens's own config and weight conversion (architectures: `HF_ARCHITECTURES`);
+    - a llama2.c checkpoint: a ``.bin`` file, or a folder holding one ``.bin`` besides ``tok*.bin``;
+    - a ``.json`` file of `HookedTransformerConfig` fields: random weights, seeded (`load_config_file`);
+- a TransformerLens model name or alias (``"gpt2-small"``, ``"pythia-70m"``):
+  `HookedTransformer.from_pretrained(name, **kwargs)`, which downloads from the Hugging Face Hub.
+
+A Hugging Face folder without tokenizer files gives a model without a tokenizer (``model.tokenizer is
+None``): it takes token ids, not strings. Errors name the problem: an unknown name lists close matches,
+a missing path or weights file is named, an unsupported architecture is named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import huggingface_hub.constants
+import torch
+import transformer_lens.loading_from_pretrained as tl_loading
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.supported_models import MODEL_ALIASES, OFFICIAL_MODEL_NAMES
+from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+ZOO_PREFIX = "lenskit/"
+ZOO_ROOT = Path(__file__).parent / "zoo" / "checkpoints"
+"""Folder holding one lenskit folder per zoo checkpoint; ``load("lenskit/<name>")`` reads ``ZOO_ROOT/<name>``."""
+
+CONFIG_FILE = "hooked_transformer.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+HF_ARCHITECTURES = (
+    "GPT2LMHeadModel",
+    "GPTNeoForCausalLM",
+    "GPTJForCausalLM",
+    "GPTNeoXForCausalLM",
+    "OPTForCausalLM",
+    "BloomForCausalLM",
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Phi3ForCausalLM",
+    "OlmoeForCausalLM",
+    "Olmo3ForCausalLM",
+)
+"""Hugging Face architectures that load from a local folder; tests/test_models.py checks each
+against the Hugging Face model's own log-probabilities."""
+
+HF_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+PATH_SUFFIXES = (".bin", ".json", ".safetensors", ".pt", ".pth")
+
+
+def load(name_or_path: str | os.PathLike, **kwargs: Any) -> HookedTransformer:
+    """Load a model as a HookedTransformer (see the module docstring for what is accepted).
+
+    kwargs go to the loader chosen: `HookedTransformer.from_pretrained` for a TransformerLens name,
+    `load_hf_folder` for a Hugging Face folder, `lenskit.llama2c.load_llama2c` for a llama2.c
+    checkpoint, `load_lenskit_folder` for a lenskit folder or zoo name.
+    """
+    name = str(name_or_path)
+    if name.startswith(ZOO_PREFIX):
+        return _load_zoo(name.removeprefix(ZOO_PREFIX), **kwargs)
+    path = Path(name).expanduser()
+    if path.exists():
+        return _load_path(path, **kwargs)
+    if name.lower() in tl_loading.make_model_alias_map():
+        with _quiet_deprecation():
+            return HookedTransformer.from_pretrained(name, **kwargs)
+    if "/" in name or os.sep in name or name.startswith(("~", ".")) or path.suffix in PATH_SUFFIXES:
+        raise FileNotFoundError(f"lenskit.load: no such file or folder: {name}.{_did_you_mean(name)}")
+    raise ValueError(
+        f"lenskit.load: {name!r} is not a TransformerLens model name or alias, a zoo name "
+        f"('{ZOO_PREFIX}<name>') or an existing path.{_did_you_mean(name)}"
+    )
+
+
+def save(model: HookedTransformer, folder: str | os.PathLike) -> None:
+    """Write `model` as a lenskit folder: hooked_transformer.json, model.safetensors, tokenizer.json.
+
+    The weights are the model's parameters as they are (already processed: folded, centred, ...).
+    The tokenizer is written when the model has a fast (``tokenizers``-backed) one, with its special
+    tokens and ``add_bos_token`` under the "tokenizer" key of hooked_transformer.json; otherwise the
+    folder has none.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = _config_to_json(model.cfg)
+    tokenizer = model.tokenizer
+    if tokenizer is not None and tokenizer.is_fast:
+        tokenizer.backend_tokenizer.save(str(folder / TOKENIZER_FILE))
+        config["tokenizer"] = {
+            key: getattr(tokenizer, key) for key in SPECIAL_TOKENS if getattr(tokenizer, key) is not None
+        }
+        config["tokenizer"]["add_bos_token"] = bool(getattr(tokenizer, "add_bos_token", False))
+    else:
+        (folder / TOKENIZER_FILE).unlink(missing_ok=True)
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    weights = {name: param.detach().contiguous() for name, param in model.named_parameters()}
+    save_file(weights, folder / WEIGHTS_FILE)
+
+
+def zoo_names() -> list[str]:
+    """Names of the zoo checkpoints: ``load(f"lenskit/{name}")`` loads each."""
+    if not ZOO_ROOT.is_dir():
+        return []
+    return sorted(p.name for p in ZOO_ROOT.iterdir() if (p / CONFIG_FILE).is_file())
+
+
+def load_lenskit_folder(
+    folder: str | os.PathLike, *, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None
+) -> HookedTransformer:
+    """Load a folder written by `save`; `dtype` defaults to the saved one, `device` to TL's default."""
+    folder = Path(folder)
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"lenskit.load: {folder} has no weights file {WEIGHTS_FILE}")
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    tokenizer_config = config.pop("tokenizer", {})
+    config["dtype"] = _as_dtype(config["dtype"] if dtype is None else dtype)
+    config.update(device=device, init_weights=False)
+    try:
+        weights = load_file(weights_path)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"lenskit.load: cannot read {weights_path} (truncated or corrupt?): {error}") from error
+    tokenizer = None
+    if (folder / TOKENIZER_FILE).is_file():
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_file=str(folder / TOKENIZER_FILE), name_or_path=str(folder), **tokenizer_config
+        )
+    with _hf_offline(), _quiet_deprecation():
+        model = HookedTransformer(HookedTransformerConfig.from_dict(config), tokenizer)
+    expected = dict(model.named_parameters()).keys()
+    if weights.keys() != expected:
+        raise ValueError(
+            f"lenskit.load: {weights_path} does not match {CONFIG_FILE}: missing "
+            f"{sorted(expected - weights.keys())}, unexpected {sorted(weights.keys() - expected)}"
+        )
+    model.load_state_dict(weights, strict=False)  # the rest are buffers TL derives from the config
+    return model.eval()
+
+
+def load_hf_folder(
+    folder: str | os.PathLike,
+    *,
+    fold_ln: bool = True,
+    center_writing_weights: bool = True,
+    center_unembed: bool = True,
+    fold_value_biases: bool = True,
+    refactor_factored_attn_matrices: bool = False,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    default_prepend_bos: bool | None = None,
+) -> HookedTransformer:
+    """Load a local Hugging Face folder offline, processed as `HookedTransformer.from_pretrained` does.
+
+    The route is TransformerLens's own: `get_pretrained_model_config` turns config.json into a
+    HookedTransformerConfig, `get_pretrained_state_dict(..., hf_model=...)` converts the weights of
+    the locally loaded HF model, and `load_and_process_state_dict` folds and centres them.
+    """
+    folder = Path(folder)
+    hf_config = json.loads((folder / "config.json").read_text())
+    architectures = hf_config.get("architectures") or []
+    if not architectures:
+        raise ValueError(f"lenskit.load: {folder / 'config.json'} names no architecture ('architectures')")
+    if architectures[0] not in HF_ARCHITECTURES:
+        raise ValueError(
+            f"lenskit.load: architecture {architectures[0]} (in {folder / 'config.json'}) is not supported "
+            f"for local Hugging Face folders; supported: {', '.join(HF_ARCHITECTURES)}"
+        )
+    weights_path = next((folder / name for name in HF_WEIGHT_FILES if (folder / name).is_file()), None)
+    if weights_path is None:
+        raise FileNotFoundError(
+            f"lenskit.load: {folder} has no weights file (expected one of {', '.join(HF_WEIGHT_FILES)})"
+        )
+    dtype = _as_dtype(dtype)
+    if architectures[0] in POST_NORM_ARCHITECTURES:  # the norm follows the sublayer: nothing to fold
+        fold_ln = center_writing_weights = False
+    with _hf_offline():
+        tokenizer = None
+        if any((folder / name).is_file() for name in HF_TOKENIZER_FILES):
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        try:
+            hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"lenskit.load: cannot read {weights_path} (truncated or corrupt?): {error}") from error
+        cfg = _tl_config(
+            hf_config,
+            hf_cfg=hf_model.config.to_dict(),
+            fold_ln=fold_ln,
+            device=device,
+            dtype=dtype,
+            default_prepend_bos=default_prepend_bos,
+        )
+        cfg.model_name = folder.resolve().name
+        cfg.tokenizer_name = str(folder) if tokenizer is not None else None
+        state_dict = tl_loading.get_pretrained_state_dict(str(folder), cfg, hf_model=hf_model, dtype=dtype)
+        with _quiet_deprecation():
+            model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(
+        state_dict,
+        fold_ln=fold_ln,
+        center_writing_weights=center_writing_weights,
+        center_unembed=center_unembed,
+        fold_value_biases=fold_value_biases,
+        refactor_factored_attn_matrices=refactor_factored_attn_matrices,
+    )
+    model.move_model_modules_to_device()
+    return model.eval()
+
+
+def load_config_file(path: str | os.PathLike, *, device: str | None = None, seed: int | None = None) -> HookedTransformer:
+    """A model with random weights built from a JSON file of `HookedTransformerConfig` fields.
+
+    The weights follow TransformerLens' initialisation, seeded by `seed` (default: the file's
+    ``seed``, else 0), so the same file always gives the same model.
+    """
+    path = Path(path)
+    try:
+        fields = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"lenskit.load: {path} is not valid JSON ({error})") from None
+    known = {f.name for f in dataclasses.fields(HookedTransformerConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"lenskit.load: {path} has fields HookedTransformerConfig does not know: {', '.join(unknown)}")
+    fields["seed"] = fields.get("seed", 0) if seed is None else seed
+    if device is not None:
+        fields["device"] = device
+    with _quiet_deprecation():
+        return HookedTransformer(HookedTransformerConfig(**fields)).eval()
+
+
+def _load_zoo(name: str, **kwargs: Any) -> HookedTransformer:
+    folder = ZOO_ROOT / name
+    if not (folder / CONFIG_FILE).is_file():
+        raise ValueError(
+            f"lenskit.load: no zoo checkpoint {ZOO_PREFIX}{name}; the zoo holds: "
+            f"{', '.join(zoo_names()) or 'nothing'}.{_did_you_mean(ZOO_PREFIX + name)}"
+        )
+    return load_lenskit_folder(folder, **kwargs)
+
+
+def _load_path(path: Path, **kwargs: Any) -> HookedTransformer:
+    if path.is_file():
+        if path.suffix == ".bin":
+            return _load_llama2c(path, **kwargs)
+        if path.suffix == ".json":
+            return load_config_file(path, **kwargs)
+        raise ValueError(
+            f"lenskit.load: cannot load the file {path}: give a lenskit or Hugging Face folder, "
+            "a llama2.c .bin checkpoint or a .json file of HookedTransformerConfig fields"
+        )
+    if (path / CONFIG_FILE).is_file():
+        return load_lenskit_folder(path, **kwargs)
+    if (path / "config.json").is_file():
+        return load_hf_folder(path, **kwargs)
+    checkpoints = sorted(p for p in path.glob("*.bin") if not p.name.startswith("tok"))
+    if len(checkpoints) == 1:
+        return _load_llama2c(checkpoints[0], **kwargs)
+    if checkpoints:
+        raise ValueError(
+            f"lenskit.load: {path} holds several llama2.c checkpoints ({', '.join(p.name for p in checkpoints)}); "
+            "give the path of one"
+        )
+    raise FileNotFoundError(
+        f"lenskit.load: {path} holds no model: expected {CONFIG_FILE} (lenskit), config.json "
+        "(Hugging Face) or a llama2.c .bin checkpoint"
+    )
+
+
+def _load_llama2c(path: Path, **kwargs: Any) -> HookedTransformer:
+    from lenskit.llama2c import load_llama2c  # lazily: only llama2.c users pay for it
+
+    return load_llama2c(path, **kwargs)
+
+
+def _tl_config(config_json: dict, **kwargs: Any) -> HookedTransformerConfig:
+    """TransformerLens's HookedTransformerConfig for a Hugging Face config.json (as a dict).
+
+    TransformerLens guesses some architectures from substrings of the model name ("llama", "gemma")
+    before it reads config.json, so the config is converted from a copy in a neutrally named
+    temporary folder, never from the user's path.
+    """
+    config_json = dict(config_json)
+    if config_json.get("model_type") == "gpt2":  # TL reads n_ctx, which transformers>=5 no longer writes
+        config_json.setdefault("n_ctx", config_json["n_positions"])
+    with tempfile.TemporaryDirectory(prefix="lenskit-hf-config-") as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(config_json))
+        return tl_loading.get_pretrained_model_config(tmp, local_files_only=True, **kwargs)
+
+
+def _config_to_json(cfg: HookedTransformerConfig) -> dict[str, Any]:
+    """The config fields that rebuild `cfg`, JSON-ready (dtype as a string; no device, seed, tokenizer name)."""
+    config = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    for key in ("device", "seed", "tokenizer_name"):
+        del config[key]
+    config["dtype"] = str(cfg.dtype).removeprefix("torch.")
+    return config
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    return getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
+
+
+def _did_you_mean(name: str) -> str:
+    """' Did you mean: ...?' over TL official names, aliases and zoo names ('' when nothing is close)."""
+    aliases = [alias for names in MODEL_ALIASES.values() for alias in names]
+    known = [*OFFICIAL_MODEL_NAMES, *aliases, *(ZOO_PREFIX + zoo_name for zoo_name in zoo_names())]
+    by_lower = {known_name.lower(): known_name for known_name in known}
+    matches = difflib.get_close_matches(name.lower(), by_lower, n=5, cutoff=0.6)
+    return f" Did you mean: {', '.join(by_lower[m] for m in matches)}?" if matches else ""
+
+
+@contextmanager
+def _quiet_deprecation() -> Iterator[None]:
+    """Hide TransformerLens's 'HookedTransformer is deprecated' warnings."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="HookedTransformer", category=DeprecationWarning)
+        yield
+
+
+@contextmanager
+def _hf_offline() -> Iterator[None]:
+    """Make huggingface_hub (and so transformers) refuse any network access inside the block."""
+    offline = huggingface_hub.constants.HF_HUB_OFFLINE
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        huggingface_hub.constants.HF_HUB_OFFLINE = offline

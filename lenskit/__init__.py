@@ -8,8 +8,12 @@
 """
 
 from lenskit import hooks
+from lenskit.cache import decompose_residual, load_cache, residual_stream, stream_cache
 from lenskit.hooks import Hooks
 from lenskit.labelled import LabelledTensor
 from lenskit.models import load, save, zoo_names
 
-__all__ = ["hooks", "Hooks", "LabelledTensor", "load", "save", "zoo_names"]
+__all__ = [
+    "hooks", "Hooks", "LabelledTensor", "load", "save", "zoo_names",
+    "residual_stream", "decompose_residual", "stream_cache", "load_cache",
+]

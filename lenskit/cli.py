@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--out", required=True, type=Path, help="output folder (shards + manifest.json)")
     cache.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="stored dtype (default float16)")
     cache.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
-    cache.add_argument("--max-len", type=int, default=128, help="tokens per row (default 128)")
+    cache.add_argument("--max-len", type=int, default=None,
+                       help="tokens per row (default: 128, or the model's context if shorter)")
     cache.set_defaults(run=run_cache)
     return parser
 
@@ -113,7 +114,7 @@ def run_cache(args: argparse.Namespace) -> None:
         raise ValueError(f"model {args.model} has no tokenizer, so it cannot read text")
     names = [n.strip() for n in args.names.split(",") if n.strip()]
     out = stream_cache(model, texts, names, args.out, dtype=DTYPES[args.dtype],
-                       batch_size=args.batch_size, max_len=args.max_len)
+                       batch_size=args.batch_size, max_len=args.max_len or min(128, model.cfg.n_ctx))
     print(f"wrote activations of {', '.join(names)} to {out}")
 
 

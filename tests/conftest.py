@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from tokenizers import Tokenizer, models as tokenizer_models, pre_tokenizers
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 STORIES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "stories260K"
@@ -23,6 +25,17 @@ CONFIGS = {
                  act_fn="gelu", normalization_type="LN", positional_embedding_type="rotary",
                  rotary_dim=4, parallel_attn_mlp=True),
 }
+
+
+WORDS = ["<unk>", "<bos>", "<eos>", "<pad>", *"the cat sat on a mat and dog ran".split()]
+
+
+def word_tokenizer(words: list[str] = WORDS) -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer over `words` (the first four are unk, bos, eos, pad), built offline."""
+    tokenizer = Tokenizer(tokenizer_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token=words[0], bos_token=words[1], eos_token=words[2], pad_token=words[3])
 
 
 def make_model(kind: str = "gpt2", seed: int = 0) -> HookedTransformer:

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import STORIES_DIR, make_model
-from tokenizers import Tokenizer, models as tokenizer_models, pre_tokenizers
+from conftest import STORIES_DIR, WORDS, make_model, word_tokenizer
 from transformer_lens import HookedTransformer
 
 from lenskit import models
@@ -49,7 +48,6 @@ HF_CONFIGS = {
         num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, **SIZES),
     "Olmo3ForCausalLM": lambda: transformers.Olmo3Config(num_key_value_heads=2, **SIZES),
 }
-WORDS = ["<unk>", "<bos>", "<eos>", "<pad>", *"the cat sat on a mat and dog ran".split()]
 UNPROCESSED = dict(fold_ln=False, center_writing_weights=False, center_unembed=False)
 
 
@@ -61,14 +59,6 @@ def randomise_(hf_model: torch.nn.Module) -> None:
             param.copy_(1 + 0.1 * torch.randn_like(param) if is_norm else 0.05 * torch.randn_like(param))
 
 
-def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """A word-level tokenizer over WORDS, built offline."""
-    tokenizer = Tokenizer(tokenizer_models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>")
-
-
 def save_hf_model(architecture: str, folder: Path) -> torch.nn.Module:
     """Save a random HF model of `architecture` in `folder` (GPT-2 with a tokenizer); return it."""
     torch.manual_seed(0)
@@ -78,7 +68,7 @@ def save_hf_model(architecture: str, folder: Path) -> torch.nn.Module:
     randomise_(hf_model)
     hf_model.save_pretrained(folder)
     if architecture == "GPT2LMHeadModel":
-        tiny_tokenizer().save_pretrained(folder)
+        word_tokenizer().save_pretrained(folder)
     return hf_model
 
 

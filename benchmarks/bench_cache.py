@@ -1,0 +1,192 @@
+"""Benchmark lenskit.cache on a GPT-2-small-shaped model with random weights, on the CPU.
+
+(a) Forward pass with every residual stream cached (hooks.cache, residual_stream) against the
+    plain forward, timed interleaved in the same run: median of several repeats, and ratios.
+(b) stream_cache of all blocks.*.hook_resid_post in float16 over two dataset sizes of random
+    tokens, each in a fresh subprocess: tokens/s and peak RSS, which should not grow with the
+    dataset; then a pass over the written shards through load_cache (memory-mapped).
+
+    python benchmarks/bench_cache.py            # 8 x 128 tokens; 50k and 200k streamed tokens
+    python benchmarks/bench_cache.py --quick    # smoke run
+
+Prints a table and writes benchmarks/results/bench_cache.json.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from lenskit import hooks
+from lenskit.cache import load_cache, residual_stream, stream_cache
+
+warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
+
+RESULTS = Path(__file__).parent / "results" / "bench_cache.json"
+GPT2_SMALL = dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=1024,
+                  act_fn="gelu", normalization_type="LN", seed=0)
+STREAMED = "blocks.*.hook_resid_post"
+
+
+def gpt2_small() -> HookedTransformer:
+    return HookedTransformer(HookedTransformerConfig(**GPT2_SMALL)).eval()
+
+
+def rss_mb(field: str = "VmRSS") -> float:
+    """This process's resident memory now (VmRSS) or at its peak (VmHWM), from /proc (Linux)."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+    return int(line.split()[1]) / 1024
+
+
+def reset_peak_rss() -> None:
+    """Start VmHWM afresh from the current RSS, so that a peak measures what follows only."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+# --- (a) forward overhead -------------------------------------------------------------------
+
+def time_forward_variants(model: HookedTransformer, tokens: torch.Tensor, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each variant, over `repeats` interleaved rounds after one warm-up round."""
+    every_resid = hooks.cache("blocks.*.hook_resid_*")
+    n_layers = model.cfg.n_layers
+
+    def with_lenskit_cache():
+        with every_resid.on(model):
+            return model(tokens)
+
+    variants = {
+        "forward (logits)": lambda: model(tokens),
+        "forward + hooks.cache(every resid)": with_lenskit_cache,
+        "TL run_with_cache(every resid)": lambda: model.run_with_cache(tokens, names_filter=lambda n: "hook_resid" in n),
+        f"forward to final resid (stop_at_layer={n_layers})": lambda: model(tokens, stop_at_layer=n_layers),
+        "residual_stream(kind='all')": lambda: residual_stream(model, tokens, "all"),
+    }
+    times = {name: [] for name in variants}
+    with torch.inference_mode():
+        for repeat in range(repeats + 1):
+            for name, run in variants.items():
+                start = time.perf_counter()
+                run()
+                if repeat:
+                    times[name].append(time.perf_counter() - start)
+    return times
+
+
+# --- (b) streaming, in fresh subprocesses ------------------------------------------------------
+
+def random_batches(n_rows: int, batch: int, pos: int, d_vocab: int):
+    """n_rows random token rows in batches [batch, pos], made lazily (the dataset is never held)."""
+    generator = torch.Generator().manual_seed(0)
+    for start in range(0, n_rows, batch):
+        yield torch.randint(0, d_vocab, (min(batch, n_rows - start), pos), generator=generator)
+
+
+def stream_worker(n_rows: int, pos: int, out_dir: str, shard_tokens: int) -> dict:
+    """Stream n_rows x pos random tokens; peak RSS counted from when the model is built."""
+    model = gpt2_small()
+    model_build_peak, with_model = rss_mb("VmHWM"), rss_mb()
+    reset_peak_rss()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        stream_cache(model, random_batches(n_rows, 8, pos, model.cfg.d_vocab), STREAMED, out_dir,
+                     shard_tokens=shard_tokens, batch_size=8, progress=False)
+    seconds = time.perf_counter() - start
+    return {"tokens": n_rows * pos, "seconds": seconds, "tokens_per_s": n_rows * pos / seconds,
+            "model_build_peak_rss_mb": model_build_peak, "rss_with_model_mb": with_model,
+            "peak_rss_mb": rss_mb("VmHWM")}
+
+
+def load_worker(out_dir: str) -> dict:
+    """One pass over every shard (mean of every hook), memory-mapped, one shard at a time."""
+    reset_peak_rss()
+    cache = load_cache(out_dir)
+    start = time.perf_counter()
+    means = [sum(shard[name].float().mean().item() for name in cache.names) for shard in cache.iter_shards()]
+    size_mb = sum(path.stat().st_size for path in Path(out_dir).glob("shard_*.safetensors")) / 2**20
+    return {"shards": len(means), "cache_mb": size_mb, "seconds": time.perf_counter() - start,
+            "peak_rss_mb": rss_mb("VmHWM")}
+
+
+def in_subprocess(*args) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--worker", *map(str, args)], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(done.stderr)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- main ---------------------------------------------------------------------------------
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small smoke run")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        if args.worker[0] == "stream":
+            _, n_rows, pos, out_dir, shard_tokens = args.worker
+            print(json.dumps(stream_worker(int(n_rows), int(pos), out_dir, int(shard_tokens))))
+        else:
+            print(json.dumps(load_worker(args.worker[1])))
+        return
+
+    batch, pos, repeats = (2, 32, 2) if args.quick else (8, 128, 5)
+    stream_tokens = (2_000, 8_000) if args.quick else (50_000, 200_000)
+    shard_tokens = 1024 if args.quick else 2**14
+
+    model = gpt2_small()
+    tokens = torch.randint(0, model.cfg.d_vocab, (batch, pos), generator=torch.Generator().manual_seed(0))
+    times = time_forward_variants(model, tokens, repeats)
+    medians = {name: statistics.median(runs) for name, runs in times.items()}
+    names = list(medians)
+    ratios = {
+        "hooks.cache(every resid) / forward": medians[names[1]] / medians[names[0]],
+        "TL run_with_cache(every resid) / forward": medians[names[2]] / medians[names[0]],
+        "residual_stream(all) / forward to final resid": medians[names[4]] / medians[names[3]],
+        "residual_stream(all) / forward (logits)": medians[names[4]] / medians[names[0]],
+    }
+    del model
+
+    streams = []
+    for n_tokens in stream_tokens:
+        with tempfile.TemporaryDirectory() as out_dir:
+            stream = in_subprocess("stream", round(n_tokens / pos), pos, out_dir, shard_tokens)
+            stream["load"] = in_subprocess("load", out_dir)
+        streams.append(stream)
+    rss_growth = streams[1]["peak_rss_mb"] / streams[0]["peak_rss_mb"] - 1
+
+    print(f"GPT-2-small-shaped model, random weights, CPU ({torch.get_num_threads()} threads), torch {torch.__version__}")
+    print(f"\n(a) forward on {batch} x {pos} tokens, inference_mode, median of {repeats} interleaved repeats")
+    for name, median in medians.items():
+        print(f"  {name:<52} {median * 1000:9.1f} ms")
+    for name, ratio in ratios.items():
+        print(f"  ratio {name:<46} {ratio:9.3f}")
+    print(f"\n(b) stream_cache({STREAMED!r}, float16, shard_tokens={shard_tokens}), fresh subprocess each")
+    print(f"  {'tokens':>8} {'tok/s':>7} {'RSS model MB':>13} {'peak RSS streaming MB':>22} {'cache MB':>9} "
+          f"{'load pass s':>12} {'peak RSS load MB':>17}")
+    for s in streams:
+        print(f"  {s['tokens']:>8} {s['tokens_per_s']:>7.0f} {s['rss_with_model_mb']:>13.0f} {s['peak_rss_mb']:>22.0f} "
+              f"{s['load']['cache_mb']:>9.0f} {s['load']['seconds']:>12.2f} {s['load']['peak_rss_mb']:>17.0f}")
+    print(f"  peak RSS growth while streaming, {streams[0]['tokens']} -> {streams[1]['tokens']} tokens: {rss_growth:+.1%}"
+          f" (building the model peaks at {streams[0]['model_build_peak_rss_mb']:.0f} MB)")
+
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "quick": args.quick, "machine": platform.machine(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "model": GPT2_SMALL, "batch": batch, "pos": pos, "repeats": repeats,
+        "forward_seconds": times, "forward_median_seconds": medians, "ratios": ratios,
+        "stream": streams, "stream_peak_rss_growth": rss_growth,
+    }, indent=1))
+    print(f"\nwrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

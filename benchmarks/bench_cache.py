@@ -32,8 +32,7 @@ from lenskit.cache import load_cache, residual_stream, stream_cache
 warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
 
 RESULTS = Path(__file__).parent / "results" / "bench_cache.json"
-GPT2_SMALL = dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=1024,
-                  act_fn="gelu", normalization_type="LN", seed=0)
+GPT2_SMALL = json.loads((Path(__file__).parent / "gpt2_small_shape.json").read_text())
 STREAMED = "blocks.*.hook_resid_post"
 
 

@@ -1,0 +1,164 @@
+"""Train a zoo model on the data mixture of `lenskit.zoo.data` and save it as a lenskit folder.
+
+    python -m lenskit.zoo.train ioi-4l                          # writes lenskit/zoo/checkpoints/ioi-4l/
+    python -m lenskit.zoo.train tiny --steps 20 --out /tmp/tiny  # a smoke run
+    python -m lenskit.zoo.train ioi-4l --init DIR --out DIR2     # continue training a saved model
+
+Seeded and reproducible (on the same machine and thread count). The folder gets the files of
+`lenskit.models.save` and train_log.csv (step, loss, lr, seconds), the loss averaged over each
+logging interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from lenskit.models import ZOO_ROOT, load, save
+from lenskit.zoo.data import training_batch, vocabulary
+from lenskit.zoo.tokenizer import as_transformers, build_tokenizer
+
+LOG_FILE = "train_log.csv"
+
+
+@dataclass
+class Recipe:
+    """Architecture and optimisation of one zoo model."""
+
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    d_mlp: int = 512
+    n_ctx: int = 64
+    mixture: dict[str, float] = field(default_factory=lambda: {"ioi": 0.4, "repeated": 0.3, "stories": 0.3})
+    repeat_lengths: tuple[int, int] = (6, 24)
+    steps: int = 8000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 200
+    log_every: int = 50
+    seed: int = 0
+
+
+RECIPES = {
+    "ioi-4l": Recipe(),
+    "tiny": Recipe(n_layers=1, d_model=32, n_heads=2, d_mlp=64, steps=50, warmup_steps=5, log_every=5),
+}
+
+
+def build_model(recipe: Recipe) -> HookedTransformer:
+    """A freshly initialised GPT-2-style HookedTransformer with the zoo tokenizer (seeded by recipe.seed)."""
+    tokenizer = as_transformers(build_tokenizer(vocabulary()))
+    cfg = HookedTransformerConfig(
+        n_layers=recipe.n_layers,
+        d_model=recipe.d_model,
+        n_heads=recipe.n_heads,
+        d_head=recipe.d_model // recipe.n_heads,
+        d_mlp=recipe.d_mlp,
+        n_ctx=recipe.n_ctx,
+        d_vocab=len(tokenizer),
+        act_fn="gelu_new",
+        normalization_type="LN",
+        positional_embedding_type="standard",
+        seed=recipe.seed,
+        default_prepend_bos=True,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="HookedTransformer", category=DeprecationWarning)
+        return HookedTransformer(cfg, tokenizer)
+
+
+def lm_loss(logits: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over real (unpadded) targets. logits [batch, pos, vocab], tokens and mask [batch, pos]."""
+    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+    target_mask = mask[:, 1:].flatten()
+    return (losses * target_mask).sum() / target_mask.sum()
+
+
+def learning_rate(step: int, recipe: Recipe) -> float:
+    """Linear warmup, then cosine decay to a tenth of recipe.lr."""
+    if step < recipe.warmup_steps:
+        return recipe.lr * (step + 1) / recipe.warmup_steps
+    progress = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
+    return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(recipe: Recipe, out: str | Path, init: str | Path | None = None) -> HookedTransformer:
+    """Train a model following `recipe` (from the weights saved in `init` if given), save it and its
+    loss log into `out`, return it."""
+    out = Path(out)
+    torch.manual_seed(recipe.seed)
+    model = build_model(recipe)
+    if init is not None:
+        model.load_state_dict(load(init).state_dict())
+    model.train()
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = model.tokenizer.backend_tokenizer
+    rng = random.Random(recipe.seed)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.lr, betas=(0.9, 0.98),
+    )
+    start, interval_losses = time.time(), []
+    with open(out / LOG_FILE, "w", newline="") as log_file:
+        log = csv.writer(log_file)
+        log.writerow(["step", "loss", "lr", "seconds"])
+        progress = tqdm(range(recipe.steps), desc="train", dynamic_ncols=True)
+        for step in progress:
+            lr = learning_rate(step, recipe)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            tokens, mask = training_batch(tokenizer, rng, recipe.batch_size, recipe.mixture, recipe.repeat_lengths)
+            loss = lm_loss(model(tokens), tokens, mask)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            interval_losses.append(loss.item())
+            if (step + 1) % recipe.log_every == 0 or step + 1 == recipe.steps:
+                mean_loss = sum(interval_losses) / len(interval_losses)
+                log.writerow([step + 1, f"{mean_loss:.4f}", f"{lr:.6f}", f"{time.time() - start:.1f}"])
+                log_file.flush()
+                progress.set_postfix(loss=f"{mean_loss:.3f}")
+                interval_losses = []
+    model.eval()
+    save(model, out)
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name", choices=sorted(RECIPES), help="which recipe to train")
+    parser.add_argument("--steps", type=int, help="optimisation steps (default: the recipe's)")
+    parser.add_argument("--batch-size", type=int, help="sequences per step (default: the recipe's)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
+    parser.add_argument("--seed", type=int, help="seed of weights and data (default: the recipe's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1; more threads "
+                        "were 40x slower on a shared 2-core machine)")
+    parser.add_argument("--init", type=Path, help="continue from the weights of this saved folder")
+    parser.add_argument("--out", type=Path, help="output folder (default: lenskit/zoo/checkpoints/NAME)")
+    args = parser.parse_args(argv)
+    recipe = RECIPES[args.name]
+    overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
+    recipe = Recipe(**{**recipe.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+    torch.set_num_threads(args.threads)
+    train(recipe, args.out or ZOO_ROOT / args.name, args.init)
+
+
+if __name__ == "__main__":
+    main()

@@ -38,12 +38,12 @@ def word_tokenizer(words: list[str] = WORDS) -> transformers.PreTrainedTokenizer
         tokenizer_object=tokenizer, unk_token=words[0], bos_token=words[1], eos_token=words[2], pad_token=words[3])
 
 
-def make_model(kind: str = "gpt2", seed: int = 0) -> HookedTransformer:
-    """A small model of the named shape with every parameter random."""
+def make_model(kind: str = "gpt2", seed: int = 0, **overrides) -> HookedTransformer:
+    """A small model of the named shape (config fields changed by `overrides`), every parameter random."""
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        model = HookedTransformer(HookedTransformerConfig(**CONFIGS[kind], seed=seed))
+        model = HookedTransformer(HookedTransformerConfig(**(CONFIGS[kind] | overrides), seed=seed))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(".w"):  # normalisation weights

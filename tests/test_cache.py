@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from conftest import make_model
+from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerFast
 
 from lenskit.cache import decompose_residual, load_cache, residual_stream, stream_cache
@@ -20,15 +21,8 @@ TESTS = Path(__file__).parent
 
 
 def random_model(seed: int = 0, **config) -> HookedTransformer:
-    """A small HookedTransformer with random weights, biases included (TL initialises them to zero)."""
-    defaults = dict(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=257, n_ctx=64,
-                    act_fn="gelu_new", normalization_type="LN", seed=seed)
-    model = HookedTransformer(HookedTransformerConfig(**(defaults | config)))
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.rsplit(".", 1)[-1].startswith("b"):
-                parameter.normal_(0, 0.5)
-    return model.eval()
+    """conftest's GPT-2-shaped model with a byte-sized vocabulary (257: the bytes and <|endoftext|>)."""
+    return make_model("gpt2", seed, d_vocab=257, **config)
 
 
 def byte_tokenizer(folder: Path) -> PreTrainedTokenizerFast:

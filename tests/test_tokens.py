@@ -1,0 +1,32 @@
+"""Answers given as strings or ids become token ids; multi-token strings are refused with their split."""
+
+import pytest
+import torch
+import transformers
+
+from lenskit.tokens import token_id, token_ids
+from conftest import make_model, word_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    model = make_model("gpt2", d_vocab=13)
+    folder = tmp_path_factory.mktemp("tokenizer")
+    word_tokenizer().save_pretrained(folder)
+    model.set_tokenizer(transformers.AutoTokenizer.from_pretrained(folder))
+    return model
+
+
+def test_strings_and_ids_become_ids(model):
+    assert token_id(model, "cat") == 5 and token_id(model, 7) == 7 and token_id(model, torch.tensor(3)) == 3
+    assert token_ids(model, ["the", 9, "mat"]).tolist() == [4, 9, 9]
+    assert token_ids(model, "dog").tolist() == [11]
+
+
+def test_bad_tokens_are_named(model):
+    with pytest.raises(ValueError, match=r"'cat sat' is not a single token: it splits into 2 tokens \['cat', 'sat'\]"):
+        token_id(model, "cat sat")
+    with pytest.raises(ValueError, match=r"token id 13 is outside the vocabulary \(0..12\)"):
+        token_id(model, 13)
+    with pytest.raises(ValueError, match="expected a token string or id"):
+        token_id(model, 1.5)

@@ -23,11 +23,18 @@ NAMES = [
     "Mary", "John", "Tom", "James", "Dan", "Sid", "Martin", "Amy", "Anna", "Paul", "Kate", "Mark",
     "Laura", "Mike", "Jane", "Chris", "Rose", "Sam", "Lucy", "Jack", "Helen", "Frank", "Grace", "Henry",
     "Claire", "Max", "Julia", "Adam", "Nina", "Ben", "Sophie", "Eric", "Clara", "Leo", "Ruth", "Alex",
+    "George", "Emily", "Harry", "Olivia", "Jacob", "Ella", "Noah", "Mia", "Luke", "Zoe", "Ryan", "Hannah",
+    "Simon", "Megan", "Victor", "Diana", "Carl", "Fiona", "Ivan", "Irene", "Hugo", "Maria", "Oliver", "Susan",
+    "Steve", "Karen", "Brian", "Linda", "Kevin", "Nancy", "Gary", "Betty", "Larry", "Donna", "Scott", "Carol",
+    "Tony", "Ruby", "Owen", "Wendy", "Ian", "Jill", "Neil", "Molly", "Ted", "Eva", "Roy", "Tina",
+    "Joe", "Beth", "Carlos", "Lily", "Dylan", "Ada", "Felix", "Ivy", "Arthur", "Edith", "Walter", "Agnes",
+    # held out of the training IOI sentences:
     "Alice", "Bob", "Sarah", "David", "Emma", "Peter", "Lisa", "Oscar",
+    "Kyle", "Nora", "Sean", "Jenny", "Philip", "Cathy", "Bruce", "Heidi",
 ]
-EVAL_NAMES = NAMES[-8:]
+EVAL_NAMES = NAMES[-16:]
 """Names held out of the training IOI sentences."""
-TRAIN_NAMES = NAMES[:-8]
+TRAIN_NAMES = NAMES[:-16]
 PLACES = [
     "store", "garden", "restaurant", "school", "hospital", "office", "house", "station", "park", "beach",
     "library", "market", "cafe", "church", "museum", "zoo", "farm", "bank", "shop", "lake",
@@ -90,6 +97,10 @@ STORY_SENTENCES = [
     "{name} gave the {animal} a {object}.",
     "The {animal} ran to the {place}.",
     "The {animal} likes {name}.",
+    "{name} and {other} played in the {place}.",
+    "{other} gave {name} a {object}.",
+    "{name} saw {other} at the {place}.",
+    "{other} was {feeling}, so {name} said hello.",
 ]
 
 PLACEHOLDER = re.compile(r"\{\w+\}")
@@ -125,13 +136,13 @@ def ioi_dataset(n: int, seed: int = 0, held_out: bool = True) -> list[IOIExample
 
 
 def story(rng: random.Random) -> str:
-    """Two to four simple sentences about one character (any name, held-out ones included): the
-    model learns to copy the character's name from the context."""
+    """Two to four simple sentences about one or two characters (any names, held-out ones included):
+    the model learns to copy names from the context."""
     sentences = rng.choices(STORY_SENTENCES, k=rng.randint(2, 4))
-    name = rng.choice(NAMES)
+    name, other = rng.sample(NAMES, 2)
     return " ".join(
         s.format(
-            name=name, animal=rng.choice(ANIMALS), thing=rng.choice(THINGS),
+            name=name, other=other, animal=rng.choice(ANIMALS), thing=rng.choice(THINGS),
             colour=rng.choice(COLOURS), object=rng.choice(OBJECTS), place=rng.choice(PLACES),
             feeling=rng.choice(FEELINGS),
         )

@@ -38,3 +38,17 @@ def token_ids(model: HookedTransformer, tokens: TokenLike | Sequence[TokenLike] 
     if isinstance(tokens, (str, int)) or (isinstance(tokens, Tensor) and tokens.ndim == 0):
         tokens = [tokens]
     return torch.tensor([token_id(model, t) for t in tokens], dtype=torch.long)
+
+
+def as_tokens(model: HookedTransformer, tokens: str | Sequence[str] | Tensor) -> Tensor:
+    """Token ids [batch, pos] from a text (BOS prepended as the model does), a list of texts, or ids [pos] / [batch, pos]."""
+    if isinstance(tokens, str) or (isinstance(tokens, Sequence) and tokens and isinstance(tokens[0], str)):
+        return model.to_tokens(tokens)
+    tokens = torch.as_tensor(tokens)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    if tokens.ndim != 2 or tokens.numel() == 0:
+        raise ValueError(f"expected a text or token ids [pos] / [batch, pos], got a tensor of shape {tuple(tokens.shape)}")
+    if tokens.min() < 0 or tokens.max() >= model.cfg.d_vocab:
+        raise ValueError(f"token ids must lie in 0..{model.cfg.d_vocab - 1}, got {tokens.min().item()}..{tokens.max().item()}")
+    return tokens.to(model.cfg.device)

@@ -71,6 +71,7 @@ def evaluate(model: HookedTransformer, n_prompts: int = IOI_PROMPTS, seed: int =
     best = int(result["scores"].argmax())
     layer, head = divmod(best, model.cfg.n_heads)
     return {
+        "n_prompts": n_prompts,
         "ioi_accuracy": (with_bos > 0).float().mean().item(),
         "ioi_logit_diff": with_bos.mean().item(),
         "ioi_accuracy_no_bos": (without_bos > 0).float().mean().item(),

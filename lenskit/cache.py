@@ -34,6 +34,7 @@ from transformer_lens import HookedTransformer
 
 from lenskit import hooks
 from lenskit.labelled import LabelledTensor
+from lenskit.tokens import as_tokens
 
 Tokens = Union[str, list[str], Int[torch.Tensor, "batch pos"]]
 HookNames = Union[str, Iterable[str], Callable[[str], bool]]
@@ -64,7 +65,7 @@ def residual_stream(
     after the last block they need.
     """
     names = residual_hook_names(model, kind, layers)
-    cached = _run_cached(model, _as_tokens(model, tokens), names)
+    cached = _run_cached(model, as_tokens(model, tokens), names)
     return LabelledTensor(torch.stack([cached[name] for name in names]), RESIDUAL_DIMS, {"component": names})
 
 
@@ -116,13 +117,8 @@ def decompose_residual(model: HookedTransformer, tokens: Tokens, layer: int | No
         names.append(f"blocks.{block}.hook_attn_out")
         if not model.cfg.attn_only:
             names.append(f"blocks.{block}.hook_mlp_out")
-    cached = _run_cached(model, _as_tokens(model, tokens), names)
+    cached = _run_cached(model, as_tokens(model, tokens), names)
     return LabelledTensor(torch.stack([cached[name] for name in names]), RESIDUAL_DIMS, {"component": names})
-
-
-def _as_tokens(model: HookedTransformer, tokens: Tokens) -> Int[torch.Tensor, "batch pos"]:
-    """Token ids from a string or a list of strings (`model.to_tokens`), or a token tensor as it is."""
-    return model.to_tokens(tokens) if isinstance(tokens, (str, list)) else tokens
 
 
 def _run_cached(

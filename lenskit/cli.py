@@ -1,4 +1,4 @@
-"""The ``lenskit`` command: ``lenskit info MODEL`` and ``lenskit cache MODEL ...``.
+"""The ``lenskit`` command: ``lenskit info MODEL``, ``lenskit cache MODEL ...``, ``lenskit reproduce NAME``.
 
 Bad input (an unknown model, a missing file, an unknown hook name) ends with a one-line
 ``lenskit: error: ...`` on stderr and exit status 2, never a traceback.
@@ -57,6 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--max-len", type=int, default=None,
                        help="tokens per row (default: 128, or the model's context if shorter)")
     cache.set_defaults(run=run_cache)
+
+    from lenskit.experiments import EXPERIMENTS
+
+    reproduce = commands.add_parser(
+        "reproduce", help="rerun a known experiment and print its table",
+        description="Rerun a known experiment offline (on the zoo's default model unless --model is given) "
+                    "and print its table in the original experiment's terms.")
+    reproduce.add_argument("name", choices=list(EXPERIMENTS), help="the experiment")
+    reproduce.add_argument("--model", help="any model `lenskit info` accepts, e.g. gpt2 (needs internet)")
+    reproduce.add_argument("--html", type=Path, help="also write the table and pictures to this HTML file")
+    reproduce.set_defaults(run=run_reproduce)
     return parser
 
 
@@ -116,6 +127,18 @@ def run_cache(args: argparse.Namespace) -> None:
     out = stream_cache(model, texts, names, args.out, dtype=DTYPES[args.dtype],
                        batch_size=args.batch_size, max_len=args.max_len or min(128, model.cfg.n_ctx))
     print(f"wrote activations of {', '.join(names)} to {out}")
+
+
+def run_reproduce(args: argparse.Namespace) -> None:
+    from lenskit import experiments
+
+    result = experiments.run(args.name, args.model)
+    print(result)
+    if args.html:
+        from lenskit.viz import Figure
+
+        Figure(result._repr_html_(), result.title).save(args.html)
+        print(f"wrote {args.html}")
 
 
 if __name__ == "__main__":

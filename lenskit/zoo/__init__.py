@@ -5,3 +5,6 @@ Modules: `tokenizer` (word-level tokenizer), `data` (training and held-out data)
 Trained checkpoints go to ``checkpoints/NAME/`` (lenskit's folder format, a README.md model
 card and train_log.csv), where ``lenskit.load("lenskit/NAME")`` finds them.
 """
+
+DEFAULT_MODEL = "lenskit/ioi-4l"
+"""The zoo model that the main job and the reproductions use when no model is named."""

@@ -1,0 +1,25 @@
+"""Reproductions of known experiments: ``lenskit reproduce NAME`` and notebooks/NAME.ipynb.
+
+Each module has ``run(model=None, progress=True) -> Reproduction``; with no model it runs offline on
+the zoo's default model. `EXPERIMENTS` maps each name to its module.
+"""
+
+from importlib import import_module
+
+from lenskit.experiments.reproduction import Reproduction
+
+EXPERIMENTS = {
+    "bos": "lenskit.experiments.bos",
+    "tokenization": "lenskit.experiments.tokenization",
+    "emotion": "lenskit.experiments.emotion",
+}
+
+
+def run(name: str, model=None, progress: bool = True) -> Reproduction:
+    """Run the reproduction `name` on `model` (a HookedTransformer, a name for lenskit.load, or None for its default)."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
+    return import_module(EXPERIMENTS[name]).run(model, progress=progress)
+
+
+__all__ = ["EXPERIMENTS", "Reproduction", "run"]

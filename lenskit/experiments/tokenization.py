@@ -1,0 +1,37 @@
+"""The tokenization experiment: a leading space changes how GPT-2 splits a name.
+
+" Claire" -> [' Claire'] but "Claire" -> ['Cl', 'aire'] with the real GPT-2 tokenizer. Offline, the
+byte-pair ranks shipped in openai-whisper's gpt2.tiktoken give the exact GPT-2 tokenizer; with a model
+(e.g. --model gpt2) its own tokenizer is used.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+from transformer_lens import HookedTransformer
+
+from lenskit.experiments.reproduction import Reproduction
+from lenskit.models import load
+
+WORDS = [" Claire", "Claire", " Mary", "Mary", " Ioannis", "Ioannis"]
+
+
+def gpt2_pieces(texts: list[str]) -> list[list[str]]:
+    """GPT-2's byte-pair split of each text, from openai-whisper's copy of GPT-2's ranks (no network)."""
+    try:
+        from whisper.tokenizer import get_encoding
+    except ImportError as error:
+        raise ValueError("the offline GPT-2 tokenizer needs openai-whisper: pip install 'lenskit[whisper]'") from error
+    encoding = get_encoding("gpt2")
+    return [[encoding.decode([t]) for t in encoding.encode(text)] for text in texts]
+
+
+def run(model: HookedTransformer | str | None = None, progress: bool = True) -> Reproduction:
+    if model is None:
+        source, pieces = "GPT-2 byte-pair ranks (openai-whisper's gpt2.tiktoken)", gpt2_pieces(WORDS)
+    else:
+        model = model if isinstance(model, HookedTransformer) else load(model)
+        source = f"{model.cfg.model_name}'s tokenizer"
+        pieces = [model.to_str_tokens(word, prepend_bos=False) for word in WORDS]
+    table = pd.DataFrame({"text": [repr(w) for w in WORDS], "tokens": [str(p) for p in pieces], "n_tokens": [len(p) for p in pieces]})
+    return Reproduction(f"How a leading space changes tokenization ({source})", table)

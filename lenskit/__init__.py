@@ -1,13 +1,15 @@
 """lenskit: mechanistic interpretability of transformers, as TransformerLens hook functions.
 
     >>> import lenskit
-    >>> from lenskit import hooks
+    >>> from lenskit import hooks, surgery, vocab
+from lenskit.attribution import attribute
     >>> model = lenskit.load("lenskit/<name>")        # or a TransformerLens name, a folder, a .bin
     >>> h = hooks.ablate("blocks.1.attn.hook_z", head=3) + hooks.cache("blocks.*.hook_resid_post")
     >>> logits = model.run_with_hooks(model.to_tokens("Hello"), fwd_hooks=h)
 """
 
-from lenskit import hooks
+from lenskit import hooks, surgery, vocab
+from lenskit.attribution import attribute
 from lenskit.cache import decompose_residual, load_cache, residual_stream, stream_cache
 from lenskit.hooks import Hooks
 from lenskit.labelled import LabelledTensor
@@ -16,4 +18,5 @@ from lenskit.models import load, save, zoo_names
 __all__ = [
     "hooks", "Hooks", "LabelledTensor", "load", "save", "zoo_names",
     "residual_stream", "decompose_residual", "stream_cache", "load_cache",
+    "attribute", "surgery", "vocab",
 ]

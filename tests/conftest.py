@@ -13,6 +13,8 @@ import transformers
 from tokenizers import Tokenizer, models as tokenizer_models, pre_tokenizers
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+torch.set_num_threads(1)  # small models: one thread is fastest, and steady on a shared machine
+
 STORIES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "stories260K"
 
 CONFIGS = {

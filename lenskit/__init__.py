@@ -3,6 +3,7 @@
     >>> import lenskit
     >>> from lenskit import hooks, surgery, vocab
 from lenskit.attribution import attribute
+from lenskit.lens import LensResult, logit_lens
     >>> model = lenskit.load("lenskit/<name>")        # or a TransformerLens name, a folder, a .bin
     >>> h = hooks.ablate("blocks.1.attn.hook_z", head=3) + hooks.cache("blocks.*.hook_resid_post")
     >>> logits = model.run_with_hooks(model.to_tokens("Hello"), fwd_hooks=h)
@@ -10,6 +11,7 @@ from lenskit.attribution import attribute
 
 from lenskit import hooks, surgery, vocab
 from lenskit.attribution import attribute
+from lenskit.lens import LensResult, logit_lens
 from lenskit.cache import decompose_residual, load_cache, residual_stream, stream_cache
 from lenskit.hooks import Hooks
 from lenskit.labelled import LabelledTensor
@@ -18,5 +20,5 @@ from lenskit.models import load, save, zoo_names
 __all__ = [
     "hooks", "Hooks", "LabelledTensor", "load", "save", "zoo_names",
     "residual_stream", "decompose_residual", "stream_cache", "load_cache",
-    "attribute", "surgery", "vocab",
+    "attribute", "logit_lens", "LensResult", "surgery", "vocab",
 ]

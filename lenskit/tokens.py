@@ -14,8 +14,9 @@ TokenLike = str | int
 def token_id(model: HookedTransformer, token: TokenLike) -> int:
     """The id of a single token given as a string (e.g. " Mary") or an id.
 
-    Raises ValueError naming the string and how the tokenizer splits it when it is not one token,
-    and for ids outside the vocabulary.
+    A string that is itself a vocabulary entry is that entry; any other string must tokenize to one
+    token. Raises ValueError naming the string and how the tokenizer splits it when it is not one
+    token, and for ids outside the vocabulary.
     """
     if isinstance(token, (int, torch.Tensor)) and not isinstance(token, bool):
         index = int(token)
@@ -24,6 +25,9 @@ def token_id(model: HookedTransformer, token: TokenLike) -> int:
         return index
     if not isinstance(token, str):
         raise ValueError(f"expected a token string or id, got {type(token).__name__}: {token!r}")
+    vocabulary = model.tokenizer.get_vocab() if model.tokenizer is not None else {}
+    if token in vocabulary:  # e.g. " time" in a llama2.c vocabulary, which tokenizes with an extra leading space
+        return vocabulary[token]
     ids = model.to_tokens(token, prepend_bos=False)[0]
     if len(ids) != 1:
         raise ValueError(

@@ -5,7 +5,8 @@ import torch
 import transformers
 
 from lenskit.tokens import token_id, token_ids
-from conftest import make_model, word_tokenizer
+import lenskit
+from conftest import STORIES_DIR, make_model, word_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -30,3 +31,13 @@ def test_bad_tokens_are_named(model):
         token_id(model, 13)
     with pytest.raises(ValueError, match="expected a token string or id"):
         token_id(model, 1.5)
+
+
+def test_a_vocabulary_entry_is_accepted_as_written():
+    """llama2.c's tokenizer adds a leading space when encoding, so " time" encodes as two tokens although
+    it is one vocabulary entry; the entry is what the user means."""
+    if not STORIES_DIR.exists():
+        pytest.skip("../shared/models/stories260K is not present")
+    model = lenskit.load(STORIES_DIR)
+    assert token_id(model, " time") == token_id(model, "time") == model.to_single_token("time")
+    assert model.to_single_str_token(token_id(model, " time")) == " time"

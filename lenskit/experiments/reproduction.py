@@ -24,7 +24,7 @@ class Reproduction:
 
     def _repr_html_(self) -> str:
         notes = f"<p>{self.notes}</p>" if self.notes else ""
-        return f"<h3>{self.title}</h3>{self.table.to_html(index=False)}{notes}" + "".join(f.html for f in self.figures)
+        return f"<h3>{self.title}</h3>{self.table.to_html(index=False)}{notes}" + "".join(f._repr_html_() for f in self.figures)
 
 
 def resolve_model(model: HookedTransformer | str | None, default: str) -> HookedTransformer:

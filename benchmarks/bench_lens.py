@@ -1,0 +1,160 @@
+"""Benchmark the logit lens on a GPT-2-small-shaped model with random weights.
+
+lenskit.logit_lens over every residual stream (13) and every position, keeping the top 5, against
+the naive full-vocabulary lens: run_with_cache, ActivationCache.accumulated_resid, ln_final and
+unembed into [layer, batch, pos, vocab] logits, softmax, top-k. Both in the same process,
+interleaved: median wall and CPU time over repeats (CPU time, this process's over all threads,
+is steadier on a shared machine), peak memory above the starting point (CPU: peak RSS,
+/proc VmHWM reset through clear_refs, which sees torch's allocations; CUDA: max_memory_allocated)
+and the largest difference between their top-k probabilities. Each input length runs in a fresh
+subprocess.
+
+    python benchmarks/bench_lens.py            # 1 x 128 and 1 x 1024 tokens
+    python benchmarks/bench_lens.py --quick    # 1 x 16 and 1 x 64 tokens, one repeat
+
+Prints a table and writes benchmarks/results/bench_lens.json. Other benchmarks can call
+`lens_benchmark(model, tokens)` directly.
+"""
+
+import argparse
+import ctypes
+import gc
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from transformer_lens import HookedTransformer
+
+import lenskit
+from lenskit.lens import logit_lens
+
+warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
+
+SHAPE = Path(__file__).parent / "gpt2_small_shape.json"
+RESULTS = Path(__file__).parent / "results" / "bench_lens.json"
+
+
+def naive_lens(model: HookedTransformer, tokens: torch.Tensor, top_k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k probabilities and ids [layer, batch, pos, k] from all the logits [layer, batch, pos, vocab] at once."""
+    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_resid_pre") or name == last)
+    probs = model.unembed(model.ln_final(cache.accumulated_resid())).softmax(dim=-1)
+    return probs.topk(top_k, dim=-1)
+
+
+def lens_benchmark(model: HookedTransformer, tokens: torch.Tensor, top_k: int = 5, repeats: int = 1) -> list[dict]:
+    """Time and peak memory of lenskit.logit_lens and of `naive_lens` on `tokens`, all layers and positions.
+
+    Returns one dict per method: method, batch, pos, layers, top_k, seconds and cpu_seconds
+    (medians over `repeats` rounds, the methods interleaved, after a warm-up on 8 tokens),
+    peak_mb (the largest peak above the memory in use before a call), full_logits_mb (what
+    [layer, batch, pos, vocab] float32 logits take) and max_prob_diff (largest |difference|
+    between the two methods' top-k probabilities).
+    """
+    methods = {
+        "lenskit logit_lens": lambda inputs: logit_lens(model, inputs, top_k=top_k, progress=False).top_probs,
+        "naive full-vocabulary lens": lambda inputs: naive_lens(model, inputs, top_k).values.cpu(),
+    }
+    layers = model.cfg.n_layers + 1
+    shape = {"batch": tokens.shape[0], "pos": tokens.shape[1], "layers": layers, "top_k": top_k,
+             "full_logits_mb": layers * tokens.numel() * model.cfg.d_vocab_out * 4 / 2**20}
+    measured = {method: {"seconds": [], "cpu_seconds": [], "peak_mb": []} for method in methods}
+    probs = {}
+    with torch.inference_mode():
+        for run in methods.values():
+            run(tokens[:, :8])
+        for _ in range(repeats):
+            for method, run in methods.items():
+                start = start_memory_peak(tokens.device)
+                wall, cpu = time.perf_counter(), time.process_time()
+                probs[method] = run(tokens)
+                measured[method]["seconds"].append(time.perf_counter() - wall)
+                measured[method]["cpu_seconds"].append(time.process_time() - cpu)
+                measured[method]["peak_mb"].append(memory_peak_mb(tokens.device) - start)
+    difference = (probs["lenskit logit_lens"] - probs["naive full-vocabulary lens"]).abs().max().item()
+    return [{"method": method, **shape, "seconds": statistics.median(m["seconds"]),
+             "cpu_seconds": statistics.median(m["cpu_seconds"]), "peak_mb": max(m["peak_mb"]),
+             "max_prob_diff": difference} for method, m in measured.items()]
+
+
+def start_memory_peak(device: torch.device) -> float:
+    """Free what can be freed, restart the peak counter, and return the memory now in use (MB)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so RSS is what is in use
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM starts again from the current RSS
+    return _proc_status_mb("VmRSS")
+
+
+def memory_peak_mb(device: torch.device) -> float:
+    """The peak memory since `start_memory_peak` (MB): CUDA allocations, or this process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return _proc_status_mb("VmHWM")
+
+
+def _proc_status_mb(field: str) -> float:
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+    return int(line.split()[1]) / 1024
+
+
+def worker(pos: int, repeats: int, device: str) -> list[dict]:
+    model = lenskit.load(SHAPE, device=device)
+    tokens = torch.randint(0, model.cfg.d_vocab, (1, pos), generator=torch.Generator().manual_seed(0)).to(device)
+    return lens_benchmark(model, tokens, repeats=repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short inputs, one repeat")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--worker", nargs=2, type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.device)))
+        return
+
+    runs = [(16, 1), (64, 1)] if args.quick else [(128, 3), (1024, 1)]
+    rows = []
+    for pos, repeats in runs:
+        command = [sys.executable, __file__, "--worker", str(pos), str(repeats), "--device", args.device]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(done.stderr)
+        rows += json.loads(done.stdout.strip().splitlines()[-1])
+
+    print(f"logit lens, GPT-2-small-shaped model ({SHAPE.name}), random weights, {args.device} "
+          f"({torch.get_num_threads()} threads), torch {torch.__version__}; all layers and positions, top 5")
+    print(f"{'tokens':<8} {'method':<28} {'wall s':>8} {'CPU s':>8} {'peak MB':>8} {'[L,pos,vocab] MB':>17} "
+          f"{'max |dp|':>9}")
+    for row in rows:
+        print(f"{row['batch']}x{row['pos']:<6} {row['method']:<28} {row['seconds']:>8.2f} {row['cpu_seconds']:>8.2f} "
+              f"{row['peak_mb']:>8.0f} {row['full_logits_mb']:>17.0f} {row['max_prob_diff']:>9.1e}")
+    ratios = []
+    for lens, naive in zip(rows[::2], rows[1::2]):
+        ratios.append({"pos": lens["pos"], "wall_time_naive_over_lenskit": naive["seconds"] / lens["seconds"],
+                       "cpu_time_naive_over_lenskit": naive["cpu_seconds"] / lens["cpu_seconds"],
+                       "peak_memory_naive_over_lenskit": naive["peak_mb"] / lens["peak_mb"]})
+        print(f"1x{lens['pos']}: naive / lenskit  wall time {ratios[-1]['wall_time_naive_over_lenskit']:.2f}x, "
+              f"CPU time {ratios[-1]['cpu_time_naive_over_lenskit']:.2f}x, "
+              f"peak memory {ratios[-1]['peak_memory_naive_over_lenskit']:.1f}x")
+
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "quick": args.quick, "device": args.device, "machine": platform.machine(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "model": json.loads(SHAPE.read_text()), "rows": rows, "ratios": ratios,
+    }, indent=1))
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""The logit lens: every residual stream read through the model's final norm and unembedding.
+
+    lens = logit_lens(model, "The Eiffel Tower is in the city of", targets=[" Paris", " Rome"])
+    lens.top_strings[-1, 0, -1]      # the model's own top-5 next tokens after the last position
+    lens.target_probs[:, 0, -1]      # [layer, target]: P(" Paris"), P(" Rome") read at each layer
+    lens.plot()                      # layers x positions, each cell the top token coloured by its probability
+    lens.to_frame(), lens.target_frame()
+
+Layer l in 0..L-1 reads ``blocks.{l}.hook_resid_pre`` (the stream entering block l); layer L
+reads the final ``blocks.{L-1}.hook_resid_post``, so its row is the model's own output. Each
+stream is normalised by a hook on one forward pass and its rows are projected a chunk at a time
+(positions of one or several layers together), keeping only the top-k and target statistics:
+the [layer, pos, vocab] logits are never held unless ``return_logits=True``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookPoint
+from transformer_lens.utilities.activation_functions import apply_softcap
+
+from lenskit.cache import residual_hook_names
+from lenskit.hooks import Hooks
+from lenskit.labelled import LabelledTensor
+from lenskit.tokens import TokenLike, token_ids
+from lenskit.viz import Figure, heatmap
+
+LOGITS_PER_CHUNK = 2**24  # default chunk: about 64 MB of float32 logits at a time
+
+
+@dataclass
+class LensResult:
+    """What the logit lens read at each layer, batch row and position (ranks count from 0 = top token).
+
+    Attributes:
+        layers: the layer of each row, in 0..L (L = the final residual stream).
+        layer_names: the hook each row reads (blocks.{l}.hook_resid_pre; the final blocks.{L-1}.hook_resid_post).
+        tokens: the input token ids [batch, pos]; input_strings their strings [batch, pos].
+        top_ids, top_probs, top_strings: the top_k tokens and their probabilities [layer, batch, pos, k],
+            most probable first (top_strings is a numpy array of str).
+        target_ids, target_strings: the targets [target], or None without targets.
+        target_probs, target_ranks, target_logits: [layer, batch, pos, target], or None without targets.
+        logits: the full logits [layer, batch, pos, vocab] when asked for (return_logits=True), else None.
+    """
+
+    layers: list[int]
+    layer_names: list[str]
+    tokens: Int[Tensor, "batch pos"]
+    input_strings: np.ndarray
+    top_ids: Int[Tensor, "layer batch pos k"]
+    top_probs: Float[Tensor, "layer batch pos k"]
+    top_strings: np.ndarray
+    target_ids: Int[Tensor, "target"] | None = None
+    target_strings: list[str] | None = None
+    target_probs: Float[Tensor, "layer batch pos target"] | None = None
+    target_ranks: Int[Tensor, "layer batch pos target"] | None = None
+    target_logits: Float[Tensor, "layer batch pos target"] | None = None
+    logits: Float[Tensor, "layer batch pos vocab"] | None = None
+
+    def to_frame(self) -> pd.DataFrame:
+        """Top-k predictions, one row per (layer, batch, pos, rank).
+
+        Columns: layer, layer_label (hook name), batch, pos, token (the input token at pos),
+        rank, predicted, predicted_id, prob.
+        """
+        frame = self._frame(self.top_probs, "rank", {}, "prob")
+        frame["predicted"] = self.top_strings.reshape(-1)
+        frame["predicted_id"] = self.top_ids.reshape(-1).numpy()
+        return frame[["layer", "layer_label", "batch", "pos", "token", "rank", "predicted", "predicted_id", "prob"]]
+
+    def target_frame(self) -> pd.DataFrame:
+        """Target statistics, one row per (layer, batch, pos, target).
+
+        Columns: layer, layer_label, batch, pos, token, target (index), target_label, target_id,
+        prob, rank, logit.
+        """
+        if self.target_ids is None:
+            raise ValueError("this lens was run without targets; pass targets= to logit_lens")
+        frame = self._frame(self.target_probs, "target", {"target": self.target_strings}, "prob")
+        target_id = self.target_ids.numpy()[frame["target"].to_numpy()]
+        frame.insert(frame.columns.get_loc("target_label") + 1, "target_id", target_id)
+        frame["rank"] = self.target_ranks.reshape(-1).numpy()
+        frame["logit"] = self.target_logits.reshape(-1).numpy()
+        return frame
+
+    def _frame(self, values: Tensor, last_dim: str, labels: dict, value_name: str) -> pd.DataFrame:
+        """A [layer, batch, pos, last_dim] tensor as a tidy frame with layer numbers and input tokens."""
+        dims = ("layer", "batch", "pos", last_dim)
+        frame = LabelledTensor(values, dims, {"layer": self.layer_names, **labels}).to_frame(value_name)
+        frame["layer"] = np.asarray(self.layers)[frame["layer"]]
+        token = self.input_strings[frame["batch"].to_numpy(), frame["pos"].to_numpy()]
+        frame.insert(frame.columns.get_loc("pos") + 1, "token", token)
+        return frame
+
+    def plot(self, batch: int = 0, positions: Sequence[int] | None = None, title: str = "logit lens") -> Figure:
+        """The lens heatmap of one batch row: layers x input tokens, each cell the top token coloured by its prob.
+
+        positions: which positions to show (default all), e.g. ``range(-20, 0)`` for the last 20.
+        """
+        n_batch, n_pos = self.tokens.shape
+        if not -n_batch <= batch < n_batch:
+            raise ValueError(f"batch {batch} out of range: this lens has {n_batch} batch rows (valid 0..{n_batch - 1})")
+        positions = list(range(n_pos) if positions is None else positions)
+        outside = [p for p in positions if not -n_pos <= p < n_pos]
+        if outside:
+            raise ValueError(f"positions {outside} out of range: this lens has {n_pos} positions "
+                             f"(valid 0..{n_pos - 1})")
+        top = self.top_strings[:, batch, positions, 0]
+        return heatmap(
+            self.top_probs[:, batch, positions, 0], self.layer_names, list(self.input_strings[batch, positions]),
+            text=top.tolist(), title=title, row_title="layer", col_title="input token", limit=1.0,
+        )
+
+    def summary(self, batch: int = 0, pos: int = -1) -> pd.DataFrame:
+        """A small table for one position: per layer, the top-k tokens with their probabilities and the targets'."""
+        rows = {}
+        for i, name in enumerate(self.layer_names):
+            cells = {f"top {k + 1}": f"{s!r} {p:.3f}" for k, (s, p) in
+                     enumerate(zip(self.top_strings[i, batch, pos], self.top_probs[i, batch, pos].tolist()))}
+            for t, target in enumerate(self.target_strings or []):
+                cells[f"{target!r} p / rank"] = (f"{self.target_probs[i, batch, pos, t]:.3f} / "
+                                                  f"{self.target_ranks[i, batch, pos, t]}")
+            rows[name] = cells
+        return pd.DataFrame.from_dict(rows, orient="index")
+
+    def __repr__(self) -> str:
+        n_layers, n_batch, n_pos, k = self.top_ids.shape
+        targets = f", targets={self.target_strings}" if self.target_strings else ""
+        return f"LensResult(layers={n_layers}, batch={n_batch}, pos={n_pos}, top_k={k}{targets})"
+
+    def _repr_html_(self) -> str:
+        """The heatmap of batch row 0 (its last 32 positions at most) and the summary of its last position."""
+        shown = range(max(-32, -self.tokens.shape[1]), 0)
+        return (f"<p><code>{self!r}</code></p>" + self.plot(positions=shown).html
+                + "<p>last position</p>" + self.summary().to_html())
+
+
+def logit_lens(
+    model: HookedTransformer,
+    tokens: str | list[str] | Int[Tensor, "batch pos"] | Int[Tensor, "pos"],
+    targets: TokenLike | Sequence[TokenLike] | Tensor | None = None,
+    top_k: int = 5,
+    layers: int | Sequence[int] | None = None,
+    normalize: bool = True,
+    *,
+    chunk_size: int | None = None,
+    return_logits: bool = False,
+    progress: bool = True,
+) -> LensResult:
+    """Read each residual stream through the final norm and the unembedding (the logit lens).
+
+    Args:
+        tokens: a text or list of texts (``model.to_tokens``, so texts of unequal length are
+            padded and their padded positions read as well), or token ids [batch, pos] or [pos].
+        targets: tokens whose probability, rank and logit to report at every layer and position:
+            strings that are single tokens, or ids.
+        top_k: how many of the most probable tokens to keep per (layer, batch, pos).
+        layers: which streams to read, in 0..L (L = n_layers, the final stream); default all.
+            Rows come out in increasing layer order.
+        normalize: apply the model's final normalisation (``model.ln_final``, which computes
+            its scale from the stream it is given; LayerNorm, RMSNorm or their folded Pre
+            forms) before the unembedding. False projects the raw stream.
+        chunk_size: how many rows (a row is one layer, batch row and position) to project onto
+            the vocabulary at once (default: as many as make 2**24 logits, 64 MB in float32).
+        return_logits: also keep the full logits [layer, batch, pos, vocab] (memory!).
+        progress: show a progress bar over layers.
+    """
+    tokens = _token_batch(model, tokens)
+    if not 1 <= top_k <= model.cfg.d_vocab_out:
+        raise ValueError(f"top_k must lie in 1..{model.cfg.d_vocab_out} (the vocabulary), not {top_k}")
+    n_layers = model.cfg.n_layers
+    layers = sorted(set(range(n_layers + 1) if layers is None else [layers] if isinstance(layers, int) else layers))
+    outside = [layer for layer in layers if not 0 <= layer <= n_layers]
+    if outside or not layers:
+        what = f"layers {outside} out of range" if outside else "no layers given"
+        raise ValueError(f"{what}: logit_lens reads layers 0..{n_layers}, "
+                         f"where {n_layers} is the final residual stream")
+    names = residual_hook_names(model, "pre", layers)
+    target_ids = None if targets is None else token_ids(model, targets).to(tokens.device)
+    chunk_size = chunk_size or max(1, LOGITS_PER_CHUNK // model.cfg.d_vocab_out)
+    readout = _ChunkedReadout(model, top_k, target_ids, return_logits, chunk_size)
+    bar = tqdm(total=len(names), desc="logit_lens", disable=not progress)
+
+    def lens_hook(resid: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> None:
+        if normalize and model.cfg.normalization_type is not None:
+            resid = model.ln_final(resid)
+        readout.add(resid.reshape(-1, resid.shape[-1]))
+        bar.update()
+
+    try:
+        with torch.no_grad(), Hooks([(name, lens_hook) for name in names]).on(model):
+            model(tokens, stop_at_layer=min(layers[-1] + 1, n_layers))
+            read = readout.finish()
+    finally:
+        bar.close()
+    read = {key: value.reshape(len(names), *tokens.shape, -1) for key, value in read.items()}
+    return LensResult(
+        layers=layers, layer_names=names, tokens=tokens.cpu(), input_strings=_strings(model, tokens.cpu()),
+        top_ids=read["top_ids"], top_probs=read["top_probs"], top_strings=_strings(model, read["top_ids"]),
+        target_ids=None if target_ids is None else target_ids.cpu(),
+        target_strings=None if target_ids is None else list(_strings(model, target_ids.cpu())),
+        target_probs=read.get("target_probs"), target_ranks=read.get("target_ranks"),
+        target_logits=read.get("target_logits"), logits=read.get("logits"),
+    )
+
+
+class _ChunkedReadout:
+    """Reads (normalised) residual rows through the unembedding `chunk_size` rows at a time, across layers.
+
+    Rows are buffered until a chunk is full, so short inputs still make few large matrix
+    products; of each chunk's logits [chunk, vocab] only the top-k and target statistics are
+    kept (and the logits themselves when `keep_logits`), on the CPU.
+    """
+
+    def __init__(self, model: HookedTransformer, top_k: int, target_ids: Int[Tensor, "target"] | None,
+                 keep_logits: bool, chunk_size: int):
+        self.model, self.top_k, self.target_ids, self.keep_logits = model, top_k, target_ids, keep_logits
+        self.chunk_size = chunk_size
+        self.pending: list[Tensor] = []
+        self.reads: list[dict[str, Tensor]] = []
+
+    def add(self, rows: Float[Tensor, "rows d_model"]) -> None:
+        self.pending.append(rows)
+        if sum(map(len, self.pending)) >= self.chunk_size:
+            self._read(everything=False)
+
+    def finish(self) -> dict[str, Tensor]:
+        """Read the rows still pending; every statistic over all rows added, in order: {name: [rows, ...]}."""
+        self._read(everything=True)
+        return {key: torch.cat([read[key] for read in self.reads]) for key in self.reads[0]}
+
+    def _read(self, everything: bool) -> None:
+        rows = torch.cat(self.pending)
+        end = len(rows) if everything else len(rows) - len(rows) % self.chunk_size
+        self.reads += [self._statistics(rows[start:start + self.chunk_size])
+                       for start in range(0, end, self.chunk_size)]
+        self.pending = [rows[end:]]
+
+    def _statistics(self, rows: Float[Tensor, "chunk d_model"]) -> dict[str, Tensor]:
+        """Top-k ids and probabilities [chunk, k]; target logits, probabilities and ranks [chunk, target]."""
+        logits = _unembed(self.model, rows).float()
+        probs = logits.softmax(dim=-1)
+        top_ids = logits.topk(self.top_k, dim=-1).indices
+        read = {"top_ids": top_ids, "top_probs": probs.gather(-1, top_ids)}
+        if self.target_ids is not None:
+            target_logits = logits[:, self.target_ids]
+            read["target_logits"] = target_logits
+            read["target_probs"] = probs[:, self.target_ids]
+            read["target_ranks"] = torch.stack(
+                [(logits > target_logits[:, [t]]).sum(dim=-1) for t in range(len(self.target_ids))], dim=-1)
+        if self.keep_logits:
+            read["logits"] = logits
+        return {key: value.cpu() for key, value in read.items()}
+
+
+def _unembed(model: HookedTransformer, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
+    """The model's unembedding of (already normalised) residual rows: W_U, b_U, and the logit soft-cap if it has one.
+
+    A plain matrix product with W_U: ``model.unembed`` would copy W_U transposed on every call.
+    """
+    return apply_softcap(resid @ model.W_U + model.b_U, model.cfg.output_logits_soft_cap)
+
+
+def _token_batch(model: HookedTransformer, tokens) -> Int[Tensor, "batch pos"]:
+    """Token ids [batch, pos] from a text, a list of texts, or ids [batch, pos] / [pos]."""
+    if isinstance(tokens, (str, list)):
+        return model.to_tokens(tokens)
+    tokens = torch.as_tensor(tokens)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    if tokens.ndim != 2 or tokens.is_floating_point():
+        raise ValueError(f"tokens must be a text, a list of texts or integer token ids [batch, pos] or [pos], "
+                         f"not a {tokens.dtype} tensor of shape {tuple(tokens.shape)}")
+    return tokens
+
+
+def _strings(model: HookedTransformer, ids: Int[Tensor, "..."]) -> np.ndarray:
+    """The string of each token id, as a numpy array of str shaped like `ids` (the id itself without a tokenizer)."""
+    unique, inverse = ids.unique(return_inverse=True)
+    names = model.to_str_tokens(unique) if model.tokenizer is not None else [str(i) for i in unique.tolist()]
+    return np.array(names, dtype=object)[inverse.numpy()]

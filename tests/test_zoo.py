@@ -1,8 +1,5 @@
-"""The zoo's code: held-out data, the word-level tokenizer, evaluation, and the training script.
-
-No checkpoint is shipped yet (see the zoo issue), so these tests train the "tiny" recipe for a
-few steps and check the machinery on it.
-"""
+"""The zoo: the shipped default model and its card, and the machinery (held-out data, the word-level
+tokenizer, evaluation, and the training script, run for a few steps on the "tiny" recipe)."""
 
 import csv
 
@@ -10,9 +7,11 @@ import pytest
 import torch
 
 import lenskit
-from lenskit.zoo import train
+from lenskit.models import ZOO_ROOT
+from lenskit.zoo import DEFAULT_MODEL, train
+from lenskit.zoo.card import CARD_FILE
 from lenskit.zoo.data import EVAL_NAMES, EVAL_TEMPLATES, TRAIN_NAMES, TRAIN_TEMPLATES, ioi_dataset
-from lenskit.zoo.evaluate import induction, ioi_logit_diffs, repeated_tokens
+from lenskit.zoo.evaluate import evaluate, induction, ioi_logit_diffs, repeated_tokens
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +86,39 @@ def test_training_is_reproducible(tmp_path):
         train.main(["tiny", "--steps", "10", "--batch-size", "8", "--threads", threads, "--out", str(tmp_path / run)])
     a, b = lenskit.load(tmp_path / "a"), lenskit.load(tmp_path / "b")
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    """The default zoo model, and what `evaluate` measures on it (held-out data)."""
+    model = lenskit.load(DEFAULT_MODEL)
+    return model, evaluate(model)
+
+
+def test_the_default_model_is_shipped_small_and_loads_offline(shipped):
+    model, _ = shipped
+    cfg = model.cfg
+    assert DEFAULT_MODEL.removeprefix("lenskit/") in lenskit.zoo_names()
+    assert cfg.n_layers >= 2 and cfg.d_mlp > 0 and cfg.normalization_type == "LN"
+    assert cfg.positional_embedding_type == "standard" and cfg.default_prepend_bos
+    folder = ZOO_ROOT / DEFAULT_MODEL.removeprefix("lenskit/")
+    assert sum(f.stat().st_size for f in ZOO_ROOT.rglob("*") if f.is_file()) < 10 * 2**20
+    assert {"model.safetensors", "tokenizer.json", "train_log.csv", CARD_FILE} <= {f.name for f in folder.iterdir()}
+    text = "When Mary and John went to the store, John gave a drink to Mary."
+    assert model.to_string(model.to_tokens(text, prepend_bos=False)[0]) == text
+    assert model.to_str_tokens(text)[:3] == ["<bos>", "When", " Mary"]
+
+
+def test_the_default_model_has_learned_ioi_and_copying(shipped):
+    _, metrics = shipped
+    assert metrics["ioi_logit_diff"] >= 3.0  # held-out names in held-out templates
+    assert metrics["ioi_accuracy"] > 0.9
+    assert metrics["loss_second_half"] <= 0.5 * metrics["loss_first_half"]
+
+
+def test_the_model_card_reports_what_evaluate_measures(shipped):
+    _, metrics = shipped
+    card = (ZOO_ROOT / DEFAULT_MODEL.removeprefix("lenskit/") / CARD_FILE).read_text()
+    for key in ("ioi_logit_diff", "ioi_logit_diff_no_bos", "ioi_logit_diff_train_names_templates"):
+        assert f"| {metrics[key]:.2f} |" in card, key
+    assert f"{metrics['ioi_accuracy']:.1%}" in card and f"{metrics['induction_score']:.2f}" in card

@@ -20,6 +20,13 @@ from lenskit.zoo.evaluate import evaluate
 from lenskit.zoo.train import LOG_FILE, RECIPES
 
 CARD_FILE = "README.md"
+TARGETS = [  # (what, measured value, target, met?) from the metrics of `evaluate`
+    ("held-out IOI accuracy", lambda m: m["ioi_accuracy"], ">= 95%", lambda m: m["ioi_accuracy"] >= 0.95),
+    ("held-out IOI logit difference", lambda m: m["ioi_logit_diff"], ">= 3.0", lambda m: m["ioi_logit_diff"] >= 3.0),
+    ("best induction score", lambda m: m["induction_score"], ">= 0.6", lambda m: m["induction_score"] >= 0.6),
+    ("repeated-half loss / first-half loss", lambda m: m["loss_second_half"] / m["loss_first_half"], "<= 0.5",
+     lambda m: m["loss_second_half"] <= 0.5 * m["loss_first_half"]),
+]
 
 
 def training_summary(folder: Path) -> dict:
@@ -71,7 +78,12 @@ Held out for evaluation: {len(data.EVAL_NAMES)} names that never occur in a trai
 | IOI mean logit difference, training names and templates | {metrics["ioi_logit_diff_train_names_templates"]:.2f} |
 | best induction head (TransformerLens score on repeated random tokens) | {metrics["induction_head"]}: {metrics["induction_score"]:.2f} |
 | loss on first / repeated half of `<bos>` R R | {metrics["loss_first_half"]:.2f} / {metrics["loss_second_half"]:.2f} |
-"""
+
+## Against the zoo's targets
+
+| target | measured | wanted | met |
+|---|---|---|---|
+""" + "".join(f"| {what} | {value(metrics):.3g} | {wanted} | {'yes' if met(metrics) else 'NO'} |\n" for what, value, wanted, met in TARGETS)
 
 
 def main(argv: list[str] | None = None) -> Path:

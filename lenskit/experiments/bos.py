@@ -44,7 +44,7 @@ def run(model: HookedTransformer | str | None = None, progress: bool = True) -> 
         "without BOS": logit_diff(model, prompt, answer, wrong, False),
     }]
     examples = ioi_dataset(HELD_OUT_PROMPTS, held_out=True)
-    if knows_every_word(model, " ".join(e.prompt for e in examples)):
+    if all(knows_every_word(model, e.prompt) for e in examples):
         rows.append({
             "prompt": f"mean over {HELD_OUT_PROMPTS} held-out IOI prompts", "answer - wrong": "IO - S",
             "with BOS": ioi_logit_diffs(model, examples, prepend_bos=True).mean().item(),

@@ -52,7 +52,7 @@ def residual_difference(model: HookedTransformer, first: str, second: str) -> La
 
 def run(model: HookedTransformer | str | None = None, progress: bool = True) -> Reproduction:
     model = resolve_model(model, DEFAULT_MODEL)
-    usable = [pair for pair in PAIRS if knows_every_word(model, " ".join(pair))]
+    usable = [pair for pair in PAIRS if all(knows_every_word(model, text) for text in pair)]
     if not usable:
         raise ValueError(f"none of the emotion sentence pairs suits this model's tokenizer: {PAIRS}")
     first, second = usable[0]

@@ -1,17 +1,21 @@
 """lenskit: mechanistic interpretability of transformers, as TransformerLens hook functions.
 
     >>> import lenskit
-    >>> from lenskit import hooks, surgery, vocab
+    >>> from lenskit import hooks, metrics, surgery, vocab
 from lenskit.attribution import attribute
+from lenskit.flow import FlowGraph, flow
 from lenskit.lens import LensResult, logit_lens
+from lenskit.patching import attribution_patch, patch
     >>> model = lenskit.load("lenskit/<name>")        # or a TransformerLens name, a folder, a .bin
     >>> h = hooks.ablate("blocks.1.attn.hook_z", head=3) + hooks.cache("blocks.*.hook_resid_post")
     >>> logits = model.run_with_hooks(model.to_tokens("Hello"), fwd_hooks=h)
 """
 
-from lenskit import hooks, surgery, vocab
+from lenskit import hooks, metrics, surgery, vocab
 from lenskit.attribution import attribute
+from lenskit.flow import FlowGraph, flow
 from lenskit.lens import LensResult, logit_lens
+from lenskit.patching import attribution_patch, patch
 from lenskit.cache import decompose_residual, load_cache, residual_stream, stream_cache
 from lenskit.hooks import Hooks
 from lenskit.labelled import LabelledTensor
@@ -20,5 +24,6 @@ from lenskit.models import load, save, zoo_names
 __all__ = [
     "hooks", "Hooks", "LabelledTensor", "load", "save", "zoo_names",
     "residual_stream", "decompose_residual", "stream_cache", "load_cache",
-    "attribute", "logit_lens", "LensResult", "surgery", "vocab",
+    "attribute", "logit_lens", "LensResult", "patch", "attribution_patch", "metrics", "flow", "FlowGraph",
+    "surgery", "vocab",
 ]

@@ -1,4 +1,4 @@
-"""The ``lenskit`` command: ``lenskit info MODEL``, ``lenskit cache MODEL ...``, ``lenskit reproduce NAME``.
+"""The ``lenskit`` command: ``lenskit info MODEL``, ``lenskit cache MODEL ...``, ``lenskit report``, ``lenskit reproduce NAME``.
 
 Bad input (an unknown model, a missing file, an unknown hook name) ends with a one-line
 ``lenskit: error: ...`` on stderr and exit status 2, never a traceback.
@@ -57,6 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--max-len", type=int, default=None,
                        help="tokens per row (default: 128, or the model's context if shorter)")
     cache.set_defaults(run=run_cache)
+
+    report = commands.add_parser(
+        "report", help="every analysis of one prompt, as a self-contained HTML page",
+        description="Logit lens, attribution per layer and head, attention of the top heads, residual "
+                    "patching and the information-flow graph of one prompt, written to one offline HTML page. "
+                    "With no options: the zoo's default model on an IOI prompt.")
+    report.add_argument("--model", help="as for `lenskit info` (default: the zoo's default model)")
+    report.add_argument("--prompt", help="the clean prompt")
+    report.add_argument("--answer", help="the expected next token, e.g. ' Mary'")
+    report.add_argument("--wrong", help="the competing token, e.g. ' John'")
+    report.add_argument("--corrupted", help="a prompt with as many tokens, patched from the clean one")
+    report.add_argument("--out", type=Path, default=Path("report.html"), help="output page (default report.html)")
+    report.set_defaults(run=run_report)
 
     from lenskit.experiments import EXPERIMENTS
 
@@ -127,6 +140,12 @@ def run_cache(args: argparse.Namespace) -> None:
     out = stream_cache(model, texts, names, args.out, dtype=DTYPES[args.dtype],
                        batch_size=args.batch_size, max_len=args.max_len or min(128, model.cfg.n_ctx))
     print(f"wrote activations of {', '.join(names)} to {out}")
+
+
+def run_report(args: argparse.Namespace) -> None:
+    from lenskit.report import main as report_main
+
+    report_main(args.model, args.out, prompt=args.prompt, answer=args.answer, wrong=args.wrong, corrupted=args.corrupted)
 
 
 def run_reproduce(args: argparse.Namespace) -> None:

@@ -1,0 +1,188 @@
+"""Weights into a `HookedWhisper`: from Hugging Face, from openai-whisper, by name.
+
+Both sources are first expressed with openai-whisper's parameter names (Hugging Face's are
+renamed), then reshaped into TransformerLens' per-head layout.
+
+    >>> load("openai/whisper-tiny")     # Hugging Face hub id (needs the hub, or its cache)
+    >>> load("tiny"); load("base.en")   # openai-whisper names (downloads its .pt checkpoint)
+    >>> load("path/to/hf_folder"); load("path/to/tiny.pt")
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from lenskit.whisper.model import HookedWhisper, WhisperConfig
+
+OPENAI_NAMES = ("tiny.en", "tiny", "base.en", "base", "small.en", "small", "medium.en", "medium",
+                "large-v1", "large-v2", "large-v3", "large", "large-v3-turbo", "turbo")
+
+# Hugging Face name pattern -> openai-whisper name, applied in order to each key.
+_HF_TO_OPENAI = [
+    (r"^model\.(encoder|decoder)\.layers\.", r"\1.blocks."),
+    (r"^model\.encoder\.embed_positions\.weight$", "encoder.positional_embedding"),
+    (r"^model\.decoder\.embed_positions\.weight$", "decoder.positional_embedding"),
+    (r"^model\.decoder\.embed_tokens\.", "decoder.token_embedding."),
+    (r"^model\.encoder\.layer_norm\.", "encoder.ln_post."),
+    (r"^model\.decoder\.layer_norm\.", "decoder.ln."),
+    (r"^model\.encoder\.conv", "encoder.conv"),
+    (r"\.self_attn_layer_norm\.", ".attn_ln."),
+    (r"\.encoder_attn_layer_norm\.", ".cross_attn_ln."),
+    (r"\.final_layer_norm\.", ".mlp_ln."),
+    (r"\.self_attn\.", ".attn."),
+    (r"\.encoder_attn\.", ".cross_attn."),
+    (r"\.q_proj\.", ".query."), (r"\.k_proj\.", ".key."), (r"\.v_proj\.", ".value."), (r"\.out_proj\.", ".out."),
+    (r"\.fc1\.", ".mlp.0."), (r"\.fc2\.", ".mlp.2."),
+]
+
+
+def from_openai(source: Any) -> HookedWhisper:
+    """A HookedWhisper from openai-whisper: a `whisper.model.Whisper`, a checkpoint dict
+    ``{"dims", "model_state_dict"}``, or the path of such a ``.pt`` file."""
+    if isinstance(source, (str, Path)):
+        source = torch.load(source, map_location="cpu", weights_only=True)
+    if isinstance(source, Mapping):
+        if not {"dims", "model_state_dict"} <= set(source):
+            raise ValueError(f"an openai-whisper checkpoint holds 'dims' and 'model_state_dict'; this one has {sorted(source)}")
+        dims, state = source["dims"], source["model_state_dict"]
+    else:
+        dims, state = vars(source.dims), source.state_dict()
+    return _build(WhisperConfig(**dims), state)
+
+
+def from_hf(source: Any) -> HookedWhisper:
+    """A HookedWhisper from a Hugging Face `WhisperForConditionalGeneration` or a local folder of one."""
+    if isinstance(source, (str, Path)):
+        source = _hf_from_pretrained(str(source))
+    hf = source.config
+    if hf.encoder_ffn_dim != 4 * hf.d_model or hf.decoder_ffn_dim != 4 * hf.d_model:
+        raise ValueError(f"HookedWhisper needs MLPs of width 4 * d_model = {4 * hf.d_model}; this model has "
+                         f"encoder {hf.encoder_ffn_dim}, decoder {hf.decoder_ffn_dim}")
+    if hf.activation_function != "gelu" or hf.scale_embedding:
+        raise ValueError(f"HookedWhisper needs activation 'gelu' without embedding scaling; this model has "
+                         f"{hf.activation_function!r}, scale_embedding={hf.scale_embedding}")
+    cfg = WhisperConfig(
+        n_mels=hf.num_mel_bins, n_audio_ctx=hf.max_source_positions, n_audio_state=hf.d_model,
+        n_audio_head=hf.encoder_attention_heads, n_audio_layer=hf.encoder_layers, n_vocab=hf.vocab_size,
+        n_text_ctx=hf.max_target_positions, n_text_state=hf.d_model, n_text_head=hf.decoder_attention_heads,
+        n_text_layer=hf.decoder_layers,
+    )
+    state = dict(source.state_dict())
+    unembed = state.pop("proj_out.weight", None)
+    if unembed is not None and not torch.equal(unembed, state["model.decoder.embed_tokens.weight"]):
+        raise ValueError("this model's output projection is not tied to its token embedding, as Whisper's is")
+    return _build(cfg, {_hf_name_to_openai(k): v for k, v in state.items()})
+
+
+def load(name_or_path: str | Path, device: str | torch.device | None = None, download_root: str | None = None) -> HookedWhisper:
+    """A HookedWhisper from a local HF folder, an openai ``.pt`` file, an openai name ("tiny",
+    "base.en", ...; downloaded by openai-whisper) or a Hugging Face hub id ("openai/whisper-tiny")."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        model = from_hf(path)
+    elif path.is_file():
+        model = from_openai(path)
+    elif str(name_or_path) in OPENAI_NAMES:
+        model = from_openai(_openai_load_model(str(name_or_path), download_root))
+    else:
+        model = from_hf(str(name_or_path))
+    return model.to(device) if device is not None else model
+
+
+def _hf_from_pretrained(name: str):
+    from transformers import WhisperForConditionalGeneration
+
+    return WhisperForConditionalGeneration.from_pretrained(name, attn_implementation="eager")
+
+
+def _openai_load_model(name: str, download_root: str | None):
+    try:
+        import whisper
+    except ImportError:
+        raise ImportError(f"loading {name!r} by its openai-whisper name needs openai-whisper: "
+                          "pip install 'lenskit[whisper]'") from None
+    return whisper.load_model(name, device="cpu", download_root=download_root)
+
+
+def _hf_name_to_openai(name: str) -> str:
+    for pattern, replacement in _HF_TO_OPENAI:
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+def _build(cfg: WhisperConfig, openai_state: Mapping[str, Tensor]) -> HookedWhisper:
+    model = HookedWhisper(cfg)
+    state = lenskit_state_dict(cfg, openai_state)
+    with torch.no_grad():
+        model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def lenskit_state_dict(cfg: WhisperConfig, openai_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """HookedWhisper's state dict (float32) from one with openai-whisper's names and shapes.
+
+    Raises ValueError naming missing or unexpected parameters.
+    """
+    source = {k: v.detach().float() for k, v in openai_state.items() if k not in ("decoder.mask", "alignment_heads")}
+    used: set[str] = set()
+
+    def take(name: str) -> Tensor:
+        if name not in source:
+            raise ValueError(f"the checkpoint has no parameter {name!r}")
+        used.add(name)
+        return source[name]
+
+    state = {
+        "encoder.conv1.weight": take("encoder.conv1.weight"), "encoder.conv1.bias": take("encoder.conv1.bias"),
+        "encoder.conv2.weight": take("encoder.conv2.weight"), "encoder.conv2.bias": take("encoder.conv2.bias"),
+        "encoder.W_pos": take("encoder.positional_embedding"),
+        "decoder.W_E": take("decoder.token_embedding.weight"),
+        "decoder.W_pos": take("decoder.positional_embedding"),
+        **_layer_norm("encoder.ln_post", "encoder.ln_post", take),
+        **_layer_norm("decoder.ln_final", "decoder.ln", take),
+    }
+    for stack, n_layers, n_heads in (("encoder", cfg.n_audio_layer, cfg.n_audio_head),
+                                     ("decoder", cfg.n_text_layer, cfg.n_text_head)):
+        for layer in range(n_layers):
+            block = f"{stack}.blocks.{layer}"
+            state |= _attention(f"{block}.attn", n_heads, take)
+            state |= _layer_norm(f"{block}.ln1", f"{block}.attn_ln", take)
+            if stack == "decoder":
+                state |= _attention(f"{block}.cross_attn", n_heads, take)
+                state |= _layer_norm(f"{block}.ln2", f"{block}.cross_attn_ln", take)
+            state |= _layer_norm(f"{block}.{'ln3' if stack == 'decoder' else 'ln2'}", f"{block}.mlp_ln", take)
+            state |= {
+                f"{block}.mlp.W_in": take(f"{block}.mlp.0.weight").T, f"{block}.mlp.b_in": take(f"{block}.mlp.0.bias"),
+                f"{block}.mlp.W_out": take(f"{block}.mlp.2.weight").T, f"{block}.mlp.b_out": take(f"{block}.mlp.2.bias"),
+            }
+    unexpected = sorted(set(source) - used)
+    if unexpected:
+        raise ValueError(f"the checkpoint has parameters HookedWhisper does not know: {unexpected[:5]}")
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def _layer_norm(ours: str, theirs: str, take) -> dict[str, Tensor]:
+    return {f"{ours}.w": take(f"{theirs}.weight"), f"{ours}.b": take(f"{theirs}.bias")}
+
+
+def _attention(prefix: str, n_heads: int, take) -> dict[str, Tensor]:
+    """Linear weights [out, in] -> per-head W_Q/W_K/W_V [head, d_model, d_head], W_O [head, d_head, d_model]."""
+
+    def per_head_in(weight: Tensor) -> Tensor:
+        return weight.view(n_heads, -1, weight.shape[1]).transpose(1, 2)
+
+    out = take(f"{prefix}.out.weight")
+    return {
+        f"{prefix}.W_Q": per_head_in(take(f"{prefix}.query.weight")),
+        f"{prefix}.b_Q": take(f"{prefix}.query.bias").view(n_heads, -1),
+        f"{prefix}.W_K": per_head_in(take(f"{prefix}.key.weight")),
+        f"{prefix}.W_V": per_head_in(take(f"{prefix}.value.weight")),
+        f"{prefix}.b_V": take(f"{prefix}.value.bias").view(n_heads, -1),
+        f"{prefix}.W_O": out.T.reshape(n_heads, -1, out.shape[0]),
+        f"{prefix}.b_O": take(f"{prefix}.out.bias"),
+    }

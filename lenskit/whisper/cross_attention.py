@@ -1,0 +1,44 @@
+"""Where the decoder listens: one cross-attention head's pattern, tokens x audio time.
+
+    >>> pattern = cross_attention(model, "speech.wav", transcript.sequence, layer=2, head=3,
+    ...                           tokenizer=tok, frames_per_bin=25)     # 0.5 s per column
+    >>> pattern.plot()                                                  # offline HTML heatmap
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lenskit import hooks
+from lenskit.labelled import LabelledTensor
+from lenskit.whisper.audio import CHUNK_SECONDS, AudioLike, model_input
+from lenskit.whisper.model import HookedWhisper
+from lenskit.whisper.tokenizer import TokensLike, str_tokens, token_batch
+
+
+@torch.no_grad()
+def cross_attention(model: HookedWhisper, audio: AudioLike, tokens: TokensLike, layer: int, head: int,
+                    tokenizer=None, frames_per_bin: int = 1) -> LabelledTensor:
+    """The cross-attention pattern of decoder `layer`, `head`: dims ("token", "time").
+
+    Each row is a decoder position's attention over the audio positions (20 ms each for a 30 s
+    window), summed over bins of `frames_per_bin` positions; time labels give each bin's start in
+    seconds. Rows sum to 1.
+    """
+    if not 0 <= layer < model.cfg.n_text_layer:
+        raise ValueError(f"layer {layer} out of range: the decoder has {model.cfg.n_text_layer} layers")
+    if not 0 <= head < model.cfg.n_text_head:
+        raise ValueError(f"head {head} out of range: decoder layers have {model.cfg.n_text_head} heads")
+    if frames_per_bin < 1:
+        raise ValueError(f"frames_per_bin must be at least 1, not {frames_per_bin}")
+    mel, ids = model_input(audio, model.cfg.n_mels).to(model.device), token_batch(tokens).to(model.device)
+    name = f"decoder.blocks.{layer}.cross_attn.hook_pattern"
+    cache = hooks.cache(name)
+    cache.run(model, mel, ids)
+    pattern = cache.store[name][0, head].cpu()  # [token, audio_pos]
+    n_bins = -(-pattern.shape[1] // frames_per_bin)
+    binned = torch.nn.functional.pad(pattern, (0, n_bins * frames_per_bin - pattern.shape[1]))
+    binned = binned.view(pattern.shape[0], n_bins, frames_per_bin).sum(-1)
+    seconds_per_position = CHUNK_SECONDS / model.cfg.n_audio_ctx
+    times = [f"{b * frames_per_bin * seconds_per_position:.2f}s" for b in range(n_bins)]
+    return LabelledTensor(binned, ("token", "time"), {"token": str_tokens(ids, tokenizer), "time": times})

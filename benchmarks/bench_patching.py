@@ -1,8 +1,8 @@
 """Benchmark lenskit.patch against transformer_lens.patching, and attribution patching against exact.
 
-(a) Speed, on a GPT-2-small-shaped model (random weights, seeded), CPU. 8 prompt pairs of 16
-    tokens shaped like TransformerLens' IOI demo ("<bos> When John and Mary went to the shops, John
-    gave the bag to"): the corrupted prompt is the clean one with the second subject mention (S2,
+(a) Speed, on a GPT-2-small-shaped model (random weights, seeded), CPU. 8 prompt pairs of 15
+    random tokens shaped like TransformerLens' IOI demo ("<bos> When John and Mary went to the shops,
+    John gave the bag to"): the corrupted prompt is the clean one with the second subject mention (S2,
     position 10) replaced by the indirect object, so the runs differ at one position, as in that
     demo. Metric: logit(IO) - logit(S) at the last position, mean over prompts. Grids: resid_pre by
     (layer, pos) and head output z by (layer, head, pos); a third row repeats resid_pre with random
@@ -19,7 +19,8 @@
     run short and still runs the largest batches (cells at position 0 recompute all 64 positions).
 (c) Attribution patching against exact patching on the zoo model's IOI prompts (lenskit.zoo.data's
     held-out IOI examples whose names are single tokens, the most common length, corrupted by the
-    same S2 -> IO replacement): per site, the Pearson correlation of the two grids and the speed-up.
+    same S2 -> IO replacement): per site, the Pearson correlation of the two grids and the speed-up
+    (CPU time, fastest of 3 runs each).
 
     python benchmarks/bench_patching.py                      # full run
     python benchmarks/bench_patching.py --quick              # smoke run (2 layers, small batches)
@@ -70,11 +71,15 @@ def gpt2_small(n_layers: int | None = None) -> HookedTransformer:
     return HookedTransformer(HookedTransformerConfig(**config)).eval()
 
 
-def timed(run):
-    """(result, CPU seconds of this process, wall seconds)."""
-    cpu, wall = time.process_time(), time.perf_counter()
-    result = run()
-    return result, time.process_time() - cpu, time.perf_counter() - wall
+def timed(run, repeats: int = 1):
+    """(result, CPU seconds of this process, wall seconds), the fastest of `repeats` runs."""
+    best = None
+    for _ in range(repeats):
+        cpu, wall = time.process_time(), time.perf_counter()
+        result = run()
+        this = (result, time.process_time() - cpu, time.perf_counter() - wall)
+        best = this if best is None or this[1] < best[1] else best
+    return best
 
 
 def ioi_shaped_pairs(d_vocab: int, batch: int, n_pos: int, corruption: str):
@@ -96,6 +101,7 @@ def ioi_shaped_pairs(d_vocab: int, batch: int, n_pos: int, corruption: str):
 def speed_row(model, name, site, by, setter, tl_axes, corruption, batch, n_pos, tl_cells) -> dict:
     clean, corrupted, metric = ioi_shaped_pairs(model.cfg.d_vocab, batch, n_pos, corruption)
     with torch.inference_mode():
+        patch(model, clean, corrupted, metric, site=site, by=by, layers=[-1], progress=False)  # warm-up
         result, cpu, wall = timed(lambda: patch(model, clean, corrupted, metric, site=site, by=by, progress=False))
         (_, clean_cache), cache_cpu, cache_wall = timed(lambda: model.run_with_cache(clean))
         cells = result.to_frame().sample(tl_cells, random_state=0)
@@ -161,10 +167,11 @@ def ioi_pairs(model: HookedTransformer, n_prompts: int):
 
 def attribution_rows(model: HookedTransformer, n_prompts: int) -> tuple[list[dict], dict]:
     clean, corrupted, metric = ioi_pairs(model, n_prompts)
+    patch(model, clean, corrupted, metric, layers=[-1], progress=False)  # warm-up
     rows = []
     for site, by in ATTRIBUTION_SITES:
-        exact, exact_cpu, _ = timed(lambda: patch(model, clean, corrupted, metric, site=site, by=by, progress=False))
-        estimate, estimate_cpu, _ = timed(lambda: attribution_patch(model, clean, corrupted, metric, site=site, by=by))
+        exact, exact_cpu, _ = timed(lambda: patch(model, clean, corrupted, metric, site=site, by=by, progress=False), 3)
+        estimate, estimate_cpu, _ = timed(lambda: attribution_patch(model, clean, corrupted, metric, site=site, by=by), 3)
         r = torch.corrcoef(torch.stack([exact.tensor.flatten(), estimate.tensor.flatten()]))[0, 1].item()
         rows.append({"site": site, "by": by, "cells": exact.tensor.numel(), "pearson_r": r,
                      "exact_cpu_s": exact_cpu, "attribution_cpu_s": estimate_cpu, "speedup": exact_cpu / estimate_cpu})
@@ -186,7 +193,7 @@ def main() -> None:
         print(json.dumps(memory_worker(*args.memory_worker)))
         return
 
-    n_layers, batch, n_pos = (2, 4, 14) if args.quick else (None, 8, 16)
+    n_layers, batch, n_pos = (2, 4, 14) if args.quick else (None, 8, 15)
     tl_cells = args.tl_cells or (2 if args.quick else 6)
     model = gpt2_small(n_layers)
     speed = [speed_row(model, *grid, batch, n_pos, tl_cells) for grid in SPEED_GRIDS]

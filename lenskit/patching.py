@@ -12,14 +12,15 @@ tokens; the cell holds the metric of that run. The values equal those of
 ``transformer_lens.patching`` (``get_act_patch_resid_pre``, ``get_act_patch_attn_head_out_by_pos``
 ...), which run the whole model once per cell. lenskit computes the same numbers with much less work:
 
-- a run patched at layer L starts at layer L from the corrupted run's cached ``resid_pre``;
+- a run patched at layer L starts at layer L from the corrupted run's cached residual stream;
 - causal attention: positions before the first patched position keep their corrupted values, so a
   run computes only the positions from there on, reading the earlier positions' keys and values
-  from the corrupted run;
+  from the corrupted run; within the patched layer, a patch that cannot reach later positions there
+  (every site but resid_pre, k and v) is computed at its own position only;
 - cells where the clean and corrupted activations are equal are not run (the patch changes
   nothing: the value is the corrupted run's);
-- many cells run as one batch, entering the batch at their own layer; the batch is chunked so that
-  memory stays bounded;
+- many cells run as one batch, each joining it after its own layer; the batch is chunked so that
+  memory stays bounded (`MEMORY_BUDGET`);
 - a metric spec from `lenskit.metrics` is evaluated on the positions and vocabulary columns it
   reads only (a logit difference unembeds two columns at one position).
 
@@ -328,7 +329,7 @@ class _Grid:
         cfg = self.model.cfg
         batch, n_pos = self.clean.shape
         width = max(cfg.d_mlp or 0, 3 * cfg.n_heads * cfg.d_head, 2 * cfg.n_heads * n_pos, cfg.d_model)
-        per_cell = 4 * batch * (4 * width * (n_pos - start) + reader.width(n_pos))
+        per_cell = 4 * batch * (4 * width * (n_pos - start) + reader.width())
         return max(1, MEMORY_BUDGET // per_cell)
 
     def reduce_to_cells(self, contribution: Tensor) -> Tensor:
@@ -460,7 +461,7 @@ class _LogitReader:
         else:
             self.positions, self.columns, self.corrupted = list(range(n_pos)), None, corrupted_logits
 
-    def width(self, n_pos: int) -> int:
+    def width(self) -> int:
         """Floats per prompt of one cell's selected logits."""
         return len(self.positions) * (self.model.cfg.d_vocab_out if self.columns is None else len(self.columns))
 

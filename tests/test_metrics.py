@@ -3,7 +3,7 @@
 import pytest
 import torch
 import transformers
-import transformer_lens.utils as tl_utils
+from transformer_lens.utilities.lm_utils import lm_cross_entropy_loss
 from conftest import make_model, word_tokenizer
 
 from lenskit import metrics
@@ -44,7 +44,7 @@ def test_prob_rank_loss_kl(logits, model):
     assert not metrics.rank(3).differentiable and metrics.prob(3).differentiable
 
     targets = torch.randint(0, 13, (3, 5), generator=torch.Generator().manual_seed(1))
-    assert metrics.loss(targets)(logits).item() == pytest.approx(tl_utils.lm_cross_entropy_loss(logits, targets).item())
+    assert metrics.loss(targets)(logits).item() == pytest.approx(lm_cross_entropy_loss(logits, targets).item())
     log_probs = logits.log_softmax(-1)
     expected = -(log_probs[:, 1].gather(-1, targets[:, 2:3]).mean() + log_probs[:, 3].gather(-1, targets[:, 4:5]).mean()) / 2
     assert metrics.loss(pos=[1, 3]).bind(model, tokens=targets)(logits).item() == pytest.approx(expected.item())

@@ -129,7 +129,8 @@ def test_pattern_entries_and_other_sites_via_generic_patch(model):
     metrics.logit_diff(7, [1, 2, 3], pos=[-1, -3]),
     lambda logits: logits[:, -1, :10].logsumexp(-1).mean(),  # any callable on full logits
 ], ids=["prob", "rank", "loss", "loss-pos", "kl_to", "logit_diff-pos", "callable"])
-def test_metrics_equal_transformer_lens(model, metric):
+def test_metrics_equal_transformer_lens(metric):
+    model = make_model("llama")
     clean, corrupted = pair(model)
     expected = tl_grid(tlp.get_act_patch_attn_head_out_by_pos, model, clean, corrupted, metric).permute(0, 2, 1)
     result = patch(model, clean, corrupted, metric, site="z", by="layer_head_pos", progress=False)
@@ -170,7 +171,7 @@ def test_clean_corrupted_values_and_normalised_view(model):
         same.normalised()
 
 
-def test_token_labels_frame_and_plot(tmp_path):
+def test_token_labels_frame_plot_and_progress(tmp_path, capsys):
     model = make_model("gpt2", d_vocab=13)
     word_tokenizer().save_pretrained(tmp_path)
     model.set_tokenizer(transformers.AutoTokenizer.from_pretrained(tmp_path))
@@ -185,8 +186,9 @@ def test_token_labels_frame_and_plot(tmp_path):
     assert len(frame) == 3 * 4 * 7
     html = result.plot(title="z").html
     assert html.count("<tr>") == 1 + 3 * 4 and "L2 H3" in html and ">cat</th>" in html
-    by_layer = patch(model, clean, corrupted, metrics.prob("mat"), site="mlp_out", by="layer", progress=False)
+    by_layer = patch(model, clean, corrupted, metrics.prob("mat"), site="mlp_out", by="layer", progress=True)
     assert by_layer.plot().html.count("<tr>") == 1 + 3
+    assert "patch mlp_out by layer" in capsys.readouterr().err  # the tqdm bar over cell chunks
     with pytest.raises(ValueError, match=r"'mat cat' is not a single token"):
         patch(model, clean, corrupted, metrics.prob("mat cat"), progress=False)
 

@@ -11,8 +11,8 @@
     timed on a seeded sample of cells through its own code path (generic_activation_patch with the
     patch setter get_act_patch_resid_pre / get_act_patch_attn_head_out_by_pos use, and an index_df)
     and scaled to the grid, which is exact up to noise because its cost per cell does not depend on
-    the cell; its clean run_with_cache is added once. The sampled cells' values are compared with
-    lenskit's. Times are this process's CPU time (the speed-up uses it: on a shared machine wall time
+    the cell (each sampled cell is timed on its own; the grid uses their median); its clean
+    run_with_cache is added once. The sampled cells' values are compared with lenskit's. Times are this process's CPU time (the speed-up uses it: on a shared machine wall time
     mostly measures the neighbours) and wall time.
 (b) Memory: z by (layer, head, pos) on 64-token prompts (8 pairs, every position differs), in a
     fresh subprocess: peak RSS. The grid is restricted to position 0 and two heads, which keeps the
@@ -20,7 +20,7 @@
 (c) Attribution patching against exact patching on the zoo model's IOI prompts (lenskit.zoo.data's
     held-out IOI examples whose names are single tokens, the most common length, corrupted by the
     same S2 -> IO replacement): per site, the Pearson correlation of the two grids and the speed-up
-    (CPU time, fastest of 3 runs each).
+    (CPU time, fastest of 5 runs each).
 
     python benchmarks/bench_patching.py                      # full run
     python benchmarks/bench_patching.py --quick              # smoke run (2 layers, small batches)
@@ -32,6 +32,7 @@ Prints tables and writes benchmarks/results/bench_patching.json.
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -39,7 +40,6 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-import pandas as pd
 import torch
 import transformer_lens.patching as tlp
 from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -107,16 +107,18 @@ def speed_row(model, name, site, by, setter, tl_axes, corruption, batch, n_pos, 
         cells = result.to_frame().sample(tl_cells, random_state=0)
         index_df = cells[list(tl_axes)].reset_index(drop=True)
         bound = metric.bind(model)
-        tl_values, tl_cpu, tl_wall = timed(lambda: tlp.generic_activation_patch(
-            model, corrupted, clean_cache, bound, setter, site, index_df=index_df))
+        tl_runs = [timed(lambda: tlp.generic_activation_patch(
+            model, corrupted, clean_cache, bound, setter, site, index_df=index_df.iloc[[i]])) for i in range(tl_cells)]
+    tl_values = torch.cat([values for values, _, _ in tl_runs]).cpu()
+    tl_cpu = statistics.median(cpu for _, cpu, _ in tl_runs)  # per cell; the median resists load spikes
+    tl_wall = statistics.median(wall for _, _, wall in tl_runs)
     n_cells = result.tensor.numel()
-    tl_cpu_grid = cache_cpu + tl_cpu / tl_cells * n_cells
-    tl_wall_grid = cache_wall + tl_wall / tl_cells * n_cells
+    tl_cpu_grid, tl_wall_grid = cache_cpu + tl_cpu * n_cells, cache_wall + tl_wall * n_cells
     return {"grid": name, "site": site, "by": by, "corruption": corruption, "cells": n_cells,
             "lenskit_cpu_s": cpu, "lenskit_wall_s": wall, "tl_sampled_cells": tl_cells,
-            "tl_cpu_s_per_cell": tl_cpu / tl_cells, "tl_cpu_s_grid": tl_cpu_grid, "tl_wall_s_grid": tl_wall_grid,
-            "speedup_cpu": tl_cpu_grid / cpu, "speedup_wall": tl_wall_grid / wall,
-            "max_abs_diff": (torch.tensor(cells["value"].to_numpy()) - tl_values.cpu()).abs().max().item()}
+            "tl_cpu_s_per_cell": [cpu for _, cpu, _ in tl_runs], "tl_cpu_s_grid": tl_cpu_grid,
+            "tl_wall_s_grid": tl_wall_grid, "speedup_cpu": tl_cpu_grid / cpu, "speedup_wall": tl_wall_grid / wall,
+            "max_abs_diff": (torch.tensor(cells["value"].to_numpy()) - tl_values).abs().max().item()}
 
 
 # --- (b) memory, in a fresh subprocess ------------------------------------------------------
@@ -170,8 +172,8 @@ def attribution_rows(model: HookedTransformer, n_prompts: int) -> tuple[list[dic
     patch(model, clean, corrupted, metric, layers=[-1], progress=False)  # warm-up
     rows = []
     for site, by in ATTRIBUTION_SITES:
-        exact, exact_cpu, _ = timed(lambda: patch(model, clean, corrupted, metric, site=site, by=by, progress=False), 3)
-        estimate, estimate_cpu, _ = timed(lambda: attribution_patch(model, clean, corrupted, metric, site=site, by=by), 3)
+        exact, exact_cpu, _ = timed(lambda: patch(model, clean, corrupted, metric, site=site, by=by, progress=False), 5)
+        estimate, estimate_cpu, _ = timed(lambda: attribution_patch(model, clean, corrupted, metric, site=site, by=by), 5)
         r = torch.corrcoef(torch.stack([exact.tensor.flatten(), estimate.tensor.flatten()]))[0, 1].item()
         rows.append({"site": site, "by": by, "cells": exact.tensor.numel(), "pearson_r": r,
                      "exact_cpu_s": exact_cpu, "attribution_cpu_s": estimate_cpu, "speedup": exact_cpu / estimate_cpu})
@@ -187,8 +189,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     parser.add_argument("--zoo", default="lenskit/ioi-4l", help="zoo model for (c): a zoo name or a model folder")
     parser.add_argument("--tl-cells", type=int, help="cells of each grid timed with transformer_lens.patching")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--memory-worker", nargs=3, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_worker:
         print(json.dumps(memory_worker(*args.memory_worker)))
         return

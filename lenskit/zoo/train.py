@@ -5,8 +5,9 @@
     python -m lenskit.zoo.train ioi-4l --init DIR --out DIR2     # continue training a saved model
 
 Seeded and reproducible (on the same machine and thread count). The folder gets the files of
-`lenskit.models.save` and train_log.csv (step, loss, lr, seconds), the loss averaged over each
-logging interval.
+`lenskit.models.save` and train_log.csv (step, loss, lr, seconds, induction): the loss averaged
+over each logging interval, and the best TransformerLens induction score of any head at that step,
+so the log shows when the induction circuit forms.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from lenskit.models import ZOO_ROOT, load, save
 from lenskit.zoo.data import training_batch, vocabulary
+from lenskit.zoo.evaluate import induction
 from lenskit.zoo.tokenizer import as_transformers, build_tokenizer
 
 LOG_FILE = "train_log.csv"
@@ -90,12 +92,28 @@ def lm_loss(logits: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
     return (losses * target_mask).sum() / target_mask.sum()
 
 
-def learning_rate(step: int, recipe: Recipe) -> float:
-    """Linear warmup, then cosine decay to a tenth of recipe.lr."""
-    if step < recipe.warmup_steps:
-        return recipe.lr * (step + 1) / recipe.warmup_steps
-    progress = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
-    return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+def learning_rate(step: int, peak: float, warmup_steps: int, steps: int) -> float:
+    """Linear warmup to `peak`, then cosine decay to a tenth of it at `steps`."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases, norm gains or other vectors)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.98))
+
+
+def best_induction_score(model: HookedTransformer) -> float:
+    """The highest induction score of any head (`lenskit.zoo.evaluate.induction`), measured in eval mode."""
+    model.eval()
+    score = induction(model, batch=4)["scores"].max().item()
+    model.train()
+    return score
 
 
 def train(recipe: Recipe, out: str | Path, init: str | Path | None = None) -> HookedTransformer:
@@ -110,19 +128,14 @@ def train(recipe: Recipe, out: str | Path, init: str | Path | None = None) -> Ho
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = model.tokenizer.backend_tokenizer
     rng = random.Random(recipe.seed)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=recipe.lr, betas=(0.9, 0.98),
-    )
+    optimizer = adamw(model, recipe.lr, recipe.weight_decay)
     start, interval_losses = time.time(), []
     with open(out / LOG_FILE, "w", newline="") as log_file:
         log = csv.writer(log_file)
-        log.writerow(["step", "loss", "lr", "seconds"])
+        log.writerow(["step", "loss", "lr", "seconds", "induction"])
         progress = tqdm(range(recipe.steps), desc="train", dynamic_ncols=True)
         for step in progress:
-            lr = learning_rate(step, recipe)
+            lr = learning_rate(step, recipe.lr, recipe.warmup_steps, recipe.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             tokens, mask = training_batch(tokenizer, rng, recipe.batch_size, recipe.mixture, recipe.repeat_lengths)
@@ -134,9 +147,10 @@ def train(recipe: Recipe, out: str | Path, init: str | Path | None = None) -> Ho
             interval_losses.append(loss.item())
             if (step + 1) % recipe.log_every == 0 or step + 1 == recipe.steps:
                 mean_loss = sum(interval_losses) / len(interval_losses)
-                log.writerow([step + 1, f"{mean_loss:.4f}", f"{lr:.6f}", f"{time.time() - start:.1f}"])
+                best_induction = best_induction_score(model)
+                log.writerow([step + 1, f"{mean_loss:.4f}", f"{lr:.6f}", f"{time.time() - start:.1f}", f"{best_induction:.3f}"])
                 log_file.flush()
-                progress.set_postfix(loss=f"{mean_loss:.3f}")
+                progress.set_postfix(loss=f"{mean_loss:.3f}", induction=f"{best_induction:.2f}")
                 interval_losses = []
     model.eval()
     save(model, out)

@@ -237,16 +237,17 @@ def add(name: NameOrFilter, vector: Tensor, pos: Index = None, scale: float = 1.
 def skip(
     model: HookedRootModule,
     layers: int | Sequence[int],
-    part: Literal["block", "attn", "mlp"] = "block",
+    part: Literal["block", "attn", "cross_attn", "mlp"] = "block",
     stack: str = "blocks",
 ) -> Hooks:
-    """Make blocks (or their attention / MLP) the identity on the residual stream.
+    """Make blocks (or their attention / cross-attention / MLP) the identity on the residual stream.
 
-    Skipping zeroes the block's output hooks (``hook_attn_out``, ``hook_mlp_out``), so the
-    residual stream passes through unchanged, bit for bit, while hooks inside the skipped
-    block still fire. `stack` names the block list ("blocks"; "encoder.blocks" for Whisper).
+    Skipping zeroes the block's output hooks (``hook_attn_out``, ``hook_mlp_out``, and
+    ``hook_cross_attn_out`` in a Whisper decoder block), so the residual stream passes through
+    unchanged, bit for bit, while hooks inside the skipped block still fire. `stack` names the
+    block list ("blocks"; "encoder.blocks" or "decoder.blocks" for Whisper).
     """
-    parts = {"block": ("attn", "mlp"), "attn": ("attn",), "mlp": ("mlp",)}
+    parts = {"block": ("attn", "cross_attn", "mlp"), "attn": ("attn",), "cross_attn": ("cross_attn",), "mlp": ("mlp",)}
     if part not in parts:
         raise ValueError(f"skip: part must be one of {sorted(parts)}, not {part!r}")
     n_layers = count_layers(model, stack)

@@ -157,3 +157,16 @@ def test_cross_attention_pattern(model, mel):
         cross_attention(model, mel, TOKENS, layer, 4)
     with pytest.raises(ValueError, match="layer 3 out of range"):
         cross_attention(model, mel, TOKENS, 3, 0)
+
+
+@torch.no_grad()
+def test_skip_cross_attention_only(model, mel):
+    """part="cross_attn" zeroes the decoder's cross-attention output alone: resid_mid_cross = resid_mid."""
+    h = hooks.skip(model, 1, part="cross_attn", stack="decoder.blocks") + hooks.cache(
+        ["decoder.blocks.1.hook_resid_mid", "decoder.blocks.1.hook_resid_mid_cross", "decoder.blocks.1.hook_attn_out"])
+    with h.on(model):
+        model(mel, TOKENS)
+    assert torch.equal(h.store["decoder.blocks.1.hook_resid_mid_cross"], h.store["decoder.blocks.1.hook_resid_mid"])
+    assert h.store["decoder.blocks.1.hook_attn_out"].abs().sum() > 0
+    with pytest.raises(ValueError, match="no cross_attn output hook"):
+        hooks.skip(model, 0, part="cross_attn", stack="encoder.blocks")

@@ -33,12 +33,7 @@ def remove_final_layers(model: HookedWhisper, part: Part, count: int) -> Hooks:
     if not 0 <= count <= n_layers:
         raise ValueError(f"cannot remove {count} layers: the {part} has {n_layers} (valid 0..{n_layers})")
     layers = list(range(n_layers - count, n_layers))
-    if not layers:
-        return Hooks()
-    removed = hooks.skip(model, layers, stack=f"{part}.blocks")
-    if part == "decoder":  # hooks.skip zeroes attention and MLP outputs; the decoder also has cross-attention
-        removed = removed + hooks.ablate([f"decoder.blocks.{layer}.hook_cross_attn_out" for layer in layers])
-    return removed
+    return hooks.skip(model, layers, stack=f"{part}.blocks") if layers else Hooks()
 
 
 def layer_removal(
@@ -58,7 +53,7 @@ def layer_removal(
     """
     n_layers = _n_layers(model, part)
     counts = list(range(n_layers + 1) if counts is None else counts)
-    mel = model_input(audio, model.cfg.n_mels)
+    mel = model_input(audio, model.cfg.n_mels, n_frames=model.cfg.n_frames)
     rows = []
     for count in tqdm(counts, desc=f"removing {part} layers", disable=not progress):
         transcript = transcribe(model, mel, hooks=remove_final_layers(model, part, count), max_tokens=max_tokens,

@@ -62,7 +62,7 @@ class LogitAttribution:
 def decoder_logit_attribution(model: HookedWhisper, audio: AudioLike, tokens: TokensLike, target: int | str,
                               pos: int = -1) -> LogitAttribution:
     """Split the decoder's logit for `target` (an id, or text that is one token) at `pos` into components."""
-    mel, ids = model_input(audio, model.cfg.n_mels).to(model.device), token_batch(tokens).to(model.device)
+    mel, ids = model_input(audio, model.cfg.n_mels, n_frames=model.cfg.n_frames).to(model.device), token_batch(tokens).to(model.device)
     if isinstance(target, str):
         target = single_token(get_tokenizer(model), target)
     if not 0 <= target < model.cfg.n_vocab:

@@ -112,9 +112,10 @@ def resample_audio(samples: Float[Tensor, "sample"], orig_rate: int, new_rate: i
     return out[: math.ceil(new * len(samples) / orig)].to(samples.dtype)
 
 
-def check_samples(samples: Tensor, sample_rate: int = SAMPLE_RATE, trim: bool = False) -> None:
-    """Raise ValueError for audio Whisper cannot read: not 1-D, empty, NaN or infinite, or over 30 s
-    (unless `trim`)."""
+def check_samples(samples: Tensor, sample_rate: int = SAMPLE_RATE, trim: bool = False,
+                  max_seconds: float = CHUNK_SECONDS) -> None:
+    """Raise ValueError for audio Whisper cannot read: not 1-D, empty, NaN or infinite, or longer than
+    the model's window of `max_seconds` (30 s for OpenAI's models) unless `trim`."""
     if samples.ndim != 1:
         raise ValueError(f"expected mono samples [n], got shape {tuple(samples.shape)}; "
                          "average the channels first (e.g. samples.mean(0))")
@@ -124,9 +125,9 @@ def check_samples(samples: Tensor, sample_rate: int = SAMPLE_RATE, trim: bool = 
     if len(bad):
         raise ValueError(f"audio has {len(bad)} NaN or infinite samples (the first at sample {int(bad[0])})")
     seconds = len(samples) / sample_rate
-    if seconds > CHUNK_SECONDS and not trim:
-        raise ValueError(f"audio is {seconds:.1f} s long; Whisper reads {CHUNK_SECONDS} s windows: pass "
-                         f"trim=True to keep the first {CHUNK_SECONDS} s, or split the recording")
+    if seconds > max_seconds and not trim:
+        raise ValueError(f"audio is {seconds:.1f} s long; this model reads {max_seconds:g} s windows: pass "
+                         f"trim=True to keep the first {max_seconds:g} s, or split the recording")
 
 
 def pad_or_trim(samples: Float[Tensor, "sample"], length: int = N_SAMPLES) -> Float[Tensor, "length"]:
@@ -165,11 +166,12 @@ def log_mel_spectrogram(samples: Float[Tensor, "sample"], n_mels: int = 80) -> F
 
 
 def log_mel(audio: AudioLike, n_mels: int = 80, sample_rate: int = SAMPLE_RATE, resample: bool = True,
-            trim: bool = False) -> Float[Tensor, "n_mels 3000"]:
-    """The 30-second log-mel spectrogram Whisper reads, from a WAV path or mono samples.
+            trim: bool = False, n_frames: int = N_FRAMES) -> Float[Tensor, "n_mels n_frames"]:
+    """The log-mel spectrogram of one window, from a WAV path or mono samples.
 
     Samples at another `sample_rate` are resampled (or rejected when ``resample=False``);
-    the signal is checked (see `check_samples`), then zero-padded to 30 s.
+    the signal is checked (see `check_samples`), then zero-padded to the window of `n_frames`
+    mel frames (3000 = 30 s, OpenAI's models; the zoo's speech model reads shorter windows).
     """
     if isinstance(audio, (str, Path)):
         samples = load_audio(audio, resample=resample)
@@ -181,20 +183,22 @@ def log_mel(audio: AudioLike, n_mels: int = 80, sample_rate: int = SAMPLE_RATE, 
                                  "(pass resample=True to convert it)")
             check_samples(samples, sample_rate, trim=True)
             samples = resample_audio(samples, sample_rate, SAMPLE_RATE)
-    check_samples(samples, trim=trim)
-    return log_mel_spectrogram(pad_or_trim(samples), n_mels)
+    check_samples(samples, trim=trim, max_seconds=n_frames * HOP_LENGTH / SAMPLE_RATE)
+    return log_mel_spectrogram(pad_or_trim(samples, n_frames * HOP_LENGTH), n_mels)
 
 
-def model_input(audio: AudioLike, n_mels: int = 80, trim: bool = False) -> Float[Tensor, "batch n_mels frame"]:
+def model_input(audio: AudioLike, n_mels: int = 80, trim: bool = False,
+                n_frames: int = N_FRAMES) -> Float[Tensor, "batch n_mels n_frames"]:
     """What HookedWhisper reads: a log-mel spectrogram with a batch dimension.
 
     `audio` is a WAV path, 16 kHz mono samples [n], or a log-mel spectrogram already computed
-    ([n_mels, frame] or [batch, n_mels, frame]), which is passed through.
+    ([n_mels, frame] or [batch, n_mels, frame]), which is passed through. `n_frames` is the
+    model's window (``model.cfg.n_frames``).
     """
     if isinstance(audio, (np.ndarray, Tensor)) and audio.ndim in (2, 3) and audio.shape[-2] == n_mels:
         mel = torch.as_tensor(audio, dtype=torch.float32)
         return mel if mel.ndim == 3 else mel[None]
-    return log_mel(audio, n_mels, trim=trim)[None]
+    return log_mel(audio, n_mels, trim=trim, n_frames=n_frames)[None]
 
 
 def _hz_to_mel(hz):

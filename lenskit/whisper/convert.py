@@ -1,15 +1,18 @@
-"""Weights into a `HookedWhisper`: from Hugging Face, from openai-whisper, by name.
+"""Weights into a `HookedWhisper`: from Hugging Face, from openai-whisper, from lenskit's zoo, by name.
 
-Both sources are first expressed with openai-whisper's parameter names (Hugging Face's are
-renamed), then reshaped into TransformerLens' per-head layout.
+Both outside sources are first expressed with openai-whisper's parameter names (Hugging Face's
+are renamed), then reshaped into TransformerLens' per-head layout. lenskit's own folders
+(`save`) hold HookedWhisper's state dict as it is.
 
     >>> load("openai/whisper-tiny")     # Hugging Face hub id (needs the hub, or its cache)
     >>> load("tiny"); load("base.en")   # openai-whisper names (downloads its .pt checkpoint)
-    >>> load("path/to/hf_folder"); load("path/to/tiny.pt")
+    >>> load("lenskit/speech-3l")       # the zoo's speech model, shipped with lenskit (offline)
+    >>> load("path/to/hf_folder"); load("path/to/tiny.pt"); load("path/to/lenskit_folder")
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -17,7 +20,13 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from safetensors.torch import load_file, save_file
+
+from lenskit.models import ZOO_PREFIX, ZOO_ROOT
 from lenskit.whisper.model import HookedWhisper, WhisperConfig
+
+CONFIG_FILE = "hooked_whisper.json"
+WEIGHTS_FILE = "model.safetensors"
 
 OPENAI_NAMES = ("tiny.en", "tiny", "base.en", "base", "small.en", "small", "medium.en", "medium",
                 "large-v1", "large-v2", "large-v3", "large", "large-v3-turbo", "turbo")
@@ -79,11 +88,40 @@ def from_hf(source: Any) -> HookedWhisper:
     return _build(cfg, {_hf_name_to_openai(k): v for k, v in state.items()})
 
 
+def save(model: HookedWhisper, folder: str | Path) -> None:
+    """Write `model` as a lenskit folder: hooked_whisper.json (its `WhisperConfig` and vocabulary)
+    and model.safetensors (its state dict)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"dims": model.cfg.to_dict(), "vocabulary": model.vocabulary}
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+    save_file({name: param.detach().contiguous() for name, param in model.state_dict().items()}, folder / WEIGHTS_FILE)
+
+
+def from_lenskit_folder(folder: str | Path) -> HookedWhisper:
+    """A HookedWhisper from a folder written by `save`."""
+    folder = Path(folder)
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    model = HookedWhisper(WhisperConfig(**config["dims"]), config["vocabulary"])
+    model.load_state_dict(load_file(folder / WEIGHTS_FILE), strict=True)
+    return model.eval()
+
+
 def load(name_or_path: str | Path, device: str | torch.device | None = None, download_root: str | None = None) -> HookedWhisper:
-    """A HookedWhisper from a local HF folder, an openai ``.pt`` file, an openai name ("tiny",
-    "base.en", ...; downloaded by openai-whisper) or a Hugging Face hub id ("openai/whisper-tiny")."""
+    """A HookedWhisper from the zoo ("lenskit/<name>"), a lenskit folder, a local HF folder, an openai
+    ``.pt`` file, an openai name ("tiny", "base.en", ...; downloaded by openai-whisper) or a Hugging
+    Face hub id ("openai/whisper-tiny")."""
+    name = str(name_or_path)
+    if name.startswith(ZOO_PREFIX):
+        folder = ZOO_ROOT / name.removeprefix(ZOO_PREFIX)
+        if not (folder / CONFIG_FILE).is_file():
+            shipped = sorted(ZOO_PREFIX + p.parent.name for p in ZOO_ROOT.glob(f"*/{CONFIG_FILE}"))
+            raise ValueError(f"no speech model {name!r} in the zoo; it ships: {', '.join(shipped) or 'none'}")
+        name_or_path = folder
     path = Path(name_or_path)
-    if path.is_dir():
+    if (path / CONFIG_FILE).is_file():
+        model = from_lenskit_folder(path)
+    elif path.is_dir():
         model = from_hf(path)
     elif path.is_file():
         model = from_openai(path)

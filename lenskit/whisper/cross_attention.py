@@ -11,7 +11,7 @@ import torch
 
 from lenskit import hooks
 from lenskit.labelled import LabelledTensor
-from lenskit.whisper.audio import CHUNK_SECONDS, AudioLike, model_input
+from lenskit.whisper.audio import HOP_LENGTH, SAMPLE_RATE, AudioLike, model_input
 from lenskit.whisper.model import HookedWhisper
 from lenskit.whisper.tokenizer import TokensLike, str_tokens, token_batch
 
@@ -31,7 +31,7 @@ def cross_attention(model: HookedWhisper, audio: AudioLike, tokens: TokensLike, 
         raise ValueError(f"head {head} out of range: decoder layers have {model.cfg.n_text_head} heads")
     if frames_per_bin < 1:
         raise ValueError(f"frames_per_bin must be at least 1, not {frames_per_bin}")
-    mel, ids = model_input(audio, model.cfg.n_mels).to(model.device), token_batch(tokens).to(model.device)
+    mel, ids = model_input(audio, model.cfg.n_mels, n_frames=model.cfg.n_frames).to(model.device), token_batch(tokens).to(model.device)
     name = f"decoder.blocks.{layer}.cross_attn.hook_pattern"
     cache = hooks.cache(name)
     cache.run(model, mel, ids)
@@ -39,6 +39,6 @@ def cross_attention(model: HookedWhisper, audio: AudioLike, tokens: TokensLike, 
     n_bins = -(-pattern.shape[1] // frames_per_bin)
     binned = torch.nn.functional.pad(pattern, (0, n_bins * frames_per_bin - pattern.shape[1]))
     binned = binned.view(pattern.shape[0], n_bins, frames_per_bin).sum(-1)
-    seconds_per_position = CHUNK_SECONDS / model.cfg.n_audio_ctx
+    seconds_per_position = 2 * HOP_LENGTH / SAMPLE_RATE  # conv2 has stride 2: 20 ms per audio position
     times = [f"{b * frames_per_bin * seconds_per_position:.2f}s" for b in range(n_bins)]
     return LabelledTensor(binned, ("token", "time"), {"token": str_tokens(ids, tokenizer), "time": times})

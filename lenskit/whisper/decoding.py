@@ -67,7 +67,7 @@ def transcribe(
         use_cache: decode with the key/value cache (False recomputes every position each step).
         trim: keep the first 30 s of longer audio instead of raising ValueError.
     """
-    mel = model_input(audio, model.cfg.n_mels, trim=trim).to(model.device)
+    mel = model_input(audio, model.cfg.n_mels, trim=trim, n_frames=model.cfg.n_frames).to(model.device)
     if mel.shape[0] != 1:
         raise ValueError(f"transcribe takes one recording; got a batch of {mel.shape[0]} spectrograms")
     with Hooks(hooks or []).on(model):
@@ -77,7 +77,7 @@ def transcribe(
         tokenizer = get_tokenizer(model, language=language)
         prompt = list(tokenizer.sot_sequence_including_notimestamps)
         suppressed = sorted(set(suppressed_tokens(tokenizer)) | set(suppress_tokens))
-        blank = tokenizer.encode(" ") + [tokenizer.eot]
+        blank = blank_tokens(tokenizer)
         tokens = greedy_decode(model, audio_features, prompt, tokenizer.eot, max_tokens, suppressed, blank,
                                use_cache, progress)
     return Transcript(tokenizer.decode(tokens).strip(), tokens, prompt, language if model.is_multilingual else None)
@@ -127,7 +127,17 @@ def detect_language(model: HookedWhisper, audio_features: Float[Tensor, "1 audio
     return tokenizer.all_language_codes[tokenizer.all_language_tokens.index(int(best))]
 
 
+def blank_tokens(tokenizer) -> list[int]:
+    """Tokens openai-whisper never samples first: a lone space (where the vocabulary has one) and end of text."""
+    try:
+        space = tokenizer.encode(" ")
+    except ValueError:  # a SubsetTokenizer without the space token
+        space = []
+    return [*space, tokenizer.eot]
+
+
 def suppressed_tokens(tokenizer) -> list[int]:
     """openai-whisper's default suppressed set: non-speech symbols and the task / start tokens."""
-    return [*tokenizer.non_speech_tokens, tokenizer.transcribe, tokenizer.translate, tokenizer.sot,
-            tokenizer.sot_prev, tokenizer.sot_lm, tokenizer.no_speech]
+    special = (tokenizer.transcribe, tokenizer.translate, tokenizer.sot, tokenizer.sot_prev, tokenizer.sot_lm,
+               tokenizer.no_speech)
+    return [*tokenizer.non_speech_tokens, *(token for token in special if token is not None)]

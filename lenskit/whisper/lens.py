@@ -83,7 +83,7 @@ def decoder_logit_lens(model: HookedWhisper, audio: AudioLike, tokens: TokensLik
     The last row equals the model's logits. `tokens` is one decoder input sequence (e.g.
     ``transcript.sequence``); `tokenizer` (optional) labels tokens with their text.
     """
-    mel, ids = model_input(audio, model.cfg.n_mels).to(model.device), token_batch(tokens).to(model.device)
+    mel, ids = model_input(audio, model.cfg.n_mels, n_frames=model.cfg.n_frames).to(model.device), token_batch(tokens).to(model.device)
     names = ["decoder.blocks.0.hook_resid_pre"] + [f"decoder.blocks.{l}.hook_resid_post" for l in range(model.cfg.n_text_layer)]
     cache = hooks.cache(names)
     cache.run(model, mel, ids)
@@ -102,7 +102,7 @@ def encoder_lens(model: HookedWhisper, audio: AudioLike, tokens: TokensLike, tok
     Row l equals running the model with encoder blocks l+1.. skipped (``hooks.skip(model, ...,
     stack="encoder.blocks")``); the last row equals the model's logits.
     """
-    mel, ids = model_input(audio, model.cfg.n_mels).to(model.device), token_batch(tokens).to(model.device)
+    mel, ids = model_input(audio, model.cfg.n_mels, n_frames=model.cfg.n_frames).to(model.device), token_batch(tokens).to(model.device)
     names = [f"encoder.blocks.{l}.hook_resid_post" for l in range(model.cfg.n_audio_layer)]
     cache = hooks.cache(names)
     cache.run(model, mel, ids)

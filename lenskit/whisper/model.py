@@ -144,11 +144,17 @@ class HookedWhisper(HookedRootModule):
     ``model(mel, tokens)`` returns decoder logits [batch, pos, d_vocab]; ``encode`` and
     ``decode`` run the two halves (decode with an optional `KeyValueCache`). Build with random
     weights from a `WhisperConfig`, or load trained ones with `lenskit.whisper.load`.
+
+    `vocabulary`, when given, is the Whisper token id of each embedding row: the model speaks a
+    subset of the multilingual vocabulary (see `SubsetTokenizer`); None means Whisper's own.
     """
 
-    def __init__(self, cfg: WhisperConfig):
+    def __init__(self, cfg: WhisperConfig, vocabulary: list[int] | None = None):
         super().__init__()
+        if vocabulary is not None and len(vocabulary) != cfg.n_vocab:
+            raise ValueError(f"the vocabulary lists {len(vocabulary)} Whisper tokens; the model has {cfg.n_vocab} rows")
         self.cfg = cfg
+        self.vocabulary = vocabulary
         self.encoder = AudioEncoder(cfg)
         self.decoder = TextDecoder(cfg)
         self.init_weights()
@@ -213,7 +219,7 @@ class HookedWhisper(HookedRootModule):
 
     @property
     def is_multilingual(self) -> bool:
-        return self.cfg.n_vocab >= 51865
+        return self.vocabulary is not None or self.cfg.n_vocab >= 51865
 
     @property
     def num_languages(self) -> int:

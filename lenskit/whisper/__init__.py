@@ -2,6 +2,7 @@
 
     >>> from lenskit import hooks, whisper
     >>> model = whisper.load("tiny")                                   # or "openai/whisper-tiny", a folder, a .pt
+    >>> model = whisper.load("lenskit/speech-3l")                      # the zoo's small Whisper, offline
     >>> result = whisper.transcribe(model, "speech.wav")
     >>> h = hooks.skip(model, [3], stack="encoder.blocks")             # hooks.* work unchanged
     >>> whisper.transcribe(model, "speech.wav", hooks=h).text

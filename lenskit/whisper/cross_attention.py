@@ -21,8 +21,8 @@ def cross_attention(model: HookedWhisper, audio: AudioLike, tokens: TokensLike, 
                     tokenizer=None, frames_per_bin: int = 1) -> LabelledTensor:
     """The cross-attention pattern of decoder `layer`, `head`: dims ("token", "time").
 
-    Each row is a decoder position's attention over the audio positions (20 ms each for a 30 s
-    window), summed over bins of `frames_per_bin` positions; time labels give each bin's start in
+    Each row is a decoder position's attention over the audio positions (20 ms each: conv2
+    has stride 2), summed over bins of `frames_per_bin` positions; time labels give each bin's start in
     seconds. Rows sum to 1.
     """
     if not 0 <= layer < model.cfg.n_text_layer:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import math
 import random
 import time
@@ -116,6 +117,34 @@ def best_induction_score(model: HookedTransformer) -> float:
     return score
 
 
+def optimise(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: Tensor, lr: float) -> float:
+    """One optimiser step on `loss` at learning rate `lr`, gradients clipped to norm 1; returns the loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss.item()
+
+
+def command_line(description: str, recipes: dict) -> argparse.ArgumentParser:
+    """The arguments every zoo training script takes: the recipe's name, --steps, --seed, --threads, --out."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("name", choices=sorted(recipes), help="which recipe to train")
+    parser.add_argument("--steps", type=int, help="optimisation steps (default: the recipe's)")
+    parser.add_argument("--seed", type=int, help="seed of weights and data (default: the recipe's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1; more threads "
+                        "were 40x slower on a shared 2-core machine)")
+    parser.add_argument("--out", type=Path, help="output folder (default: lenskit/zoo/checkpoints/NAME)")
+    return parser
+
+
+def with_overrides(recipe, **overrides):
+    """A copy of the dataclass `recipe` with the fields of `overrides` that are not None replaced."""
+    return dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+
+
 def train(recipe: Recipe, out: str | Path, init: str | Path | None = None) -> HookedTransformer:
     """Train a model following `recipe` (from the weights saved in `init` if given), save it and its
     loss log into `out`, return it."""
@@ -136,15 +165,8 @@ def train(recipe: Recipe, out: str | Path, init: str | Path | None = None) -> Ho
         progress = tqdm(range(recipe.steps), desc="train", dynamic_ncols=True)
         for step in progress:
             lr = learning_rate(step, recipe.lr, recipe.warmup_steps, recipe.steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             tokens, mask = training_batch(tokenizer, rng, recipe.batch_size, recipe.mixture, recipe.repeat_lengths)
-            loss = lm_loss(model(tokens), tokens, mask)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            interval_losses.append(loss.item())
+            interval_losses.append(optimise(model, optimizer, lm_loss(model(tokens), tokens, mask), lr))
             if (step + 1) % recipe.log_every == 0 or step + 1 == recipe.steps:
                 mean_loss = sum(interval_losses) / len(interval_losses)
                 best_induction = best_induction_score(model)
@@ -158,20 +180,12 @@ def train(recipe: Recipe, out: str | Path, init: str | Path | None = None) -> Ho
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("name", choices=sorted(RECIPES), help="which recipe to train")
-    parser.add_argument("--steps", type=int, help="optimisation steps (default: the recipe's)")
+    parser = command_line(__doc__.splitlines()[0], RECIPES)
     parser.add_argument("--batch-size", type=int, help="sequences per step (default: the recipe's)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
-    parser.add_argument("--seed", type=int, help="seed of weights and data (default: the recipe's)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1; more threads "
-                        "were 40x slower on a shared 2-core machine)")
     parser.add_argument("--init", type=Path, help="continue from the weights of this saved folder")
-    parser.add_argument("--out", type=Path, help="output folder (default: lenskit/zoo/checkpoints/NAME)")
     args = parser.parse_args(argv)
-    recipe = RECIPES[args.name]
-    overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
-    recipe = Recipe(**{**recipe.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+    recipe = with_overrides(RECIPES[args.name], steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     torch.set_num_threads(args.threads)
     train(recipe, args.out or ZOO_ROOT / args.name, args.init)
 

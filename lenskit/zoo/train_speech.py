@@ -1,0 +1,156 @@
+"""Train the zoo's small Whisper on espeak-ng speech (`lenskit.zoo.speech_data`) and save it as a lenskit folder.
+
+    python -m lenskit.zoo.train_speech speech-3l                         # writes lenskit/zoo/checkpoints/speech-3l/
+    python -m lenskit.zoo.train_speech tiny --steps 5 --out /tmp/tiny    # a smoke run
+
+The model is Whisper's architecture at reduced size, reading 3-second windows (n_audio_ctx 150),
+with a vocabulary that is the subset of Whisper's multilingual tokens its sentences need (see
+`lenskit.whisper.SubsetTokenizer`). Utterances are synthesised once at the start, then every
+step draws a batch with fresh noise, gain and delay. Seeded; the folder gets the files of
+`lenskit.whisper.save` and train_log.csv (step, loss, lr, seconds, held_out_loss).
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from lenskit.models import ZOO_ROOT
+from lenskit.whisper.audio import log_mel_spectrogram, pad_or_trim
+from lenskit.whisper.convert import save
+from lenskit.whisper.model import HookedWhisper, WhisperConfig
+from lenskit.whisper.tokenizer import SubsetTokenizer
+from lenskit.zoo.speech_data import MAX_SECONDS, Utterance, augment, utterances, words
+from lenskit.zoo.train import adamw, command_line, learning_rate, optimise, with_overrides
+
+LOG_FILE = "train_log.csv"
+N_AUDIO_CTX = round(MAX_SECONDS * 50)  # 50 audio positions per second (10 ms mel hop, conv stride 2)
+
+
+@dataclass
+class SpeechRecipe:
+    """Architecture, data and optimisation of one zoo speech model."""
+
+    n_layers: int = 3  # in the encoder and in the decoder
+    d_model: int = 128
+    n_heads: int = 4
+    n_text_ctx: int = 16
+    n_utterances: int = 4000
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 1.5e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 200
+    log_every: int = 50
+    seed: int = 0
+
+
+RECIPES = {
+    "speech-3l": SpeechRecipe(),
+    "tiny": SpeechRecipe(n_layers=1, d_model=32, n_heads=2, n_utterances=8, steps=4, batch_size=4,
+                         warmup_steps=2, log_every=2),
+}
+
+
+def build_tokenizer() -> SubsetTokenizer:
+    """The multilingual tokenizer restricted to the start sequence, end of text and every word's token."""
+    from whisper.tokenizer import get_tokenizer
+
+    full = get_tokenizer(True, language="en", task="transcribe")
+    ids = [*full.sot_sequence_including_notimestamps, full.eot]
+    for word in words():
+        ids += [i for i in full.encode(" " + word) if i not in ids]
+    return SubsetTokenizer(full, sorted(ids))
+
+
+def build_model(recipe: SpeechRecipe, tokenizer: SubsetTokenizer) -> HookedWhisper:
+    """A freshly initialised HookedWhisper for `recipe` (seeded by recipe.seed)."""
+    torch.manual_seed(recipe.seed)
+    cfg = WhisperConfig(n_mels=80, n_audio_ctx=N_AUDIO_CTX, n_audio_state=recipe.d_model, n_audio_head=recipe.n_heads,
+                        n_audio_layer=recipe.n_layers, n_vocab=len(tokenizer.vocabulary), n_text_ctx=recipe.n_text_ctx,
+                        n_text_state=recipe.d_model, n_text_head=recipe.n_heads, n_text_layer=recipe.n_layers)
+    return HookedWhisper(cfg, tokenizer.vocabulary)
+
+
+def batch(data: list[Utterance], tokenizer: SubsetTokenizer, n_frames: int, n_text_ctx: int,
+          generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-mel inputs [batch, 80, n_frames], decoder tokens [batch, n_text_ctx] (start sequence, text,
+    end of text, padding) and a mask [batch, n_text_ctx] of the positions whose next token is scored.
+    With a `generator`, each utterance gets fresh noise, gain and delay (`augment`)."""
+    prompt = list(tokenizer.sot_sequence_including_notimestamps)
+    mels, tokens, mask = [], torch.full((len(data), n_text_ctx), tokenizer.eot), torch.zeros(len(data), n_text_ctx)
+    for row, utterance in enumerate(data):
+        samples = augment(utterance.samples, generator) if generator is not None else utterance.samples
+        mels.append(log_mel_spectrogram(pad_or_trim(samples, n_frames * 160)))
+        ids = prompt + tokenizer.encode(" " + utterance.text) + [tokenizer.eot]
+        if len(ids) > n_text_ctx:
+            raise ValueError(f"{utterance.text!r} needs {len(ids)} decoder positions; the model has {n_text_ctx}")
+        tokens[row, :len(ids)] = torch.tensor(ids)
+        mask[row, len(prompt) - 1:len(ids) - 1] = 1  # predict the text and the end of text
+    return torch.stack(mels), tokens, mask
+
+
+def transcript_loss(model: HookedWhisper, mel: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
+    """Mean next-token cross-entropy at the masked positions."""
+    logits = model(mel, tokens)
+    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+    return (losses * mask[:, :-1].flatten()).sum() / mask[:, :-1].sum()
+
+
+def train(recipe: SpeechRecipe, out: str | Path, progress: bool = True) -> HookedWhisper:
+    """Synthesise the data, train a model following `recipe`, save it and its loss log into `out`, return it."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    model = build_model(recipe, tokenizer)
+    data = utterances(recipe.n_utterances, recipe.seed, held_out_sentences=False, held_out_voice=False, progress=progress)
+    held_out = batch(utterances(max(4, recipe.batch_size), recipe.seed + 1, held_out_sentences=True,
+                                held_out_voice=True, progress=False),
+                     tokenizer, model.cfg.n_frames, recipe.n_text_ctx, generator=None)
+    rng, generator = random.Random(recipe.seed), torch.Generator().manual_seed(recipe.seed)
+    optimizer = adamw(model, recipe.lr, recipe.weight_decay)
+    model.train()
+    start, interval_losses = time.time(), []
+    with open(out / LOG_FILE, "w", newline="") as log_file:
+        log = csv.writer(log_file)
+        log.writerow(["step", "loss", "lr", "seconds", "held_out_loss"])
+        bar = tqdm(range(recipe.steps), desc="train", dynamic_ncols=True, disable=not progress)
+        for step in bar:
+            lr = learning_rate(step, recipe.lr, recipe.warmup_steps, recipe.steps)
+            mel, tokens, mask = batch(rng.sample(data, recipe.batch_size), tokenizer, model.cfg.n_frames,
+                                      recipe.n_text_ctx, generator)
+            interval_losses.append(optimise(model, optimizer, transcript_loss(model, mel, tokens, mask), lr))
+            if (step + 1) % recipe.log_every == 0 or step + 1 == recipe.steps:
+                model.eval()
+                with torch.no_grad():
+                    held_out_loss = transcript_loss(model, *held_out).item()
+                model.train()
+                mean_loss = sum(interval_losses) / len(interval_losses)
+                log.writerow([step + 1, f"{mean_loss:.4f}", f"{lr:.6f}", f"{time.time() - start:.1f}", f"{held_out_loss:.4f}"])
+                log_file.flush()
+                bar.set_postfix(loss=f"{mean_loss:.3f}", held_out=f"{held_out_loss:.3f}")
+                interval_losses = []
+    model.eval()
+    save(model, out)
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = command_line(__doc__.splitlines()[0], RECIPES)
+    parser.add_argument("--utterances", type=int, help="utterances synthesised for training (default: the recipe's)")
+    args = parser.parse_args(argv)
+    recipe = with_overrides(RECIPES[args.name], steps=args.steps, n_utterances=args.utterances, seed=args.seed)
+    torch.set_num_threads(args.threads)
+    train(recipe, args.out or ZOO_ROOT / args.name)
+
+
+if __name__ == "__main__":
+    main()

@@ -28,7 +28,7 @@ import torch
 from transformers import WhisperConfig as HFWhisperConfig, WhisperForConditionalGeneration
 
 from lenskit.whisper import WhisperConfig, from_hf, from_openai, get_tokenizer
-from lenskit.whisper.decoding import greedy_decode, suppressed_tokens
+from lenskit.whisper.decoding import blank_tokens, greedy_decode, suppressed_tokens
 
 RESULTS = Path(__file__).parent / "results" / "bench_whisper.json"
 TINY = WhisperConfig.tiny()
@@ -93,7 +93,7 @@ def bench_decoding(repeats: int, n_tokens: int) -> dict:
     options = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False, sample_len=n_tokens,
                                       suppress_tokens=[-1, tokenizer.eot])
     suppressed = sorted(set(suppressed_tokens(tokenizer)) | {tokenizer.eot})
-    blank = tokenizer.encode(" ") + [tokenizer.eot]
+    blank = blank_tokens(tokenizer)
     prompt = list(tokenizer.sot_sequence_including_notimestamps)
     outputs = {}
 

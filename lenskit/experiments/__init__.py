@@ -1,7 +1,7 @@
 """Reproductions of known experiments: ``lenskit reproduce NAME`` and notebooks/NAME.ipynb.
 
 Each module has ``run(model=None, progress=True) -> Reproduction``; with no model it runs offline on
-the zoo's default model. `EXPERIMENTS` maps each name to its module.
+the zoo's default model (whisper-layers: the zoo's speech model). `EXPERIMENTS` maps each name to its module.
 """
 
 from importlib import import_module
@@ -12,6 +12,7 @@ EXPERIMENTS = {
     "bos": "lenskit.experiments.bos",
     "tokenization": "lenskit.experiments.tokenization",
     "emotion": "lenskit.experiments.emotion",
+    "whisper-layers": "lenskit.experiments.whisper_layers",
 }
 
 

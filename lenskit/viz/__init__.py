@@ -5,9 +5,10 @@
     >>> fig            # shows in a notebook
     >>> save_page([fig, attn, lens_topk(model, "Once upon a time")], "report.html")
 
-Heatmaps are plain HTML tables; `route_graph` draws information-flow graphs (`lenskit.flow`) as inline SVG. The circuitsvis pictures (attention patterns, coloured tokens,
-the lens' top-k tokens) use the script bundle that ships inside the circuitsvis package: a page
-inlines it once, a notebook session receives it with the first such figure (see `figure`).
+Heatmaps are plain HTML tables; `route_graph` draws information-flow graphs (`lenskit.flow`) as
+inline SVG. The circuitsvis pictures (attention patterns, coloured tokens, the lens' top-k tokens)
+use the script bundle that ships inside the circuitsvis package: a page inlines it once, a
+notebook session receives it with the first such figure (see `figure`).
 """
 
 from lenskit.viz.attention import attention_patterns

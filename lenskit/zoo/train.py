@@ -19,6 +19,7 @@ import math
 import random
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,11 +111,8 @@ def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim
 
 
 def best_induction_score(model: HookedTransformer) -> float:
-    """The highest induction score of any head (`lenskit.zoo.evaluate.induction`), measured in eval mode."""
-    model.eval()
-    score = induction(model, batch=4)["scores"].max().item()
-    model.train()
-    return score
+    """The highest induction score of any head (`lenskit.zoo.evaluate.induction`, on 4 sequences)."""
+    return induction(model, batch=4)["scores"].max().item()
 
 
 def optimise(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: Tensor, lr: float) -> float:
@@ -126,6 +124,34 @@ def optimise(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: Ten
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     return loss.item()
+
+
+def run_steps(model: torch.nn.Module, recipe, batch_loss: Callable[[], Tensor], probe_name: str,
+              probe: Callable[[], float], log_path: Path, progress: bool = True) -> None:
+    """The loop every zoo trainer runs: `recipe.steps` AdamW steps, each on `batch_loss()` of a fresh batch,
+    with warmup and cosine decay. Every `recipe.log_every` steps a row goes to the CSV at `log_path`
+    (step, loss averaged over the interval, lr, seconds, and `probe()` under `probe_name`)."""
+    optimizer = adamw(model, recipe.lr, recipe.weight_decay)
+    model.train()
+    start, interval_losses = time.time(), []
+    with open(log_path, "w", newline="") as log_file:
+        log = csv.writer(log_file)
+        log.writerow(["step", "loss", "lr", "seconds", probe_name])
+        bar = tqdm(range(recipe.steps), desc="train", dynamic_ncols=True, disable=not progress)
+        for step in bar:
+            lr = learning_rate(step, recipe.lr, recipe.warmup_steps, recipe.steps)
+            interval_losses.append(optimise(model, optimizer, batch_loss(), lr))
+            if (step + 1) % recipe.log_every == 0 or step + 1 == recipe.steps:
+                model.eval()
+                with torch.no_grad():
+                    probed = probe()
+                model.train()
+                mean_loss = sum(interval_losses) / len(interval_losses)
+                log.writerow([step + 1, f"{mean_loss:.4f}", f"{lr:.6f}", f"{time.time() - start:.1f}", f"{probed:.4f}"])
+                log_file.flush()
+                bar.set_postfix({"loss": f"{mean_loss:.3f}", probe_name: f"{probed:.3f}"})
+                interval_losses = []
+    model.eval()
 
 
 def command_line(description: str, recipes: dict) -> argparse.ArgumentParser:
@@ -153,28 +179,15 @@ def train(recipe: Recipe, out: str | Path, init: str | Path | None = None) -> Ho
     model = build_model(recipe)
     if init is not None:
         model.load_state_dict(load(init).state_dict())
-    model.train()
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = model.tokenizer.backend_tokenizer
     rng = random.Random(recipe.seed)
-    optimizer = adamw(model, recipe.lr, recipe.weight_decay)
-    start, interval_losses = time.time(), []
-    with open(out / LOG_FILE, "w", newline="") as log_file:
-        log = csv.writer(log_file)
-        log.writerow(["step", "loss", "lr", "seconds", "induction"])
-        progress = tqdm(range(recipe.steps), desc="train", dynamic_ncols=True)
-        for step in progress:
-            lr = learning_rate(step, recipe.lr, recipe.warmup_steps, recipe.steps)
-            tokens, mask = training_batch(tokenizer, rng, recipe.batch_size, recipe.mixture, recipe.repeat_lengths)
-            interval_losses.append(optimise(model, optimizer, lm_loss(model(tokens), tokens, mask), lr))
-            if (step + 1) % recipe.log_every == 0 or step + 1 == recipe.steps:
-                mean_loss = sum(interval_losses) / len(interval_losses)
-                best_induction = best_induction_score(model)
-                log.writerow([step + 1, f"{mean_loss:.4f}", f"{lr:.6f}", f"{time.time() - start:.1f}", f"{best_induction:.3f}"])
-                log_file.flush()
-                progress.set_postfix(loss=f"{mean_loss:.3f}", induction=f"{best_induction:.2f}")
-                interval_losses = []
-    model.eval()
+
+    def batch_loss() -> Tensor:
+        tokens, mask = training_batch(tokenizer, rng, recipe.batch_size, recipe.mixture, recipe.repeat_lengths)
+        return lm_loss(model(tokens), tokens, mask)
+
+    run_steps(model, recipe, batch_loss, "induction", lambda: best_induction_score(model), out / LOG_FILE)
     save(model, out)
     return model
 

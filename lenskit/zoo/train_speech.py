@@ -12,16 +12,13 @@ step draws a batch with fresh noise, gain and delay. Seeded; the folder gets the
 
 from __future__ import annotations
 
-import csv
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
 from lenskit.models import ZOO_ROOT
 from lenskit.whisper.audio import log_mel_spectrogram, pad_or_trim
@@ -29,7 +26,7 @@ from lenskit.whisper.convert import save
 from lenskit.whisper.model import HookedWhisper, WhisperConfig
 from lenskit.whisper.tokenizer import SubsetTokenizer
 from lenskit.zoo.speech_data import MAX_SECONDS, Utterance, augment, utterances, words
-from lenskit.zoo.train import adamw, command_line, learning_rate, optimise, with_overrides
+from lenskit.zoo.train import command_line, run_steps, with_overrides
 
 LOG_FILE = "train_log.csv"
 N_AUDIO_CTX = round(MAX_SECONDS * 50)  # 50 audio positions per second (10 ms mel hop, conv stride 2)
@@ -116,29 +113,14 @@ def train(recipe: SpeechRecipe, out: str | Path, progress: bool = True) -> Hooke
                                 held_out_voice=True, progress=False),
                      tokenizer, model.cfg.n_frames, recipe.n_text_ctx, generator=None)
     rng, generator = random.Random(recipe.seed), torch.Generator().manual_seed(recipe.seed)
-    optimizer = adamw(model, recipe.lr, recipe.weight_decay)
-    model.train()
-    start, interval_losses = time.time(), []
-    with open(out / LOG_FILE, "w", newline="") as log_file:
-        log = csv.writer(log_file)
-        log.writerow(["step", "loss", "lr", "seconds", "held_out_loss"])
-        bar = tqdm(range(recipe.steps), desc="train", dynamic_ncols=True, disable=not progress)
-        for step in bar:
-            lr = learning_rate(step, recipe.lr, recipe.warmup_steps, recipe.steps)
-            mel, tokens, mask = batch(rng.sample(data, recipe.batch_size), tokenizer, model.cfg.n_frames,
-                                      recipe.n_text_ctx, generator)
-            interval_losses.append(optimise(model, optimizer, transcript_loss(model, mel, tokens, mask), lr))
-            if (step + 1) % recipe.log_every == 0 or step + 1 == recipe.steps:
-                model.eval()
-                with torch.no_grad():
-                    held_out_loss = transcript_loss(model, *held_out).item()
-                model.train()
-                mean_loss = sum(interval_losses) / len(interval_losses)
-                log.writerow([step + 1, f"{mean_loss:.4f}", f"{lr:.6f}", f"{time.time() - start:.1f}", f"{held_out_loss:.4f}"])
-                log_file.flush()
-                bar.set_postfix(loss=f"{mean_loss:.3f}", held_out=f"{held_out_loss:.3f}")
-                interval_losses = []
-    model.eval()
+
+    def batch_loss() -> Tensor:
+        mel, tokens, mask = batch(rng.sample(data, recipe.batch_size), tokenizer, model.cfg.n_frames,
+                                  recipe.n_text_ctx, generator)
+        return transcript_loss(model, mel, tokens, mask)
+
+    run_steps(model, recipe, batch_loss, "held_out_loss", lambda: transcript_loss(model, *held_out).item(),
+              out / LOG_FILE, progress)
     save(model, out)
     return model
 

@@ -61,6 +61,16 @@ def gpt2_model() -> HookedTransformer:
 
 
 @pytest.fixture(scope="module")
+def word_model(tmp_path_factory) -> HookedTransformer:
+    """A GPT-2-shaped model with the word tokenizer above (13 words), for tests that need real text."""
+    model = make_model("gpt2", d_vocab=len(WORDS))
+    folder = tmp_path_factory.mktemp("tokenizer")
+    word_tokenizer().save_pretrained(folder)
+    model.set_tokenizer(transformers.AutoTokenizer.from_pretrained(folder))
+    return model
+
+
+@pytest.fixture(scope="module")
 def tokens() -> torch.Tensor:
     """[batch=3, pos=10] random token ids valid for every config above."""
     return torch.randint(0, 89, (3, 10), generator=torch.Generator().manual_seed(1))

@@ -11,10 +11,9 @@ from pathlib import Path
 import networkx as nx
 import pytest
 import torch
-import transformers
 
 import lenskit
-from conftest import STORIES_DIR, make_model, word_tokenizer
+from conftest import STORIES_DIR, make_model
 from headless_chromium import CHROMIUM, Chromium
 from lenskit.flow import FlowGraph, flow, head_source_proximity
 
@@ -359,15 +358,6 @@ def test_bad_input_raises_value_errors_naming_the_problem(gpt2, batch):
 
 
 # --- the picture ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def word_model(tmp_path_factory):
-    model = make_model("gpt2", d_vocab=13)
-    folder = tmp_path_factory.mktemp("tokenizer")
-    word_tokenizer().save_pretrained(folder)
-    model.set_tokenizer(transformers.AutoTokenizer.from_pretrained(folder))
-    return model
 
 
 def test_the_page_holds_the_graph_and_needs_no_network(word_model, tmp_path):

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-import transformers
 
 import lenskit
-from conftest import STORIES_DIR, make_model, word_tokenizer
+from conftest import STORIES_DIR, make_model
 from lenskit.lens import LensResult, logit_lens
 from lenskit.viz import Figure
 
@@ -16,16 +15,6 @@ TARGETS = [3, 17, 42]
 @pytest.fixture(scope="module", params=KINDS)
 def model(request):
     return make_model(request.param)
-
-
-@pytest.fixture(scope="module")
-def word_model(tmp_path_factory):
-    """A GPT-2-shaped model with conftest's word tokenizer (13 words)."""
-    model = make_model("gpt2", d_vocab=13)
-    folder = tmp_path_factory.mktemp("tokenizer")
-    word_tokenizer().save_pretrained(folder)
-    model.set_tokenizer(transformers.AutoTokenizer.from_pretrained(folder))
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,9 @@ import sys
 
 import pytest
 import torch
-import transformers
 
 import lenskit
-from conftest import STORIES_DIR, make_model, word_tokenizer
+from conftest import STORIES_DIR, make_model
 from headless_chromium import CHROMIUM, Chromium
 from lenskit.viz import (Figure, attention_patterns, colored_tokens, forget_sent_scripts, heatmap, lens_topk, page,
                          save_page)
@@ -30,16 +29,6 @@ def rendered_props(figure: Figure) -> list[tuple[str, dict]]:
 @pytest.fixture(scope="module", params=KINDS)
 def model(request):
     return make_model(request.param)
-
-
-@pytest.fixture(scope="module")
-def word_model(tmp_path_factory):
-    """A GPT-2-shaped model with conftest's word tokenizer (13 words)."""
-    model = make_model("gpt2", d_vocab=13)
-    folder = tmp_path_factory.mktemp("tokenizer")
-    word_tokenizer().save_pretrained(folder)
-    model.set_tokenizer(transformers.AutoTokenizer.from_pretrained(folder))
-    return model
 
 
 # --- attention patterns ------------------------------------------------------------------------

@@ -115,8 +115,9 @@ def load_worker(out_dir: str) -> dict:
             "peak_rss_mb": rss_mb("VmHWM")}
 
 
-def in_subprocess(*args) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--worker", *map(str, args)], capture_output=True, text=True)
+def in_subprocess(script: str, *args) -> dict:
+    """Run `script --worker ARGS...` in a fresh Python (so its peak RSS is its own); its last stdout line, as JSON."""
+    done = subprocess.run([sys.executable, script, "--worker", *map(str, args)], capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(done.stderr)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -157,8 +158,8 @@ def main() -> None:
     streams = []
     for n_tokens in stream_tokens:
         with tempfile.TemporaryDirectory() as out_dir:
-            stream = in_subprocess("stream", round(n_tokens / pos), pos, out_dir, shard_tokens)
-            stream["load"] = in_subprocess("load", out_dir)
+            stream = in_subprocess(__file__, "stream", round(n_tokens / pos), pos, out_dir, shard_tokens)
+            stream["load"] = in_subprocess(__file__, "load", out_dir)
         streams.append(stream)
     rss_growth = streams[1]["peak_rss_mb"] / streams[0]["peak_rss_mb"] - 1
 

@@ -26,8 +26,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -36,12 +34,12 @@ import networkx as nx
 import torch
 from transformer_lens import ActivationCache, HookedTransformer, HookedTransformerConfig
 
+from bench_cache import GPT2_SMALL, in_subprocess, reset_peak_rss, rss_mb
 from lenskit.flow import flow
 
 warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
 
 RESULTS = Path(__file__).parent / "results" / "bench_flow.json"
-GPT2_SMALL = json.loads((Path(__file__).parent / "gpt2_small_shape.json").read_text())
 THRESHOLD = 0.04
 
 
@@ -173,11 +171,6 @@ def accuracy(model: HookedTransformer, tokens: torch.Tensor) -> dict[str, float]
 # --- memory, in fresh subprocesses ----------------------------------------------------------------
 
 
-def rss_mb(field: str = "VmRSS") -> float:
-    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
-    return int(line.split()[1]) / 1024
-
-
 def memory_worker(method: str, n_pos: int) -> dict:
     """Peak RSS of one flow (or reference) run above that of a forward pass with full cache."""
     model = gpt2_small()
@@ -188,19 +181,12 @@ def memory_worker(method: str, n_pos: int) -> dict:
         for name, run in (("forward_with_cache", lambda: model.run_with_cache(tokens)),
                           (method, lambda: flow(model, tokens, progress=False).edges if method == "lenskit"
                            else reference_graph(model, tokens))):
-            Path("/proc/self/clear_refs").write_text("5")
+            reset_peak_rss()
             start = rss_mb()
             run()
             peaks[name] = rss_mb("VmHWM") - start
     return {"method": method, "pos": n_pos, "forward_with_cache_peak_above_start_mb": peaks["forward_with_cache"],
             "peak_above_start_mb": peaks[method]}
-
-
-def in_subprocess(*args) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--worker", *map(str, args)], capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(done.stderr)
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -233,8 +219,8 @@ def main() -> None:
                      "ratios": {name: {clock: m[clock] / forward[clock] for clock in m} for name, m in medians.items()},
                      "accuracy": accuracy(model, tokens)})
     del model
-    memory = [in_subprocess("lenskit", n_pos) for n_pos in memory_lengths]
-    memory += [in_subprocess("reference", n_pos) for n_pos in lengths]  # [pos, pos, head, d_model] per layer
+    memory = [in_subprocess(__file__, "lenskit", n_pos) for n_pos in memory_lengths]
+    memory += [in_subprocess(__file__, "reference", n_pos) for n_pos in lengths]  # [pos, pos, head, d_model] per layer
 
     cfg = GPT2_SMALL
     print(f"GPT-2-small-shaped model, random weights, CPU ({torch.get_num_threads()} threads), torch {torch.__version__}")

@@ -33,8 +33,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
-import sys
 import time
 import warnings
 from collections import Counter
@@ -50,7 +48,7 @@ from lenskit.patching import attribution_patch, patch
 from lenskit.tokens import token_id
 from lenskit.zoo.data import ioi_dataset
 
-from bench_cache import GPT2_SMALL, reset_peak_rss, rss_mb
+from bench_cache import GPT2_SMALL, in_subprocess, reset_peak_rss, rss_mb
 
 warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
 
@@ -135,13 +133,6 @@ def memory_worker(n_layers: int, batch: int, n_pos: int) -> dict:
             "cpu_s": cpu, "wall_s": wall}
 
 
-def in_subprocess(*args) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--memory-worker", *map(str, args)], capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(done.stderr)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 # --- (c) attribution patching on the zoo model ----------------------------------------------
 
 def ioi_pairs(model: HookedTransformer, n_prompts: int):
@@ -190,12 +181,12 @@ def main() -> None:
     parser.add_argument("--zoo", default="lenskit/ioi-4l", help="zoo model for (c): a zoo name or a model folder")
     parser.add_argument("--tl-cells", type=int, help="cells of each grid timed with transformer_lens.patching")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    parser.add_argument("--memory-worker", nargs=3, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=3, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.memory_worker:
-        print(json.dumps(memory_worker(*args.memory_worker)))
+    if args.worker:
+        print(json.dumps(memory_worker(*args.worker)))
         return
 
     n_layers, batch, n_pos = (2, 4, 14) if args.quick else (None, 8, 15)
@@ -203,7 +194,7 @@ def main() -> None:
     model = gpt2_small(n_layers)
     speed = [speed_row(model, *grid, batch, n_pos, tl_cells) for grid in SPEED_GRIDS]
     del model
-    memory = in_subprocess(n_layers or 0, *((2, 16) if args.quick else (8, 64)))
+    memory = in_subprocess(__file__, n_layers or 0, *((2, 16) if args.quick else (8, 64)))
     try:
         zoo_model = lenskit.load(args.zoo)
     except (ValueError, FileNotFoundError, OSError) as error:

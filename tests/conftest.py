@@ -55,6 +55,17 @@ def make_model(kind: str = "gpt2", seed: int = 0, **overrides) -> HookedTransfor
     return model.eval()
 
 
+def blocks_by_hand(model: HookedTransformer, tokens: torch.Tensor, blocks) -> torch.Tensor:
+    """Logits [batch, pos, d_vocab] computed by hand: embedding, the named blocks called one after
+    another, final norm and unembedding (an independent reference for layer surgery)."""
+    x = model.embed(tokens)
+    if model.cfg.positional_embedding_type == "standard":
+        x = x + model.pos_embed(tokens)
+    for block in blocks:
+        x = model.blocks[block](x)
+    return model.unembed(model.ln_final(x))
+
+
 @pytest.fixture(scope="module")
 def gpt2_model() -> HookedTransformer:
     return make_model("gpt2")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import transformers
-from conftest import STORIES_DIR, WORDS, make_model, word_tokenizer
+from conftest import STORIES_DIR, WORDS, blocks_by_hand, make_model, word_tokenizer
 
 import lenskit
 from lenskit import hooks, surgery
@@ -15,16 +15,6 @@ TOL = dict(rtol=0, atol=1e-5)
 @pytest.fixture(scope="module", params=KINDS)
 def model(request):
     return make_model(request.param)
-
-
-def by_hand(model, tokens, blocks):
-    """Embedding, the named blocks called one after another, final norm and unembedding (unpadded tokens)."""
-    x = model.embed(tokens)
-    if model.cfg.positional_embedding_type == "standard":
-        x = x + model.pos_embed(tokens)
-    for block in blocks:
-        x = model.blocks[block](x)
-    return model.unembed(model.ln_final(x))
 
 
 def no_hooks_left(model):
@@ -83,8 +73,8 @@ def test_any_sequence_equals_its_blocks_called_by_hand(tokens):
         model = make_model(kind, n_layers=6)
         blocks = [0, 1, 2, 2, 3, 5, 4]
         torch.testing.assert_close(surgery.run(model, tokens, surgery.sequence(blocks)),
-                                   by_hand(model, tokens, blocks), **TOL)
-        torch.testing.assert_close(surgery.run(model, tokens, [5, 0]), by_hand(model, tokens, [5, 0]), **TOL)
+                                   blocks_by_hand(model, tokens, blocks), **TOL)
+        torch.testing.assert_close(surgery.run(model, tokens, [5, 0]), blocks_by_hand(model, tokens, [5, 0]), **TOL)
 
 
 @torch.no_grad()
@@ -94,9 +84,9 @@ def test_skipping_by_hooks_equals_the_runner_without_those_blocks(model, tokens)
         rest = [block for block in range(n_layers) if block != layer]
         torch.testing.assert_close(hooks.skip(model, [layer]).run(model, tokens),
                                    surgery.run_blocks(model, tokens, rest), **TOL)
-        torch.testing.assert_close(surgery.run(model, tokens, rest), by_hand(model, tokens, rest), **TOL)
+        torch.testing.assert_close(surgery.run(model, tokens, rest), blocks_by_hand(model, tokens, rest), **TOL)
     middle = surgery.skip_range(model, 1, n_layers - 1 if n_layers > 2 else 2)
-    torch.testing.assert_close(surgery.run(model, tokens, middle), by_hand(model, tokens, middle.blocks), **TOL)
+    torch.testing.assert_close(surgery.run(model, tokens, middle), blocks_by_hand(model, tokens, middle.blocks), **TOL)
 
 
 @torch.no_grad()
@@ -181,7 +171,7 @@ def test_greedy_generation_equals_an_argmax_loop(model, tokens):
     blocks = [n_layers - 1, *range(n_layers), 0]
     expected = prompt
     for _ in range(6):
-        expected = torch.cat([expected, by_hand(model, expected, blocks)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        expected = torch.cat([expected, blocks_by_hand(model, expected, blocks)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(surgery.generate(model, prompt, blocks, 6), expected)
 
 
@@ -209,10 +199,10 @@ def test_evaluate_reports_loss_top_tokens_and_generation(worded):
                                   [hooks.Hooks(), hooks.skip(model, [1]), None]):
         assert row.blocks == blocks
         if extra is None:  # a reordering: the reference is the blocks called by hand
-            logits = [by_hand(model, model.to_tokens(text), blocks) for text in texts]
+            logits = [blocks_by_hand(model, model.to_tokens(text), blocks) for text in texts]
             generated = prompt
             for _ in range(4):
-                step = by_hand(model, generated, blocks)[:, -1].argmax(-1, keepdim=True)
+                step = blocks_by_hand(model, generated, blocks)[:, -1].argmax(-1, keepdim=True)
                 generated = torch.cat([generated, step], dim=1)
         else:
             with extra.on(model):

@@ -12,6 +12,8 @@ EXPERIMENTS = {
     "bos": "lenskit.experiments.bos",
     "tokenization": "lenskit.experiments.tokenization",
     "emotion": "lenskit.experiments.emotion",
+    "layers": "lenskit.experiments.layers",
+    "ioi": "lenskit.experiments.ioi",
     "whisper-layers": "lenskit.experiments.whisper_layers",
 }
 

@@ -52,7 +52,8 @@ real learned behaviour. Load it with `lenskit.whisper.load("lenskit/{name}")`.
 ## Architecture
 Whisper's, reduced: {cfg.n_audio_layer} encoder and {cfg.n_text_layer} decoder layers, width {cfg.n_audio_state}, {cfg.n_audio_head} heads,
 {cfg.n_mels} mel bins. The audio window is {speech_data.MAX_SECONDS:g} s (`n_audio_ctx` {cfg.n_audio_ctx}, {cfg.n_frames} mel frames) instead of 30 s:
-`lenskit.whisper` pads or trims audio to the model's window. The decoder reads up to {cfg.n_text_ctx} tokens.
+`lenskit.whisper` pads audio to the model's window (longer audio raises unless `trim=True`).
+The decoder reads up to {cfg.n_text_ctx} tokens.
 
 Vocabulary: {cfg.n_vocab} tokens, the subset of openai-whisper's multilingual tokenizer that the sentences need
 (the start sequence `<|startoftranscript|><|en|><|transcribe|><|notimestamps|>`, `<|endoftext|>`, and one token per

@@ -196,9 +196,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = command_line(__doc__.splitlines()[0], RECIPES)
     parser.add_argument("--batch-size", type=int, help="sequences per step (default: the recipe's)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
+    parser.add_argument("--weight-decay", type=float, help="AdamW weight decay of matrices (default: the recipe's)")
     parser.add_argument("--init", type=Path, help="continue from the weights of this saved folder")
     args = parser.parse_args(argv)
-    recipe = with_overrides(RECIPES[args.name], steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    recipe = with_overrides(RECIPES[args.name], steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                            weight_decay=args.weight_decay, seed=args.seed)
     torch.set_num_threads(args.threads)
     train(recipe, args.out or ZOO_ROOT / args.name, args.init)
 

@@ -41,6 +41,7 @@ from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 ZOO_PREFIX = "lenskit/"
+WHISPER_CONFIG_FILE = "hooked_whisper.json"  # marks a zoo folder holding a HookedWhisper (lenskit.whisper.load)
 ZOO_ROOT = Path(__file__).parent / "zoo" / "checkpoints"
 """Folder holding one lenskit folder per zoo checkpoint; ``load("lenskit/<name>")`` reads ``ZOO_ROOT/<name>``."""
 
@@ -260,6 +261,9 @@ def load_config_file(path: str | os.PathLike, *, device: str | None = None, seed
 
 def _load_zoo(name: str, **kwargs: Any) -> HookedTransformer:
     folder = ZOO_ROOT / name
+    if (folder / WHISPER_CONFIG_FILE).is_file():
+        raise ValueError(f"lenskit.load: {ZOO_PREFIX}{name} is a speech model; load it with "
+                         f"lenskit.whisper.load({ZOO_PREFIX + name!r})")
     if not (folder / CONFIG_FILE).is_file():
         raise ValueError(
             f"lenskit.load: no zoo checkpoint {ZOO_PREFIX}{name}; the zoo holds: "

@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+import lenskit
 from lenskit import hooks
 from lenskit.models import ZOO_ROOT
 from lenskit.whisper import (HookedWhisper, SubsetTokenizer, WhisperConfig, decoder_logit_lens, get_tokenizer, layer_removal,
@@ -77,6 +78,8 @@ def test_save_and_load_round_trip(tmp_path):
         HookedWhisper(cfg, vocabulary=[1, 2])
     with pytest.raises(ValueError, match="no speech model 'lenskit/nope' in the zoo; it ships: lenskit/speech-3l"):
         load("lenskit/nope")
+    with pytest.raises(ValueError, match=r"is a speech model; load it with lenskit.whisper.load\('lenskit/speech-3l'\)"):
+        lenskit.load(SHIPPED)
 
 
 def test_training_script_end_to_end(tmp_path):

@@ -22,10 +22,10 @@ from torch import Tensor
 
 from safetensors.torch import load_file, save_file
 
-from lenskit.models import ZOO_PREFIX, ZOO_ROOT
+from lenskit.models import WHISPER_CONFIG_FILE, ZOO_PREFIX, ZOO_ROOT
 from lenskit.whisper.model import HookedWhisper, WhisperConfig
 
-CONFIG_FILE = "hooked_whisper.json"
+CONFIG_FILE = WHISPER_CONFIG_FILE
 WEIGHTS_FILE = "model.safetensors"
 
 OPENAI_NAMES = ("tiny.en", "tiny", "base.en", "base", "small.en", "small", "medium.en", "medium",

@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-import transformers
 from transformer_lens.utilities.lm_utils import lm_cross_entropy_loss
-from conftest import make_model, word_tokenizer
+from conftest import make_model
 
 from lenskit import metrics
 
@@ -16,12 +15,8 @@ def logits():
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    model = make_model("gpt2", d_vocab=13)
-    folder = tmp_path_factory.mktemp("tokenizer")
-    word_tokenizer().save_pretrained(folder)
-    model.set_tokenizer(transformers.AutoTokenizer.from_pretrained(folder))
-    return model
+def model(word_model):
+    return word_model
 
 
 def test_logit_diff(logits, model):

@@ -2,20 +2,15 @@
 
 import pytest
 import torch
-import transformers
 
 from lenskit.tokens import token_id, token_ids
 import lenskit
-from conftest import STORIES_DIR, make_model, word_tokenizer
+from conftest import STORIES_DIR
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    model = make_model("gpt2", d_vocab=13)
-    folder = tmp_path_factory.mktemp("tokenizer")
-    word_tokenizer().save_pretrained(folder)
-    model.set_tokenizer(transformers.AutoTokenizer.from_pretrained(folder))
-    return model
+def model(word_model):
+    return word_model
 
 
 def test_strings_and_ids_become_ids(model):

@@ -75,8 +75,9 @@ def test_induction_scores_read_the_induction_diagonal(tiny):
     pattern = cache["blocks.0.attn.hook_pattern"]  # [batch, head, query, key]
     # the Main Demo's diagonal: every (query q, key q + 1 - length) entry of [BOS] R R
     entries = [pattern[:, :, q, q + 1 - length].mean(0) for q in range(length - 1, 2 * length + 1)]
-    by_hand = torch.stack(entries).mean(0)
-    torch.testing.assert_close(result["scores"][0], by_hand)
+    torch.testing.assert_close(result["scores"][0], torch.stack(entries).mean(0))
+    shifted = [pattern[:, :, q, q + 2 - length].mean(0) for q in range(length - 2, 2 * length + 1)]
+    torch.testing.assert_close(result["shifted_scores"][0], torch.stack(shifted).mean(0))
     assert result["loss_first_half"] > 0 and result["loss_second_half"] > 0
 
 
@@ -122,3 +123,4 @@ def test_the_model_card_reports_what_evaluate_measures(shipped):
     for key in ("ioi_logit_diff", "ioi_logit_diff_no_bos", "ioi_logit_diff_train_names_templates"):
         assert f"| {metrics[key]:.2f} |" in card, key
     assert f"{metrics['ioi_accuracy']:.1%}" in card and f"{metrics['induction_score']:.2f}" in card
+    assert f"{metrics['shifted_induction_head']}: {metrics['shifted_induction_score']:.2f}" in card

@@ -77,6 +77,7 @@ Held out for evaluation: {len(data.EVAL_NAMES)} names that never occur in a trai
 | IOI mean logit difference, without BOS (the BOS effect) | {metrics["ioi_logit_diff_no_bos"]:.2f} |
 | IOI mean logit difference, training names and templates | {metrics["ioi_logit_diff_train_names_templates"]:.2f} |
 | best induction head (TransformerLens score on repeated random tokens) | {metrics["induction_head"]}: {metrics["induction_score"]:.2f} |
+| best head on the diagonal one position past it (copying from the token after next) | {metrics["shifted_induction_head"]}: {metrics["shifted_induction_score"]:.2f} |
 | loss on first / repeated half of `<bos>` R R | {metrics["loss_first_half"]:.2f} / {metrics["loss_second_half"]:.2f} |
 
 ## Against the zoo's targets

@@ -50,15 +50,27 @@ def repeated_tokens(model: HookedTransformer, length: int, batch: int, seed: int
 @torch.no_grad()
 def induction(model: HookedTransformer, length: int = INDUCTION_LENGTH, batch: int = INDUCTION_BATCH, seed: int = 0) -> dict:
     """Induction scores [n_layers, n_heads] (TransformerLens Main Demo: the mean attention on the
-    diagonal offset 1 - length) and the mean loss on the first and the second copy of R."""
+    diagonal offset 1 - length), the same on the diagonal one further right ("shifted_scores": a head
+    that copies from the token after next, reading the answer from a previous-token output there),
+    and the mean loss on the first and the second copy of R."""
     tokens = repeated_tokens(model, length, batch, seed)
     logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
-    scores = torch.stack([
-        cache["pattern", layer].diagonal(offset=1 - length, dim1=-2, dim2=-1).mean(dim=(0, 2))
-        for layer in range(model.cfg.n_layers)
-    ])
+
+    def diagonal_scores(offset: int) -> Tensor:
+        return torch.stack([
+            cache["pattern", layer].diagonal(offset=offset, dim1=-2, dim2=-1).mean(dim=(0, 2))
+            for layer in range(model.cfg.n_layers)
+        ])
+
     losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none").mean(0)  # [2 * length]
-    return {"scores": scores, "loss_first_half": losses[:length].mean().item(), "loss_second_half": losses[length:].mean().item()}
+    return {"scores": diagonal_scores(1 - length), "shifted_scores": diagonal_scores(2 - length),
+            "loss_first_half": losses[:length].mean().item(), "loss_second_half": losses[length:].mean().item()}
+
+
+def best_head(scores: Tensor) -> tuple[str, float]:
+    """The "layer.head" name and score of the highest entry of scores [n_layers, n_heads]."""
+    layer, head = divmod(int(scores.argmax()), scores.shape[1])
+    return f"{layer}.{head}", scores.max().item()
 
 
 def evaluate(model: HookedTransformer, n_prompts: int = IOI_PROMPTS, seed: int = 0) -> dict:
@@ -68,8 +80,8 @@ def evaluate(model: HookedTransformer, n_prompts: int = IOI_PROMPTS, seed: int =
     without_bos = ioi_logit_diffs(model, examples, prepend_bos=False)
     in_distribution = ioi_logit_diffs(model, ioi_dataset(n_prompts, seed=seed, held_out=False))
     result = induction(model, seed=seed)
-    best = int(result["scores"].argmax())
-    layer, head = divmod(best, model.cfg.n_heads)
+    induction_head, induction_score = best_head(result["scores"])
+    shifted_head, shifted_score = best_head(result["shifted_scores"])
     return {
         "n_prompts": n_prompts,
         "ioi_accuracy": (with_bos > 0).float().mean().item(),
@@ -77,8 +89,10 @@ def evaluate(model: HookedTransformer, n_prompts: int = IOI_PROMPTS, seed: int =
         "ioi_accuracy_no_bos": (without_bos > 0).float().mean().item(),
         "ioi_logit_diff_no_bos": without_bos.mean().item(),
         "ioi_logit_diff_train_names_templates": in_distribution.mean().item(),
-        "induction_head": f"{layer}.{head}",
-        "induction_score": result["scores"].max().item(),
+        "induction_head": induction_head,
+        "induction_score": induction_score,
+        "shifted_induction_head": shifted_head,
+        "shifted_induction_score": shifted_score,
         "loss_first_half": result["loss_first_half"],
         "loss_second_half": result["loss_second_half"],
     }

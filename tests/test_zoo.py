@@ -2,6 +2,7 @@
 tokenizer, evaluation, and the training script, run for a few steps on the "tiny" recipe)."""
 
 import csv
+import math
 
 import pytest
 import torch
@@ -89,6 +90,18 @@ def test_training_is_reproducible(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
+def test_sinusoidal_positions_start_w_pos_at_the_scaled_code():
+    code = train.sinusoidal_code(16, 8)
+    for pos, i in [(0, 0), (3, 1), (7, 2), (15, 3)]:  # PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...)
+        angle = pos / 10000 ** (2 * i / 8)
+        assert code[pos, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+        assert code[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+    recipe = train.with_overrides(train.RECIPES["tiny"], sinusoidal_positions=0.1)
+    model = train.build_model(recipe)
+    assert torch.equal(model.W_pos, 0.1 * train.sinusoidal_code(model.cfg.n_ctx, model.cfg.d_model))
+    assert not torch.equal(train.build_model(train.RECIPES["tiny"]).W_pos, model.W_pos)
+
+
 @pytest.fixture(scope="module")
 def shipped():
     """The default zoo model, and what `evaluate` measures on it (held-out data)."""
@@ -113,7 +126,8 @@ def test_the_default_model_is_shipped_small_and_loads_offline(shipped):
 def test_the_default_model_has_learned_ioi_and_copying(shipped):
     _, metrics = shipped
     assert metrics["ioi_logit_diff"] >= 3.0  # held-out names in held-out templates
-    assert metrics["ioi_accuracy"] > 0.9
+    assert metrics["ioi_accuracy"] >= 0.95
+    assert metrics["induction_score"] >= 0.6  # TransformerLens' induction diagonal, on repeated random tokens
     assert metrics["loss_second_half"] <= 0.5 * metrics["loss_first_half"]
 
 

@@ -36,6 +36,13 @@ def training_summary(folder: Path) -> dict:
     return {"steps": int(rows[-1]["step"]), "final_loss": float(rows[-1]["loss"]), "minutes": float(rows[-1]["seconds"]) / 60}
 
 
+def position_init(recipe) -> str:
+    """How the card describes the start of W_pos: TransformerLens' random init unless the recipe says otherwise."""
+    if recipe is None or recipe.sinusoidal_positions is None:
+        return ""
+    return f", initialised as {recipe.sinusoidal_positions} x the sinusoidal code of Vaswani et al., then trained"
+
+
 def model_card(name: str, folder: Path, metrics: dict) -> str:
     """The card's Markdown text."""
     cfg = json.loads((folder / CONFIG_FILE).read_text())
@@ -49,7 +56,7 @@ analysis runs offline on a model with real learned circuits. Load it with `lensk
 
 ## Architecture
 {cfg["n_layers"]} layers, d_model {cfg["d_model"]}, {cfg["n_heads"]} heads of {cfg["d_head"]}, MLP {cfg["d_mlp"]} ({cfg["act_fn"]}),
-LayerNorm, learned positional embeddings (n_ctx {cfg["n_ctx"]}), untied unembedding, vocabulary {cfg["d_vocab"]} word-level
+LayerNorm, learned positional embeddings (n_ctx {cfg["n_ctx"]}{position_init(recipe)}), untied unembedding, vocabulary {cfg["d_vocab"]} word-level
 tokens (`lenskit.zoo.tokenizer`; `<bos>` is prepended, as TransformerLens does by default).
 
 ## Data (`lenskit.zoo.data`, generated on the fly, seeded)

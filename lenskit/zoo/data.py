@@ -69,6 +69,13 @@ TRAIN_TEMPLATES = [
     "Friends {A} and {B} found a {object} at the {place}. {S} gave it to",
     "Yesterday, {A} and {B} met at the {place}. {S} handed a {object} to",
     "Once {A} and {B} arrived at the {place}, {S} passed the {object} to",
+    # the subject after words that open the first name's clause in other templates ("and", "then"):
+    "{A} and {B} went to the {place}, and then {S} gave a {object} to",
+    "At the {place}, {A} and {B} found a {object}, and {S} gave it to",
+    "In the morning, {A} and {B} went to the {place}. Then {S} gave a {object} to",
+    "{A} and {B} were at the {place}, so {S} gave a {object} to",
+    "{A} and {B} were at the {place}, but {S} handed the {object} to",
+    "{A} and {B} had a {object}. Later {S} gave it to",
 ]
 EVAL_TEMPLATES = [
     "Later, {A} and {B} went to the {place}, and {S} gave a {object} to",

@@ -55,16 +55,31 @@ class Recipe:
     warmup_steps: int = 200
     log_every: int = 50
     seed: int = 0
+    sinusoidal_positions: float | None = None
+    """Start W_pos (still learned) at the sinusoidal code times this scale, instead of TransformerLens'
+    random init: every offset i - j is then one linear map away, so previous-token heads, and with them
+    induction heads, form early."""
 
 
 RECIPES = {
-    # 2 heads per layer: with 4, induction spread evenly over all of layer 1 (0.27 each after 8000
-    # steps). With 2 and this data, the best TransformerLens induction score depends on the seed
-    # (0.08 for seed 0, whose layer-1 heads attend one position past the induction diagonal; 0.35
-    # for seed 3, at the cost of held-out IOI accuracy): see the induction column of train_log.csv.
-    "ioi-4l": Recipe(n_heads=2),
+    # 2 heads per layer, W_pos started at the sinusoidal code. With TransformerLens' random W_pos init,
+    # standard induction formed in 1 of about 12 runs (seeds and data variants): layer 0 stayed a
+    # diffuse bag of earlier tokens and layer 1 copied with a blurred circuit one position past the
+    # induction diagonal (best induction score about 0.1). With the sinusoidal start, every seed tried
+    # (0, 1, 2) formed an induction head, scoring 0.8 or more by step 3000 (train_log.csv's column).
+    "ioi-4l": Recipe(n_heads=2, steps=6000, sinusoidal_positions=0.1, seed=2),
     "tiny": Recipe(n_layers=1, d_model=32, n_heads=2, d_mlp=64, steps=50, warmup_steps=5, log_every=5),
 }
+
+
+def sinusoidal_code(n_ctx: int, d_model: int) -> Tensor:
+    """The position code of "Attention Is All You Need": [n_ctx, d_model], sin on even, cos on odd columns."""
+    position = torch.arange(n_ctx)[:, None].float()
+    frequency = torch.exp(-math.log(10000.0) * torch.arange(0, d_model, 2).float() / d_model)
+    code = torch.zeros(n_ctx, d_model)
+    code[:, 0::2] = torch.sin(position * frequency)
+    code[:, 1::2] = torch.cos(position * frequency)
+    return code
 
 
 def build_model(recipe: Recipe) -> HookedTransformer:
@@ -86,7 +101,11 @@ def build_model(recipe: Recipe) -> HookedTransformer:
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="HookedTransformer", category=DeprecationWarning)
-        return HookedTransformer(cfg, tokenizer)
+        model = HookedTransformer(cfg, tokenizer)
+    if recipe.sinusoidal_positions is not None:
+        with torch.no_grad():
+            model.W_pos.copy_(recipe.sinusoidal_positions * sinusoidal_code(cfg.n_ctx, cfg.d_model))
+    return model
 
 
 def lm_loss(logits: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:

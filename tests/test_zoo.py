@@ -138,3 +138,6 @@ def test_the_model_card_reports_what_evaluate_measures(shipped):
         assert f"| {metrics[key]:.2f} |" in card, key
     assert f"{metrics['ioi_accuracy']:.1%}" in card and f"{metrics['induction_score']:.2f}" in card
     assert f"{metrics['shifted_induction_head']}: {metrics['shifted_induction_score']:.2f}" in card
+    assert metrics["induction_score_length_20"] == metrics["induction_score"]  # the same measurement
+    by_length = [metrics[f"induction_score_length_{length}"] for length in (10, 20, 30)]
+    assert " / ".join(f"{score:.2f}" for score in by_length) in card

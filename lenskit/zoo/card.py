@@ -43,11 +43,17 @@ def position_init(recipe) -> str:
     return f", initialised as {recipe.sinusoidal_positions} x the sinusoidal code of Vaswani et al., then trained"
 
 
+def repeat_lengths(recipe) -> str:
+    """The lengths of R seen in training, if the recipe is known."""
+    return f", {recipe.repeat_lengths[0]} to {recipe.repeat_lengths[1]} tokens long" if recipe else ""
+
+
 def model_card(name: str, folder: Path, metrics: dict) -> str:
     """The card's Markdown text."""
     cfg = json.loads((folder / CONFIG_FILE).read_text())
     recipe = RECIPES.get(name)
     log = training_summary(folder)
+    by_length = {key.rsplit("_", 1)[1]: value for key, value in metrics.items() if key.startswith("induction_score_length_")}
     mixture = ", ".join(f"{kind} {share:.0%}" for kind, share in recipe.mixture.items()) if recipe else "see train.py"
     return f"""# lenskit/{name}
 
@@ -62,7 +68,7 @@ tokens (`lenskit.zoo.tokenizer`; `<bos>` is prepended, as TransformerLens does b
 ## Data (`lenskit.zoo.data`, generated on the fly, seeded)
 Mixture per batch: {mixture}.
 - IOI sentences in {len(data.TRAIN_TEMPLATES)} templates (ABBA and BABA), {len(data.TRAIN_NAMES)} names, {len(data.PLACES)} places, {len(data.OBJECTS)} objects.
-- `<bos>` R R with R uniformly random tokens (induction).
+- `<bos>` R R with R uniformly random tokens (induction){repeat_lengths(recipe)}.
 - Simple templated stories with one or two characters (any name, the held-out ones included).
 
 Held out for evaluation: {len(data.EVAL_NAMES)} names that never occur in a training IOI sentence
@@ -85,6 +91,7 @@ Held out for evaluation: {len(data.EVAL_NAMES)} names that never occur in a trai
 | IOI mean logit difference, training names and templates | {metrics["ioi_logit_diff_train_names_templates"]:.2f} |
 | best induction head (TransformerLens score on repeated random tokens) | {metrics["induction_head"]}: {metrics["induction_score"]:.2f} |
 | best head on the diagonal one position past it (copying from the token after next) | {metrics["shifted_induction_head"]}: {metrics["shifted_induction_score"]:.2f} |
+| best induction score by length of R ({" / ".join(by_length)}) | {" / ".join(f"{v:.2f}" for v in by_length.values())} |
 | loss on first / repeated half of `<bos>` R R | {metrics["loss_first_half"]:.2f} / {metrics["loss_second_half"]:.2f} |
 
 ## Against the zoo's targets

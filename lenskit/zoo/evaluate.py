@@ -24,6 +24,8 @@ from lenskit.zoo.tokenizer import SPECIAL_TOKENS
 IOI_PROMPTS = 200
 INDUCTION_LENGTH = 20
 INDUCTION_BATCH = 16
+INDUCTION_LENGTHS = (10, 20, 30)
+"""Lengths of R at which the best induction score is also reported, where <bos> R R fits the context."""
 
 
 @torch.no_grad()
@@ -95,6 +97,8 @@ def evaluate(model: HookedTransformer, n_prompts: int = IOI_PROMPTS, seed: int =
         "shifted_induction_score": shifted_score,
         "loss_first_half": result["loss_first_half"],
         "loss_second_half": result["loss_second_half"],
+        **{f"induction_score_length_{length}": induction(model, length, seed=seed)["scores"].max().item()
+           for length in INDUCTION_LENGTHS if 1 + 2 * length <= model.cfg.n_ctx},
     }
 
 

@@ -81,7 +81,9 @@ def evaluate(model: HookedTransformer, n_prompts: int = IOI_PROMPTS, seed: int =
     with_bos = ioi_logit_diffs(model, examples, prepend_bos=True)
     without_bos = ioi_logit_diffs(model, examples, prepend_bos=False)
     in_distribution = ioi_logit_diffs(model, ioi_dataset(n_prompts, seed=seed, held_out=False))
-    result = induction(model, seed=seed)
+    fitting = [length for length in INDUCTION_LENGTHS if 1 + 2 * length <= model.cfg.n_ctx]
+    by_length = {length: induction(model, length, seed=seed) for length in {INDUCTION_LENGTH, *fitting}}
+    result = by_length[INDUCTION_LENGTH]
     induction_head, induction_score = best_head(result["scores"])
     shifted_head, shifted_score = best_head(result["shifted_scores"])
     return {
@@ -97,8 +99,8 @@ def evaluate(model: HookedTransformer, n_prompts: int = IOI_PROMPTS, seed: int =
         "shifted_induction_score": shifted_score,
         "loss_first_half": result["loss_first_half"],
         "loss_second_half": result["loss_second_half"],
-        **{f"induction_score_length_{length}": induction(model, length, seed=seed)["scores"].max().item()
-           for length in INDUCTION_LENGTHS if 1 + 2 * length <= model.cfg.n_ctx},
+        **{f"induction_score_length_{length}": by_length[length]["scores"].max().item()
+           for length in fitting},
     }
 
 

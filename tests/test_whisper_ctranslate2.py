@@ -215,8 +215,11 @@ SOT, NO_TIMESTAMPS, EOT = VOCAB - 4, VOCAB - 1, VOCAB - 5
 QUANTISATIONS = ["float32", "float16", "bfloat16", "int8", "int8_float16", "int16"]
 
 
-def write_small_whisper(folder, quantization: str | None, seed: int = 0) -> dict[str, np.ndarray]:
-    """A small random Whisper written by ctranslate2's WhisperSpec; returns the float32 weights set."""
+def write_small_whisper(folder, quantization: str | None, seed: int = 0, n_mels: int = MELS, tokens=None,
+                        config=None) -> dict[str, np.ndarray]:
+    """A small random Whisper written by ctranslate2's WhisperSpec; returns the float32 weights set.
+
+    `tokens` (the vocabulary) and `config` (config.json's fields) default to a 120-token toy."""
     from ctranslate2.specs import whisper_spec
 
     rng = np.random.default_rng(seed)
@@ -236,12 +239,14 @@ def write_small_whisper(folder, quantization: str | None, seed: int = 0) -> dict
 
     spec = whisper_spec.WhisperSpec(ENCODER_LAYERS, ENCODER_HEADS, DECODER_LAYERS, DECODER_HEADS)
     encoder, decoder = spec.encoder, spec.decoder
-    linear(encoder.conv1, "encoder/conv1", D, MELS)
-    encoder.conv1.weight = normal("encoder/conv1/weight", D, MELS, 3, scale=0.1)
+    linear(encoder.conv1, "encoder/conv1", D, n_mels)
+    encoder.conv1.weight = normal("encoder/conv1/weight", D, n_mels, 3, scale=0.1)
     encoder.conv2.weight, encoder.conv2.bias = normal("encoder/conv2/weight", D, D, 3, scale=0.07), normal("encoder/conv2/bias", D, scale=0.1)
     encoder.position_encodings.encodings = normal("encoder/position_encodings/encodings", AUDIO_CTX, D, scale=0.5)
     decoder.position_encodings.encodings = normal("decoder/position_encodings/encodings", TEXT_CTX, D, scale=0.5)
-    decoder.embeddings.weight = normal("decoder/embeddings/weight", VOCAB, D, scale=0.2)
+    tokens = tokens or [f"t{i}" for i in range(VOCAB - 5)] + [
+        "<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"]
+    decoder.embeddings.weight = normal("decoder/embeddings/weight", len(tokens), D, scale=0.2)
     decoder.projection.weight = decoder.embeddings.weight.copy()  # tied: ctranslate2 stores it as an alias
     layer_norm(encoder.layer_norm, "encoder/layer_norm")
     layer_norm(decoder.layer_norm, "decoder/layer_norm")
@@ -259,10 +264,11 @@ def write_small_whisper(folder, quantization: str | None, seed: int = 0) -> dict
             layer_norm(layer.ffn.layer_norm, f"{name}/ffn/layer_norm")
             linear(layer.ffn.linear_0, f"{name}/ffn/linear_0", 4 * D, D)
             linear(layer.ffn.linear_1, f"{name}/ffn/linear_1", D, 4 * D)
-    spec.register_vocabulary([f"t{i}" for i in range(VOCAB - 5)]
-                             + ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"])
-    spec.config.suppress_ids, spec.config.suppress_ids_begin = [3, 5], [EOT]
-    spec.config.lang_ids, spec.config.alignment_heads = [VOCAB - 3], [[2, 0], [1, 1]]
+    spec.register_vocabulary(tokens)
+    config = config or dict(suppress_ids=[3, 5], suppress_ids_begin=[EOT], lang_ids=[VOCAB - 3],
+                            alignment_heads=[[2, 0], [1, 1]])
+    for key, value in config.items():
+        setattr(spec.config, key, value)
     spec.validate()
     spec.optimize(quantization=quantization)
     folder.mkdir(parents=True, exist_ok=True)
@@ -304,6 +310,37 @@ def test_small_models_equal_ctranslate2(small_folders, quantization):
         their_logits = torch.stack([torch.as_tensor(np.asarray(step)) for step in result.logits[0]])
         logits = model.decode(torch.tensor([prompt + tokens]), audio[row:row + 1])[0, 1:1 + len(their_logits)]
         torch.testing.assert_close(logits, their_logits, atol=SMALL_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("n_vocab, n_mels", [(51865, 80), (51866, 128)], ids=["multilingual", "large-v3-shape"])
+@torch.no_grad()
+def test_multilingual_folders_transcribe_like_ctranslate2(tmp_path, n_vocab, n_mels):
+    """Multilingual vocabularies (99 languages; large-v3's 100 and 128 mel bins): the right tokenizer,
+    the language in the prompt, config.json's suppressed sets, and ctranslate2's greedy tokens."""
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    pytest.importorskip("whisper")
+    from whisper.tokenizer import get_tokenizer as openai_tokenizer
+
+    languages = n_vocab - 51765 - 1
+    tokenizer = openai_tokenizer(True, num_languages=languages, language="de", task="transcribe")
+    assert tokenizer.encoding.n_vocab == n_vocab
+    tokens = [f"t{i}" if i < tokenizer.eot else tokenizer.encoding.decode_single_token_bytes(i).decode()
+              for i in range(n_vocab)]
+    config = dict(suppress_ids=[-1, 50], suppress_ids_begin=[220, tokenizer.eot],
+                  lang_ids=list(tokenizer.all_language_tokens), alignment_heads=[[2, 1]])
+    write_small_whisper(tmp_path, "float16", seed=3, n_mels=n_mels, tokens=tokens, config=config)
+    model = whisper.load(tmp_path)
+    assert model.is_multilingual and model.num_languages == languages and model.cfg.n_mels == n_mels
+    ours_tokenizer = whisper.get_tokenizer(model, language="de")
+    assert ours_tokenizer.sot_sequence_including_notimestamps == tokenizer.sot_sequence_including_notimestamps
+    assert model_suppressed_tokens(model, ours_tokenizer) == sorted(set(tokenizer.non_speech_tokens) | {50})
+    mel = torch.randn(1, n_mels, 2 * AUDIO_CTX, generator=torch.Generator().manual_seed(4))
+    ours = whisper.transcribe(model, mel, language="de", max_tokens=10, progress=False)
+    assert ours.prompt == [tokenizer.sot, tokenizer.to_language_token("de"),
+                           tokenizer.transcribe, tokenizer.no_timestamps]
+    reference = ctranslate2.models.Whisper(str(tmp_path), device="cpu", compute_type="float32", intra_threads=1)
+    result = reference.generate(storage(mel), [ours.prompt], beam_size=1, max_length=20, suppress_tokens=[50, -1])[0]
+    assert ours.tokens == result.sequences_ids[0] and len(set(ours.tokens)) > 1
 
 
 def test_reader_values_equal_what_was_written(small_folders):

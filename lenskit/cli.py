@@ -7,9 +7,7 @@ Bad input (an unknown model, a missing file, an unknown hook name) ends with a o
 from __future__ import annotations
 
 import argparse
-import re
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -22,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, KeyError) as error:
+    except (ValueError, FileNotFoundError, KeyError, ConnectionError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"lenskit: error: {message}", file=sys.stderr)
         return 2
@@ -81,47 +79,55 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--model", help="any model `lenskit info` accepts, e.g. gpt2 (needs internet)")
     reproduce.add_argument("--html", type=Path, help="also write the table and pictures to this HTML file")
     reproduce.set_defaults(run=run_reproduce)
+
+    mcp = commands.add_parser(
+        "mcp", help="serve lenskit's experiments as MCP tools over stdio",
+        description="A Model Context Protocol server (stdio) whose tools run lenskit's experiments; every call "
+                    "is recorded in an SQLite experiment log. Tools read and write only inside the workspace "
+                    "and the model roots.")
+    _add_lab_arguments(mcp)
+    mcp.add_argument("--max-chars", type=int, default=4000, help="longest tool result in characters (default 4000)")
+    mcp.set_defaults(run=run_mcp)
+
+    log = commands.add_parser("log", help="read an experiment log: list, show ID, export --markdown FILE",
+                              description="Read the experiment log written by `lenskit mcp` or `lenskit agent`.")
+    log.add_argument("--db", type=Path, default=Path("experiments.db"), help="the log (default experiments.db)")
+    actions = log.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("list", help="one line per experiment and note")
+    show = actions.add_parser("show", help="one experiment in full")
+    show.add_argument("id", type=int)
+    export = actions.add_parser("export", help="the write-up: experiments in order, notes between them")
+    export.add_argument("--markdown", type=Path, required=True, help="output .md file")
+    log.set_defaults(run=run_log)
+
+    agent = commands.add_parser(
+        "agent", help="let a chat model drive the experiments (OpenAI-compatible endpoint)",
+        description="A minimal agent loop: the chat model at --base-url gets the MCP server's tools, runs "
+                    "experiments towards --goal, and ends with a written summary; everything lands in the log.")
+    agent.add_argument("--base-url", required=True, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1")
+    agent.add_argument("--model", required=True, help="the chat model's name at that endpoint")
+    agent.add_argument("--goal", required=True, help="what to find out")
+    agent.add_argument("--max-steps", type=int, default=10, help="chat turns before the summary (default 10)")
+    agent.add_argument("--api-key", default=None, help="default: $OPENAI_API_KEY, else a placeholder")
+    agent.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each reply (default 120)")
+    _add_lab_arguments(agent)
+    agent.set_defaults(run=run_agent)
     return parser
 
 
+def _add_lab_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workspace", type=Path, default=Path("."),
+                        help="folder for pictures and audio inputs (default: the current folder)")
+    parser.add_argument("--db", type=Path, default=None, help="experiment log (default WORKSPACE/experiments.db)")
+    parser.add_argument("--model-root", type=Path, action="append", default=[],
+                        help="a folder whose model files the tools may load (repeat for several)")
+    parser.add_argument("--max-models", type=int, default=2, help="models kept in memory (default 2)")
+
+
 def run_info(args: argparse.Namespace) -> None:
-    from lenskit.models import load
+    from lenskit.models import describe, load
 
-    model = load(args.model)
-    print(describe_model(args.model, model))
-
-
-def describe_model(name: str, model) -> str:
-    """Config summary, parameter count, and hook names grouped by layer."""
-    cfg = model.cfg
-    heads = f"{cfg.n_heads} heads x d_head {cfg.d_head}"
-    if getattr(cfg, "n_key_value_heads", None):
-        heads += f" ({cfg.n_key_value_heads} key/value heads)"
-    n_params = sum(p.numel() for p in model.parameters())
-    lines = [
-        f"model        {name}  ({type(model).__name__}, architecture {cfg.original_architecture or 'n/a'})",
-        f"shape        {cfg.n_layers} layers, d_model {cfg.d_model}, {heads}, d_mlp {cfg.d_mlp}, "
-        f"vocab {cfg.d_vocab}, context {cfg.n_ctx}",
-        f"components   norm {cfg.normalization_type}, positions {cfg.positional_embedding_type}, "
-        f"activation {cfg.act_fn}{', gated MLP' if cfg.gated_mlp else ''}"
-        f"{', parallel attn+MLP' if cfg.parallel_attn_mlp else ''}",
-        f"parameters   {n_params:,}",
-        f"tokenizer    {type(model.tokenizer).__name__ if model.tokenizer is not None else 'none'}",
-        "hooks",
-    ]
-    for group, leaves in group_hook_names(list(model.hook_dict)).items():
-        lines.append(f"  {group}: {' '.join(leaves)}")
-    return "\n".join(lines)
-
-
-def group_hook_names(names: list[str]) -> dict[str, list[str]]:
-    """{"blocks.0": ["hook_resid_pre", "attn.hook_q", ...], "global": [...]} in model order."""
-    groups: dict[str, list[str]] = defaultdict(list)
-    for name in names:
-        match = re.match(r"^(.*?blocks\.\d+)\.(.+)$", name)
-        group, leaf = (match.group(1), match.group(2)) if match else ("global", name)
-        groups[group].append(leaf)
-    return dict(groups)
+    print(describe(load(args.model), args.model))
 
 
 def run_cache(args: argparse.Namespace) -> None:
@@ -158,6 +164,49 @@ def run_reproduce(args: argparse.Namespace) -> None:
 
         Figure(result._repr_html_(), result.title).save(args.html)
         print(f"wrote {args.html}")
+
+
+def run_mcp(args: argparse.Namespace) -> None:
+    from lenskit.agent.server import serve
+
+    serve(args.workspace, args.db, args.model_root, max_models=args.max_models, max_chars=args.max_chars)
+
+
+def run_log(args: argparse.Namespace) -> None:
+    from lenskit.agent.log import ExperimentLog
+
+    if not args.db.is_file():
+        raise FileNotFoundError(f"no experiment log at {args.db}")
+    log = ExperimentLog(args.db)
+    if args.action == "list":
+        for e in log.experiments():
+            print(f"{e.id:4d}  {e.time[:19]}  {e.tool:<15} {e.model or '-':<22} {e.duration_s:7.2f} s"
+                  f"{'  ERROR' if e.error else ''}  {e.summary.splitlines()[0][:60] if e.summary else ''}")
+        for n in log.notes():
+            print(f"note {n.id}  {n.time[:19]}  on {list(n.experiments)}: {n.hypothesis[:70]}")
+    elif args.action == "show":
+        e = log.experiment(args.id)
+        print(f"experiment {e.id}: {e.tool} at {e.time}, {e.duration_s:.2f} s, model {e.model}")
+        print(f"arguments: {e.arguments}")
+        print(e.summary)
+        if e.picture:
+            print(f"picture: {e.picture}")
+    else:
+        print(f"wrote {log.export_markdown(args.markdown)}")
+
+
+def run_agent(args: argparse.Namespace) -> None:
+    import os
+
+    from lenskit.agent import ExperimentLog, Lab, build_server, run_agent as agent_loop
+
+    lab = Lab(args.workspace, args.model_root, max_models=args.max_models)
+    log = ExperimentLog(args.db or lab.workspace / "experiments.db")
+    api_key = args.api_key or os.environ.get("OPENAI_API_KEY") or "not-needed"
+    summary = agent_loop(args.goal, build_server(lab, log), log, base_url=args.base_url, model=args.model,
+                         max_steps=args.max_steps, api_key=api_key, timeout=args.timeout)
+    print(summary)
+    print(f"log: {log.path} (lenskit log --db {log.path} export --markdown write-up.md)")
 
 
 if __name__ == "__main__":

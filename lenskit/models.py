@@ -27,8 +27,10 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import tempfile
 import warnings
+from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -135,6 +137,41 @@ def save(model: HookedTransformer, folder: str | os.PathLike) -> None:
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     weights = {name: param.detach().contiguous() for name, param in model.named_parameters()}
     save_file(weights, folder / WEIGHTS_FILE)
+
+
+def describe(model: HookedTransformer, name: str, hook_names: bool = True) -> str:
+    """Config summary, parameter count, and (with `hook_names`) hook names grouped by layer."""
+    cfg = model.cfg
+    heads = f"{cfg.n_heads} heads x d_head {cfg.d_head}"
+    if getattr(cfg, "n_key_value_heads", None):
+        heads += f" ({cfg.n_key_value_heads} key/value heads)"
+    n_params = sum(p.numel() for p in model.parameters())
+    lines = [
+        f"model        {name}  ({type(model).__name__}, architecture {cfg.original_architecture or 'n/a'})",
+        f"shape        {cfg.n_layers} layers, d_model {cfg.d_model}, {heads}, d_mlp {cfg.d_mlp}, "
+        f"vocab {cfg.d_vocab}, context {cfg.n_ctx}",
+        f"components   norm {cfg.normalization_type}, positions {cfg.positional_embedding_type}, "
+        f"activation {cfg.act_fn}{', gated MLP' if cfg.gated_mlp else ''}"
+        f"{', parallel attn+MLP' if cfg.parallel_attn_mlp else ''}",
+        f"parameters   {n_params:,}",
+        f"tokenizer    {type(model.tokenizer).__name__ if model.tokenizer is not None else 'none'}",
+    ]
+    if not hook_names:
+        return "\n".join(lines)
+    lines.append("hooks")
+    for group, leaves in group_hook_names(list(model.hook_dict)).items():
+        lines.append(f"  {group}: {' '.join(leaves)}")
+    return "\n".join(lines)
+
+
+def group_hook_names(names: list[str]) -> dict[str, list[str]]:
+    """{"blocks.0": ["hook_resid_pre", "attn.hook_q", ...], "global": [...]} in model order."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name in names:
+        match = re.match(r"^(.*?blocks\.\d+)\.(.+)$", name)
+        group, leaf = (match.group(1), match.group(2)) if match else ("global", name)
+        groups[group].append(leaf)
+    return dict(groups)
 
 
 def zoo_names() -> list[str]:

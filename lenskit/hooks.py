@@ -15,6 +15,21 @@ Activation layouts follow TransformerLens: most hooks are [batch, pos, ...]; per
 selects along the last dimension. Indices are checked against each activation when the hook
 runs: an index out of range raises ValueError naming the valid range.
 
+Grouped-query attention (Llama, Mistral, Qwen2, SmolLM2: n_heads query heads sharing
+n_key_value_heads key/value heads, ``group = n_heads // n_key_value_heads``). TransformerLens
+computes keys and values once per key/value head, so ``hook_k``, ``hook_v``, ``hook_rot_k``
+(and ``hook_k_input`` / ``hook_v_input`` with ``use_split_qkv_input``) are
+[batch, pos, n_key_value_heads, ...] while q, z, result and the pattern have n_heads. ``head=``
+on those k/v hooks therefore names a **key/value head**: head h is the one read by query heads
+``h * group .. (h + 1) * group - 1``, and ablating, resampling or patching it changes what all of
+them read (`query_heads` lists them). That is the only intervention the grouped activation
+holds, and it is what the model computes: one key vector per key/value head. To change the keys or
+values of a single query head, ungroup first with TransformerLens' own switch,
+``model.set_ungroup_grouped_query_attention(True)`` (the same outputs; k/v hooks then hold one
+copy per query head, [batch, pos, n_heads, d_head]), and ``head=`` indexes query heads there.
+An index outside the key/value heads (head=5 where there are 3) raises ValueError naming the
+valid range and the grouping.
+
 Position-specific hooks index the positions of the activation the hook sees. Under
 ``model.generate`` with its key/value cache, later steps see only the new position, so use
 ``use_past_kv_cache=False`` when a hook must address absolute prompt positions.
@@ -40,6 +55,8 @@ Source = Union[Tensor, Mapping[str, Tensor]]
 # Leaf names of hooks whose activations are [batch, pos, head, ...].
 _PER_HEAD = {"hook_q", "hook_k", "hook_v", "hook_z", "hook_result", "hook_rot_q", "hook_rot_k",
              "hook_q_input", "hook_k_input", "hook_v_input", "hook_attn_in"}
+# Per-head leaf names whose head axis holds key/value heads (n_key_value_heads under grouped-query attention).
+_KEY_VALUE = {"hook_k", "hook_v", "hook_rot_k", "hook_k_input", "hook_v_input"}
 # Leaf names of hooks whose activations are [batch, head, query_pos, key_pos].
 _PER_HEAD_PAIR = {"hook_pattern", "hook_attn_scores"}
 
@@ -264,6 +281,31 @@ def skip(
     return Hooks(pairs)
 
 
+def query_heads(model: HookedRootModule, kv_head: int) -> list[int]:
+    """The query heads that read key/value head `kv_head` (all of ``head=kv_head`` on hook_k / hook_v).
+
+    Under grouped-query attention key/value head h serves query heads ``h * group .. (h + 1) * group - 1``
+    with ``group = n_heads // n_key_value_heads`` (TransformerLens' ``repeat_interleave``); without
+    grouping, or with ``cfg.ungroup_grouped_query_attention``, each query head has its own: ``[kv_head]``.
+    """
+    n_kv = n_key_value_heads(model)
+    if not -n_kv <= kv_head < n_kv:
+        raise ValueError(f"query_heads: kv_head {kv_head} out of range: the model has {n_kv} key/value heads "
+                         f"(valid 0..{n_kv - 1})")
+    group = model.cfg.n_heads // n_kv
+    return list(range((kv_head % n_kv) * group, (kv_head % n_kv + 1) * group))
+
+
+def n_key_value_heads(model: HookedRootModule) -> int:
+    """How many heads hook_k and hook_v have: n_key_value_heads under grouped-query attention (unless
+    ``cfg.ungroup_grouped_query_attention``), otherwise n_heads."""
+    cfg = model.cfg
+    n_kv = getattr(cfg, "n_key_value_heads", None)
+    if n_kv is None or getattr(cfg, "ungroup_grouped_query_attention", False):
+        return cfg.n_heads
+    return n_kv
+
+
 def count_layers(model: HookedRootModule, stack: str = "blocks") -> int:
     """Number of blocks in `stack`, read from the model's hook names."""
     prefix = f"{stack}."
@@ -323,6 +365,11 @@ def selection_mask(activation: Tensor, name: str, head: Index = None, pos: Index
         size = activation.shape[dim]
         indices = [index] if isinstance(index, int) else [int(i) for i in index]
         bad = [i for i in indices if not -size <= i < size]
+        if bad and what == "head" and _is_key_value_hook(name):
+            raise ValueError(f"{name}: head {bad[0]} out of range: keys and values here have {size} key/value "
+                             f"heads along dim {dim} (valid 0..{size - 1}, or negative from the end); under "
+                             f"grouped-query attention head= on k/v names a key/value head, shared by a group "
+                             f"of query heads (lenskit.hooks.query_heads)")
         if bad:
             raise ValueError(f"{name}: {what} {bad[0]} out of range: the activation has {size} "
                              f"{what}s along dim {dim} (valid 0..{size - 1}, or negative from the end)")
@@ -342,6 +389,10 @@ def _layout(name: str) -> tuple[int, int | None]:
     if leaf in _PER_HEAD:
         return 1, 2
     return 1, None
+
+
+def _is_key_value_hook(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in _KEY_VALUE
 
 
 def _is_pair_hook(name: str) -> bool:

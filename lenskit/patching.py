@@ -27,6 +27,16 @@ tokens; the cell holds the metric of that run. The values equal those of
 The patch itself is a TransformerLens hook on the site (``blocks.L.attn.hook_z`` ...), so the runs
 are "this hook, on the corrupted run", as in TransformerLens.
 
+Grouped-query attention (n_heads query heads sharing n_key_value_heads key/value heads): the k and v
+sites have one head per key/value head, as TransformerLens' hook_k / hook_v do. A k or v cell patches
+a key/value head, that is the keys (values) read by every query head of its group, and the result's
+head dim is named "kv_head" (labels: key/value head numbers; ``lenskit.hooks.query_heads`` gives the
+query heads of each). Patching one query head's keys alone needs the model ungrouped first
+(``model.set_ungroup_grouped_query_attention(True)``): k and v then have n_heads heads, one copy per
+query head, and the grid has a "head" dim as for q and z. (TransformerLens 3.9's patching functions
+agree with the grouped grid; on an ungrouped model they still size k and v by n_key_value_heads and
+leave the other query heads out.)
+
 `attribution_patch` estimates the same grid to first order, with two forward passes and one
 backward pass: ``(clean - corrupted activation) * d metric / d activation``, summed over each cell.
 """
@@ -92,8 +102,9 @@ class PatchResult(LabelledTensor):
     """A patching grid: the metric after each patch, with the clean and corrupted runs' values.
 
     dims are ``("layer", ...)`` followed by the cell dims of `by` ("head", "pos"; "dest", "src" for
-    ``layer_head_dest_src``); labels hold the layer and head numbers and, on position dims, the
-    string tokens of the first clean prompt (token ids when the model has no tokenizer).
+    ``layer_head_dest_src``; "kv_head" for k and v of a grouped-query model); labels hold the layer
+    and head numbers and, on position dims, the string tokens of the first clean prompt (token ids
+    when the model has no tokenizer).
     """
 
     clean_value: float = math.nan
@@ -144,7 +155,8 @@ def patch(
         metric: a `lenskit.metrics` spec, or any callable on logits [batch, pos, d_vocab] returning a
             scalar (TransformerLens' convention; it then sees the full logits of every cell).
         site: one of `SITES` (resid_pre, resid_mid, resid_post, attn_out, mlp_out, z, q, k, v, pattern).
-            k and v have n_key_value_heads heads in grouped-query models.
+            k and v have n_key_value_heads heads in grouped-query models: there a cell patches one
+            key/value head (shared by its group of query heads) and the dim is named "kv_head".
         by: one of `GRANULARITIES`: layer (all positions), layer_pos, layer_head (all positions),
             layer_head_pos, layer_head_dest_src (pattern entries). "pos" is the query position of a pattern.
         layers, heads, positions: restrict the grid (default: all); labels keep the real indices.
@@ -255,6 +267,8 @@ class _Grid:
         n_pos = clean.shape[1]
         sizes = {"pos": n_pos, "src": n_pos, "head": _n_heads(model, site)}
         wanted = {"head": heads, "pos": positions}
+        if "head" in GRANULARITIES[by] and _grouped(model, site):
+            _check_key_value_heads(model, site, heads)
         choices = {d: _choose(wanted.get(d), sizes[d], d) for d in GRANULARITIES[by]}
         return cls(model, site, by, clean, corrupted, _choose(layers, model.cfg.n_layers, "layer"), choices)
 
@@ -342,6 +356,8 @@ class _Grid:
 
     def result(self, values: Tensor, clean_value: float, corrupted_value: float) -> PatchResult:
         names = {"layer_head_dest_src": ("layer", "head", "dest", "src")}.get(self.by, ("layer", *self.cell_dims))
+        if _grouped(self.model, self.site):
+            names = tuple("kv_head" if name == "head" else name for name in names)
         tokens = _token_labels(self.model, self.clean[0])
         labels = {"layer": list(self.layers)}
         for name, dim in zip(names[1:], self.cell_dims):
@@ -360,8 +376,7 @@ class _CorruptedRun:
         self.model, self.grid = model, grid
         n_layers = model.cfg.n_layers
         resid, _, _, self.attention_mask = model.input_to_embed(grid.corrupted)
-        entries = [TransformerLensKeyValueCacheEntry.init_cache_entry(model.cfg, resid.device, len(resid))
-                   for _ in range(n_layers)]
+        entries = [_empty_entry(model, resid) for _ in range(n_layers)]
         cache = hooks.cache([*(f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)), *grid.hook_names()])
         with cache.on(model):
             final = _run_blocks(model, {0: resid}, lambda layer, rows: entries[layer], self.attention_mask)
@@ -498,9 +513,36 @@ def _layout(site: str) -> str:
 
 
 def _n_heads(model: HookedTransformer, site: str) -> int:
+    """Heads of a per-head site: key/value heads for k and v (fewer under grouped-query attention)."""
+    return hooks.n_key_value_heads(model) if site in ("k", "v") else model.cfg.n_heads
+
+
+def _grouped(model: HookedTransformer, site: str) -> bool:
+    """Whether the site's heads are key/value heads each shared by several query heads."""
+    return site in ("k", "v") and _n_heads(model, site) < model.cfg.n_heads
+
+
+def _check_key_value_heads(model: HookedTransformer, site: str, heads) -> None:
+    """Out-of-range heads of a grouped k / v site: ValueError naming the key/value heads and their groups."""
+    if heads is None:
+        return
+    n_kv = _n_heads(model, site)
+    group = model.cfg.n_heads // n_kv
+    bad = [h for h in ([heads] if isinstance(heads, int) else [int(h) for h in heads]) if not -n_kv <= h < n_kv]
+    if bad:
+        raise ValueError(f"head {bad[0]} out of range for site {site!r}: this grouped-query model has {n_kv} "
+                         f"key/value heads (valid 0..{n_kv - 1}, or negative from the end) shared by "
+                         f"{model.cfg.n_heads} query heads; key/value head h is read by query heads "
+                         f"{group}h..{group}h+{group - 1}. To patch one query head's {site}, first call "
+                         f"model.set_ungroup_grouped_query_attention(True)")
+
+
+def _empty_entry(model: HookedTransformer, resid: Tensor) -> TransformerLensKeyValueCacheEntry:
+    """An empty key/value cache entry for a batch like `resid`, with as many heads as hook_k has
+    (TransformerLens' init_cache_entry ignores ``ungroup_grouped_query_attention``)."""
     cfg = model.cfg
-    grouped = site in ("k", "v") and cfg.n_key_value_heads is not None and not cfg.ungroup_grouped_query_attention
-    return cfg.n_key_value_heads if grouped else cfg.n_heads
+    empty = torch.empty(len(resid), 0, _n_heads(model, "k"), cfg.d_head, device=resid.device, dtype=cfg.dtype)
+    return TransformerLensKeyValueCacheEntry(empty, empty.clone())
 
 
 def _choose(chosen: Sequence[int] | None, size: int, what: str) -> list[int]:
@@ -590,4 +632,4 @@ def _token_labels(model: HookedTransformer, tokens: Tensor) -> list[str]:
 
 
 def _index_label(dim: str, label) -> str:
-    return {"layer": f"L{label}", "head": f"H{label}"}.get(dim, str(label))
+    return {"layer": f"L{label}", "head": f"H{label}", "kv_head": f"KV{label}"}.get(dim, str(label))

@@ -99,7 +99,7 @@ def from_ctranslate2(folder: str | Path) -> HookedWhisper:
     stored scales. Its config.json sets `suppress_tokens`, `begin_suppress_tokens` and
     `alignment_heads`. See `lenskit.whisper.ctranslate2` for the format and its errors."""
     read = ctranslate2.read_whisper(folder)
-    model = _build(WhisperConfig(**read.dims), read.state)
+    model = _build(WhisperConfig(**read.dims), read.state, owned=True)
     _check_vocabulary(Path(folder), model.cfg.n_vocab)
     config = read.config
     if config.get("suppress_ids") is not None:
@@ -218,11 +218,17 @@ def _hf_name_to_openai(name: str) -> str:
     return name
 
 
-def _build(cfg: WhisperConfig, openai_state: Mapping[str, Tensor]) -> HookedWhisper:
-    model = HookedWhisper(cfg)
+def _build(cfg: WhisperConfig, openai_state: Mapping[str, Tensor], owned: bool = False) -> HookedWhisper:
+    """A HookedWhisper holding the converted weights: built without memory on the meta device (no
+    random initialisation to throw away), then given the converted tensors. Tensors still sharing
+    memory with `openai_state` are copied, unless the caller `owned` them (made them for this call)."""
     state = lenskit_state_dict(cfg, openai_state)
-    with torch.no_grad():
-        model.load_state_dict(state, strict=True)
+    if not owned:
+        shared = {t.untyped_storage().data_ptr() for t in openai_state.values() if isinstance(t, Tensor)}
+        state = {k: v.clone() if v.untyped_storage().data_ptr() in shared else v for k, v in state.items()}
+    with torch.device("meta"):
+        model = HookedWhisper(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
 

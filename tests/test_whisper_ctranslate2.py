@@ -241,7 +241,8 @@ def write_small_whisper(folder, quantization: str | None, seed: int = 0, n_mels:
     encoder, decoder = spec.encoder, spec.decoder
     linear(encoder.conv1, "encoder/conv1", D, n_mels)
     encoder.conv1.weight = normal("encoder/conv1/weight", D, n_mels, 3, scale=0.1)
-    encoder.conv2.weight, encoder.conv2.bias = normal("encoder/conv2/weight", D, D, 3, scale=0.07), normal("encoder/conv2/bias", D, scale=0.1)
+    encoder.conv2.weight = normal("encoder/conv2/weight", D, D, 3, scale=0.07)
+    encoder.conv2.bias = normal("encoder/conv2/bias", D, scale=0.1)
     encoder.position_encodings.encodings = normal("encoder/position_encodings/encodings", AUDIO_CTX, D, scale=0.5)
     decoder.position_encodings.encodings = normal("decoder/position_encodings/encodings", TEXT_CTX, D, scale=0.5)
     tokens = tokens or [f"t{i}" for i in range(VOCAB - 5)] + [

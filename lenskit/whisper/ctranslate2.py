@@ -44,7 +44,11 @@ CTranslate2 fuses projections: self-attention's ``linear_0`` is query, key and v
 (``[3 d_model, d_model]``), cross-attention's ``linear_0`` the query and ``linear_1`` key and value
 stacked, the last linear the output; the converter writes zeros for Whisper's missing key bias.
 The folder's ``config.json`` gives the model's `suppress_tokens`, `begin_suppress_tokens` and
-`alignment_heads` (greedy decoding then suppresses what ctranslate2 suppresses).
+`alignment_heads` (greedy decoding then suppresses what ctranslate2 suppresses). The tokenizer
+follows the vocabulary size, as for every HookedWhisper: 51864 rows is English-only (openai-whisper's
+GPT-2 tokenizer), 51865 multilingual with 99 languages, 51866 large-v3's 100; its ids are the
+folder's vocabulary (Hugging Face names two special tokens differently: ``<|iw|>`` for ``<|he|>``,
+``<|nocaptions|>`` for ``<|nospeech|>``).
 
 Bad input raises lenskit's errors: `FileNotFoundError` for a missing folder or ``model.bin``,
 `CTranslate2FormatError` (a ValueError) for a truncated or corrupt file, an unknown binary version,
@@ -74,7 +78,8 @@ MAX_WHISPER_REVISION = 3
 DTYPES = {0: torch.float32, 1: torch.int8, 2: torch.int16, 3: torch.int32, 4: torch.float16, 5: torch.bfloat16}
 DTYPE_NAMES = {0: "float32", 1: "int8", 2: "int16", 3: "int32", 4: "float16", 5: "bfloat16"}
 # binary versions 1-3 stored the item size instead (ctranslate2's old, "flawed" logic: 2 bytes meant int16)
-_ITEM_SIZES = {4: 0, 2: 2, 1: 1}
+_ITEM_SIZES = {4: 0, 2: 2, 1: 1}  # item size -> dtype id
+
 
 class CTranslate2FormatError(ValueError):
     """A CTranslate2 file that lenskit cannot read: truncated, corrupt, or of an unsupported kind."""
@@ -223,7 +228,7 @@ def read_model_bin(path: str | Path) -> ModelBin:
                 if item_size not in _ITEM_SIZES:
                     raise CTranslate2FormatError(f"{path}: variable {name} has item size {item_size}; binary version "
                                                  f"{version} knows 4 (float32), 2 (int16) and 1 (int8)")
-                type_id = {4: 0, 2: 2, 1: 1}[item_size]
+                type_id = _ITEM_SIZES[item_size]
                 n_bytes = reader.number("I", f"the size of {name}") * item_size
             dtype = DTYPES[type_id]
             expected = math.prod(shape) * dtype.itemsize

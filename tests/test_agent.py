@@ -21,6 +21,7 @@ from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
 import lenskit
+from lenskit import metrics
 from lenskit.agent import AgentError, ExperimentLog, Lab, build_server, run_agent
 from lenskit.cli import main as cli_main
 
@@ -65,6 +66,8 @@ def test_mcp_server_serves_every_text_tool_with_lenskit_numbers(tmp_path, ioi_mo
         ("attribute", {"model": MODEL, "prompt": PROMPT, "answer": " Mary", "wrong": " John", "by": "layer"}),
         ("patch", {"model": MODEL, "prompt": PROMPT, "corrupted": CORRUPTED, "answer": " Mary", "wrong": " John"}),
         ("surgery", {"model": MODEL, "prompt": PROMPT, "blocks": [0, 1, 3], "generate_tokens": 4}),
+        ("path_patch", {"model": MODEL, "prompt": PROMPT, "corrupted": CORRUPTED, "answer": " Mary", "wrong": " John",
+                        "receivers": [[3, 0, "q"], [3, 1, "q"]]}),
         ("flow_summary", {"model": MODEL, "prompt": PROMPT, "top": 3}),
         ("head_detectors", {"model": MODEL, "prompt": "a b c d e f g a b c d e f g", "kind": "induction"}),
         ("list_models", {}),
@@ -73,7 +76,7 @@ def test_mcp_server_serves_every_text_tool_with_lenskit_numbers(tmp_path, ioi_mo
     ]
     tools, results = anyio.run(mcp_session, tmp_path, calls)
     names = {tool.name for tool in tools.tools}
-    assert names == {"list_models", "model_info", "generate", "logit_lens", "attribute", "patch", "surgery",
+    assert names == {"list_models", "model_info", "generate", "logit_lens", "attribute", "patch", "path_patch", "surgery",
                      "flow_summary", "head_detectors", "transcribe", "layer_removal", "note"}
     schema = next(tool for tool in tools.tools if tool.name == "patch").input_schema
     assert set(schema["required"]) == {"model", "prompt", "corrupted", "answer", "wrong"}
@@ -83,18 +86,24 @@ def test_mcp_server_serves_every_text_tool_with_lenskit_numbers(tmp_path, ioi_mo
     assert all(text.startswith(f"[experiment {i + 1}]") for i, text in enumerate(texts[:-1]))
 
     assert "lenskit/ioi-4l" in texts[0] and "in memory" not in texts[0]
-    assert "in memory: lenskit/ioi-4l" in texts[9]  # loaded once by the first analysis, kept
+    assert "in memory: lenskit/ioi-4l" in texts[10]  # loaded once by the first analysis, kept
     assert "4 layers" in texts[1] and "blocks.L.attn.hook_q/k/v/z" in texts[1]
     expected = ioi_model.generate(PROMPT, max_new_tokens=3, do_sample=False, verbose=False)[len(PROMPT):]
     assert f"continuation: {expected!r}" in texts[2]
     assert f"= {logit_diff(ioi_model, PROMPT):.3f}" in texts[4]
     assert f"clean {logit_diff(ioi_model, PROMPT):.3f}, corrupted {logit_diff(ioi_model, CORRUPTED):.3f}" in texts[5]
     assert "blocks [0, 1, 3]" in texts[6] and "more likely" in texts[6]
-    for i, tool in ((3, "logit_lens"), (5, "patch"), (7, "flow"), (8, "head_detectors")):
+    grid = lenskit.path_patch(ioi_model, PROMPT, CORRUPTED, metrics.logit_diff(" Mary", " John"),
+                              receivers=[(3, 0, "q"), (3, 1, "q")], progress=False).normalised().to_frame().dropna(subset=["value"])
+    strongest = grid.loc[grid.value.abs().idxmax()]
+    table = texts[7].split("largest |value| first:\n")[1].splitlines()
+    assert table[1].split() == [str(int(strongest["layer"])), str(int(strongest["head"])), f"{strongest['value']:.3f}"]
+    assert "path patching heads -> L3H0.q, L3H1.q" in texts[7]
+    for i, tool in ((3, "logit_lens"), (5, "patch"), (7, "path_patch"), (8, "flow"), (9, "head_detectors")):
         picture = texts[i].rsplit("picture: ", 1)[1].strip()
         assert picture.startswith(str(tmp_path.resolve())) and picture.endswith(f"-{tool}.html")
         assert "<html" in open(picture).read().lower()
-    assert texts[10].startswith("[note 1]")
+    assert texts[11].startswith("[note 1]")
 
     log = ExperimentLog(tmp_path / "experiments.db")
     experiments = log.experiments()

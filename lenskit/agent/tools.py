@@ -186,12 +186,36 @@ def patch(lab: Lab, model: str, prompt: str, corrupted: str, answer: str, wrong:
     result = run_patch(lab.model(model), prompt, corrupted, metrics.logit_diff(answer, wrong), site=site, by=by,
                        progress=False)
     normalised = result.normalised()
-    frame = normalised.to_frame()
+    frame = _compact(normalised.to_frame())
     largest = frame.reindex(frame.value.abs().sort_values(ascending=False).index).head(top)
     picture = lab.picture_path("patch")
     viz.save_page([normalised.plot(title=f"patching {site} by {by} (0 = corrupted, 1 = clean)")], picture)
     text = (f"logit diff: clean {result.clean_value:.3f}, corrupted {result.corrupted_value:.3f}\n"
             f"patched {site} by {by}, normalised, largest |value| first:\n"
+            f"{largest.to_string(index=False, float_format='%.3f')}")
+    return Finding(text, str(picture), model)
+
+
+def path_patch(lab: Lab, model: str, prompt: str, corrupted: str, answer: str, wrong: str,
+               senders: Literal["heads", "mlps"] = "heads",
+               receivers: list[tuple[int, int, Literal["q", "k", "v"]]] | None = None, top: int = 10) -> Finding:
+    """Path patching (the IOI paper's method): run `corrupted`, and let one sender's (head's or MLP's) clean
+    output reach only the receivers: the logits (default), or the q/k/v of the given heads
+    [[layer, head, "q"], ...]. Measures logit(answer) - logit(wrong), normalised: 0 = corrupted run, 1 = clean
+    run. Senders after every receiver are blank. Writes a heatmap of the grid."""
+    _check_range("top", top, 1, 50)
+    from lenskit.path_patching import path_patch as run_path_patch
+
+    result = run_path_patch(lab.model(model), prompt, corrupted, metrics.logit_diff(answer, wrong), senders=senders,
+                            receivers="logits" if receivers is None else [tuple(r) for r in receivers], progress=False)
+    normalised = result.normalised()
+    frame = _compact(normalised.to_frame()).dropna(subset=["value"])
+    largest = frame.reindex(frame.value.abs().sort_values(ascending=False).index).head(top)
+    picture = lab.picture_path("path_patch")
+    target = "the logits" if receivers is None else ", ".join(f"L{r[0]}H{r[1]}.{r[2]}" for r in receivers)
+    viz.save_page([normalised.plot(title=f"path patching {senders} -> {target} (0 = corrupted, 1 = clean)")], picture)
+    text = (f"logit diff: clean {result.clean_value:.3f}, corrupted {result.corrupted_value:.3f}\n"
+            f"path patching {senders} -> {target}, normalised, largest |value| first:\n"
             f"{largest.to_string(index=False, float_format='%.3f')}")
     return Finding(text, str(picture), model)
 
@@ -271,9 +295,16 @@ def layer_removal(lab: Lab, model: str, audio: str, reference: str,
     return Finding(table.to_string(index=False, float_format="%.3f"), model=model)
 
 
-TOOLS = [list_models, model_info, generate, logit_lens, attribute, patch, surgery, flow_summary, head_detectors,
+TOOLS = [list_models, model_info, generate, logit_lens, attribute, patch, path_patch, surgery, flow_summary, head_detectors,
          transcribe, layer_removal]
 """Every experiment tool, in the order an agent sees them (`note` is the log's, in the server)."""
+
+
+def _compact(frame):
+    """A result frame without the label columns that only repeat their index column (layer_label == layer)."""
+    repeated = [f"{c}_label" for c in frame.columns
+                if f"{c}_label" in frame and (frame[f"{c}_label"].astype(str) == frame[c].astype(str)).all()]
+    return frame.drop(columns=repeated)
 
 
 def _check_range(name: str, value: int, low: int, high: int) -> None:

@@ -88,13 +88,17 @@ def bench_forward(repeats: int) -> dict:
     }, repeats)
 
 
-@torch.inference_mode()
 def bench_decoding(repeats: int, n_tokens: int) -> dict:
     import whisper
 
     reference = openai_tiny()
-    model = from_openai(reference)
+    model = from_openai(reference)  # loaded outside inference mode, as a user would
     mel = torch.randn(1, TINY.n_mels, TINY.n_frames, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        return _bench_decoding(whisper, reference, model, mel, repeats, n_tokens)
+
+
+def _bench_decoding(whisper, reference, model, mel, repeats: int, n_tokens: int) -> dict:
     audio = reference.encoder(mel)
     tokenizer = get_tokenizer(model)
     options = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False, sample_len=n_tokens,
@@ -152,12 +156,16 @@ def speech_mel(n_mels: int) -> torch.Tensor:
         return model_input(wav, n_mels)
 
 
-@torch.inference_mode()
 def bench_decoding_real(name: str, repeats: int, n_tokens: int, threads: int) -> dict:
+    folder, model, reference = real_model(name)  # loaded outside inference mode, as a user would
+    mel = speech_mel(model.cfg.n_mels)
+    with torch.inference_mode():
+        return _bench_decoding_real(folder, model, reference, mel, repeats, n_tokens, threads)
+
+
+def _bench_decoding_real(folder, model, reference, mel, repeats: int, n_tokens: int, threads: int) -> dict:
     import whisper
 
-    folder, model, reference = real_model(name)
-    mel = speech_mel(model.cfg.n_mels)
     audio = reference.encoder(mel)
     tokenizer = get_tokenizer(model)
     options = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False, sample_len=n_tokens,

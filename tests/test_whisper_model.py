@@ -213,3 +213,27 @@ def test_load_dispatches_names_to_their_download_paths(monkeypatch, small_pair):
     assert isinstance(load("tiny"), HookedWhisper) and isinstance(load("base.en"), HookedWhisper)
     assert isinstance(load("openai/whisper-tiny"), HookedWhisper)
     assert calls == [("openai", "tiny"), ("openai", "base.en"), ("hf", "openai/whisper-tiny")]
+
+
+def test_unembedding_copy_follows_every_change_of_the_embedding():
+    """Without autograd the decoder unembeds through a cached contiguous W_E.T: in-place edits, new data and
+    inference mode all give the logits of the differentiable path."""
+    model = HookedWhisper(SMALL).eval()
+    mel, tokens = inputs(SMALL, batch=1)
+
+    def both():
+        with torch.no_grad():
+            cached = model(mel, tokens)
+        return cached, model(mel, tokens)  # grad enabled: F.linear against W_E itself
+
+    before, reference = both()
+    torch.testing.assert_close(before, reference, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        model.decoder.W_E[tokens[0, 0]] += torch.randn(SMALL.n_text_state, generator=torch.Generator().manual_seed(0))
+    after, reference = both()
+    assert (after - before).abs().max() > 0.01
+    torch.testing.assert_close(after, reference, atol=1e-5, rtol=0)
+    model.decoder.W_E.data = torch.randn_like(model.decoder.W_E)
+    with torch.inference_mode():
+        fresh = model(mel, tokens)
+    torch.testing.assert_close(fresh, model(mel, tokens), atol=1e-5, rtol=0)

@@ -119,6 +119,30 @@ class TextDecoder(nn.Module):
         self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]
         self.blocks = nn.ModuleList([DecoderBlock(d_model, cfg.n_text_head) for _ in range(cfg.n_text_layer)])
         self.ln_final = LayerNorm(d_model)
+        self._unembed_source: Tensor | None = None  # W_E (detached) when the copy below was made
+        self._unembed_version = -1
+        self._unembed_weight: Tensor | None = None  # W_E.T, contiguous
+
+    def unembed(self, normalized: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
+        """``normalized @ W_E.T``, the tied unembedding.
+
+        Without autograd it multiplies by a contiguous copy of ``W_E.T``, made once and remade
+        whenever W_E changes (new data, or an in-place edit): at a decoding step that
+        matrix-vector product takes half the time of one against the transposed W_E (greedy
+        decoding 1.3x faster on tiny.en), for an extra copy of the embedding in memory. Weights
+        made under ``torch.inference_mode`` keep no version counter to notice edits by: they take
+        the plain product.
+        """
+        if torch.is_grad_enabled() or self.W_E.is_inference():
+            return F.linear(normalized, self.W_E)
+        source = self._unembed_source
+        if (source is None or source.data_ptr() != self.W_E.data_ptr() or source.shape != self.W_E.shape
+                or source.dtype != self.W_E.dtype or source.device != self.W_E.device
+                or self._unembed_version != self.W_E._version):
+            self._unembed_source = self.W_E.detach()  # keeps that storage alive: its address cannot be reused
+            self._unembed_version = self.W_E._version
+            self._unembed_weight = self.W_E.detach().T.contiguous()
+        return normalized @ self._unembed_weight
 
     def forward(
         self,
@@ -135,7 +159,7 @@ class TextDecoder(nn.Module):
         resid = embed + self.hook_pos_embed(positions)
         for layer, block in enumerate(self.blocks):
             resid = block(resid, audio, None if cache is None else cache.layers[layer])
-        return F.linear(self.ln_final(resid), self.W_E)
+        return self.unembed(self.ln_final(resid))
 
 
 class HookedWhisper(HookedRootModule):

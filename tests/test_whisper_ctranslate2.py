@@ -418,6 +418,8 @@ def test_save_keeps_the_decoding_facts(small_folders, tmp_path):
     again = whisper.load(tmp_path / "saved")
     assert (again.suppress_tokens, again.begin_suppress_tokens, again.alignment_heads) == ([3, 5], [EOT], [(2, 0), (1, 1)])
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    direct = whisper.load(small_folders[0]["int8"] / "model.bin")  # the file itself names its folder
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), direct.state_dict().values()))
 
 
 def test_whisper_variables_are_checked(small_folders, tmp_path):

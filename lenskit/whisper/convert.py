@@ -188,6 +188,8 @@ def load(name_or_path: str | Path, device: str | torch.device | None = None, dow
         model = from_ctranslate2(path)
     elif path.is_dir():
         model = from_hf(path)
+    elif path.is_file() and path.name == ctranslate2.BINARY_FILE:
+        model = from_ctranslate2(path.parent)
     elif path.is_file():
         model = from_openai(path)
     elif str(name_or_path) in OPENAI_NAMES:

@@ -261,12 +261,12 @@ _SCALARS = ("encoder/num_heads", "decoder/num_heads", "decoder/activation", "dec
 
 @dataclass(frozen=True)
 class WhisperFolder:
-    """A CTranslate2 Whisper folder read: openai-whisper's dims and state dict, and its config.json."""
+    """A CTranslate2 Whisper folder read: openai-whisper's dims and state dict (float32), and its config.json."""
 
     dims: dict[str, int]
     state: dict[str, Tensor]
     config: dict
-    table: ModelBin
+    path: Path
 
 
 def read_whisper(folder: str | Path) -> WhisperFolder:
@@ -285,7 +285,7 @@ def read_whisper(folder: str | Path) -> WhisperFolder:
                                      f"reads (up to {MAX_WHISPER_REVISION})")
     dims, state = openai_state_dict(table)
     config = _read_config(folder, dims["n_vocab"])
-    return WhisperFolder(dims, state, config, table)
+    return WhisperFolder(dims, state, config, table.path)  # the table itself is freed: only float32 copies stay
 
 
 def openai_state_dict(table: ModelBin) -> tuple[dict[str, int], dict[str, Tensor]]:

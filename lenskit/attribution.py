@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import einops
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
@@ -169,10 +170,7 @@ class Part:
 
     def labels(self) -> pd.DataFrame:
         """One row per entry: component, layer and the index of each dim."""
-        index = torch.cartesian_prod(*(torch.arange(n) for n in self.shape)).reshape(-1, len(self.dims)) if self.dims else None
-        columns = {"component": self.component, "layer": self.layer}
-        columns |= {dim: index[:, k].numpy() for k, dim in enumerate(self.dims)}
-        return pd.DataFrame(columns, index=range(self.values.shape[1]))
+        return _labels([self])
 
 
 def _parts(model, store, by, rows, positions, direction) -> list[Part]:
@@ -241,9 +239,7 @@ def _per_prompt_ids(model, tokens, batch: int, what: str) -> Tensor:
 
 def _frame(model, tokens: Tensor, parts: list[Part], true_value: Tensor, per_prompt: bool) -> pd.DataFrame:
     """The tidy result: one row per part (and prompt), sorted by |value|."""
-    labels = pd.concat([part.labels() for part in parts], ignore_index=True).reindex(columns=COLUMNS[:-2])
-    for column in ("layer", "head", "neuron", "src_pos"):
-        labels[column] = labels[column].astype("Int64")
+    labels = _labels(parts)
     source_tokens = [_source_token(model, tokens, j) for j in range(tokens.shape[1])]
     has_source = labels["src_pos"].notna().to_numpy()
     labels["token"] = None
@@ -258,6 +254,31 @@ def _frame(model, tokens: Tensor, parts: list[Part], true_value: Tensor, per_pro
     frame.attrs.update(total=values.sum(1).mean().item(), logit_diff=true_value.float().mean().item(),
                        per_prompt=true_value.float().cpu())
     return frame
+
+
+def _labels(parts: list[Part]) -> pd.DataFrame:
+    """The label columns (component, layer, head, neuron, src_pos) of every entry of `parts`, in order.
+
+    Built from whole numpy columns (one row per entry, the last dim varying fastest), not one frame
+    per part: a per-neuron decomposition has tens of thousands of rows in about a hundred parts.
+    """
+    sizes = [part.values.shape[1] for part in parts]
+    total = sum(sizes)
+    columns = {"component": pd.Series(np.repeat(np.array([part.component for part in parts], dtype=object), sizes))}
+    integers = {name: (np.zeros(total, dtype=np.int64), np.ones(total, dtype=bool)) for name in COLUMNS[1:5]}
+    start = 0
+    for part, size in zip(parts, sizes):
+        window = slice(start, start + size)
+        if part.layer is not None:
+            integers["layer"][0][window], integers["layer"][1][window] = part.layer, False
+        if part.dims:
+            index = np.indices(part.shape).reshape(len(part.dims), -1)
+            for k, dim in enumerate(part.dims):
+                integers[dim][0][window], integers[dim][1][window] = index[k], False
+        start += size
+    for name, (values, missing) in integers.items():
+        columns[name] = pd.arrays.IntegerArray(values, missing)
+    return pd.DataFrame(columns, index=pd.RangeIndex(total))
 
 
 def _source_token(model, tokens: Tensor, src_pos: int) -> str | None:

@@ -26,7 +26,9 @@ them read (`query_heads` lists them). That is the only intervention the grouped 
 holds, and it is what the model computes: one key vector per key/value head. To change the keys or
 values of a single query head, ungroup first with TransformerLens' own switch,
 ``model.set_ungroup_grouped_query_attention(True)`` (the same outputs; k/v hooks then hold one
-copy per query head, [batch, pos, n_heads, d_head]), and ``head=`` indexes query heads there.
+copy per query head, [batch, pos, n_heads, d_head]), and ``head=`` indexes query heads there
+(TransformerLens 3.9's ``generate`` with its key/value cache fails on an ungrouped model: pass
+``use_past_kv_cache=False``).
 An index outside the key/value heads (head=5 where there are 3) raises ValueError naming the
 valid range and the grouping.
 

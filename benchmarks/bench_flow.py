@@ -1,4 +1,5 @@
-"""Benchmark lenskit.flow against the reference method, on a GPT-2-small-shaped model with random weights, CPU.
+"""Benchmark lenskit.flow against the reference method, CPU: a GPT-2-small-shaped model with random weights
+(default) or any lenskit.load model (--model smollm2-135m: prompts are English text, not random tokens).
 
 lenskit.flow builds the full graph (every layer, every target position) and its DataFrame. It is
 timed against one forward pass with a full cache (TransformerLens run_with_cache) and against
@@ -10,16 +11,18 @@ differently: it adds b_V to hook_v, which holds it already, drops b_O, and mater
 [pos, pos, head, d_model] parts of each layer.
 
 All in one process, interleaved: median wall and CPU time over repeats (CPU time, over all
-threads, is steadier on a shared machine), and ratios to the forward pass. Then, each in a fresh
+threads, is steadier on a shared machine), and ratios to the forward pass. Target: the full
+graph at 128 tokens within 2x the forward pass with cache (CPU time). Then, each in a fresh
 subprocess, peak memory above the forward pass's (peak RSS, /proc VmHWM reset through clear_refs)
 for growing lengths: lenskit's should grow no faster than T^2 * heads per layer. Last, accuracy:
 how far each method's attention parts are from summing to resid_mid, and the largest difference
 between lenskit's shares and the dense float64 definition.
 
     python benchmarks/bench_flow.py            # 64 and 128 tokens; memory at 128, 256, 512 (the tool's: 64, 128)
+    python benchmarks/bench_flow.py --model smollm2-135m --threads 1
     python benchmarks/bench_flow.py --quick    # 16 and 32 tokens, one repeat
 
-Prints a table and writes benchmarks/results/bench_flow.json.
+Prints a table and writes benchmarks/results/bench_flow.json (bench_flow_<model>.json with --model).
 """
 
 import argparse
@@ -34,13 +37,15 @@ import networkx as nx
 import torch
 from transformer_lens import ActivationCache, HookedTransformer, HookedTransformerConfig
 
-from bench_cache import GPT2_SMALL, in_subprocess, reset_peak_rss, rss_mb
+from bench_cache import GPT2_SMALL, add_model_argument, describe, in_subprocess, load_model, prompt_tokens, reset_peak_rss, \
+    rss_mb
 from lenskit.flow import flow
 
 warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
 
 RESULTS = Path(__file__).parent / "results" / "bench_flow.json"
 THRESHOLD = 0.04
+TARGET_RATIO, TARGET_POS = 2.0, 128
 
 
 # --- the reference method: the LM Transparency Tool's code path -------------------------------------
@@ -118,6 +123,10 @@ def reference_graph(model: HookedTransformer, tokens: torch.Tensor, threshold: f
 # --- timing ------------------------------------------------------------------------------------
 
 
+def get_model(name: str | None) -> HookedTransformer:
+    return load_model(name) if name else gpt2_small()
+
+
 def gpt2_small() -> HookedTransformer:
     """GPT-2-small shape, random weights; biases random too (TransformerLens starts them at 0),
     so that what each method does with b_V and b_O shows in the accuracy table."""
@@ -171,10 +180,10 @@ def accuracy(model: HookedTransformer, tokens: torch.Tensor) -> dict[str, float]
 # --- memory, in fresh subprocesses ----------------------------------------------------------------
 
 
-def memory_worker(method: str, n_pos: int) -> dict:
+def memory_worker(method: str, n_pos: int, model_name: str | None) -> dict:
     """Peak RSS of one flow (or reference) run above that of a forward pass with full cache."""
-    model = gpt2_small()
-    tokens = torch.randint(0, model.cfg.d_vocab, (1, n_pos), generator=torch.Generator().manual_seed(0))
+    model = get_model(model_name)
+    tokens = prompt_tokens(model, n_pos, 0)
     peaks = {}
     with torch.inference_mode():
         model.run_with_cache(tokens)  # warm-up
@@ -195,18 +204,25 @@ def memory_worker(method: str, n_pos: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small smoke run")
-    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    add_model_argument(parser)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.worker:
-        print(json.dumps(memory_worker(args.worker[0], int(args.worker[1]))))
+        method, n_pos, name = args.worker
+        print(json.dumps(memory_worker(method, int(n_pos), None if name == "-" else name)))
         return
 
     lengths, repeats = ((16, 32), 1) if args.quick else ((64, 128), 5)
     memory_lengths = (16, 32, 64) if args.quick else (128, 256, 512)
-    model = gpt2_small()
+    model = get_model(args.model)
+    label = describe(model, args.model)
+    cfg = {key: getattr(model.cfg, key) for key in ("n_layers", "d_model", "n_heads", "n_key_value_heads", "d_head", "d_mlp", "d_vocab")}
     rows = []
     for n_pos in lengths:
-        tokens = torch.randint(0, model.cfg.d_vocab, (1, n_pos), generator=torch.Generator().manual_seed(n_pos))
+        tokens = prompt_tokens(model, n_pos, n_pos)
         times = time_variants({
             "forward with cache (TL run_with_cache)": lambda: model.run_with_cache(tokens),
             "lenskit.flow, full graph + edges": lambda: flow(model, tokens, progress=False).edges,
@@ -219,17 +235,23 @@ def main() -> None:
                      "ratios": {name: {clock: m[clock] / forward[clock] for clock in m} for name, m in medians.items()},
                      "accuracy": accuracy(model, tokens)})
     del model
-    memory = [in_subprocess(__file__, "lenskit", n_pos) for n_pos in memory_lengths]
-    memory += [in_subprocess(__file__, "reference", n_pos) for n_pos in lengths]  # [pos, pos, head, d_model] per layer
+    worker = [args.model or "-", *(["--threads", str(args.threads)] if args.threads else [])]
+    memory = [in_subprocess(__file__, "lenskit", n_pos, *worker) for n_pos in memory_lengths]
+    memory += [in_subprocess(__file__, "reference", n_pos, *worker) for n_pos in lengths]  # [pos, pos, head, d_model] per layer
 
-    cfg = GPT2_SMALL
-    print(f"GPT-2-small-shaped model, random weights, CPU ({torch.get_num_threads()} threads), torch {torch.__version__}")
+    print(f"{label}; CPU ({torch.get_num_threads()} threads), torch {torch.__version__}")
+    print("prompts: " + ("random token ids" if args.model is None else "English text (bench_cache.TEXT)"))
     print(f"\n(a) time, 1 prompt, threshold {THRESHOLD}, median of interleaved repeats; ratio = time / forward with cache")
     print(f"  {'tokens':>6}  {'method':<40} {'wall s':>8} {'ratio':>6} {'cpu s':>8} {'ratio':>6}")
     for row in rows:
         for name, median in row["medians"].items():
             ratio = row["ratios"][name]
             print(f"  {row['pos']:>6}  {name:<40} {median['wall']:>8.3f} {ratio['wall']:>6.2f} {median['cpu']:>8.3f} {ratio['cpu']:>6.2f}")
+        if row["pos"] == TARGET_POS:
+            ratio = row["ratios"]["lenskit.flow, full graph + edges"]["cpu"]
+            row["target"] = {"ratio_cpu": ratio, "max_ratio": TARGET_RATIO, "met": ratio <= TARGET_RATIO}
+            print(f"  target: lenskit.flow at {TARGET_POS} tokens within {TARGET_RATIO:g}x the forward with cache (CPU): "
+                  f"{ratio:.2f}x, {'met' if ratio <= TARGET_RATIO else 'MISSED'}")
     print("\n(b) peak memory above the starting point (MB), fresh subprocess each; scale = T^2 * heads * layers * 4 bytes")
     scale = lambda n: n * n * cfg["n_heads"] * cfg["n_layers"] * 4 / 2**20  # noqa: E731
     print(f"  {'method':<9} {'tokens':>6} {'peak MB':>8} {'fwd+cache MB':>13} {'scale MB':>9} {'peak / scale':>12} "
@@ -246,13 +268,14 @@ def main() -> None:
               f"{acc['tool_parts_sum_error']:.2e} (b_V twice, no b_O); lenskit shares vs float64 definition "
               f"{acc['lenskit_share_error_vs_float64']:.2e}")
 
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({
+    results = RESULTS.with_name(f"bench_flow_{Path(args.model).name}.json") if args.model else RESULTS
+    results.parent.mkdir(exist_ok=True)
+    results.write_text(json.dumps({
         "quick": args.quick, "machine": platform.machine(), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "model": cfg, "threshold": THRESHOLD, "repeats": repeats,
-        "timing": rows, "memory": memory,
+        "torch": torch.__version__, "model": args.model or GPT2_SMALL, "model_description": label, "shape": cfg,
+        "threshold": THRESHOLD, "repeats": repeats, "timing": rows, "memory": memory,
     }, indent=1))
-    print(f"\nwrote {RESULTS}")
+    print(f"\nwrote {results}")
 
 
 if __name__ == "__main__":

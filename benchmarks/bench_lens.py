@@ -1,4 +1,5 @@
-"""Benchmark the logit lens on a GPT-2-small-shaped model with random weights.
+"""Benchmark the logit lens on a GPT-2-small-shaped model with random weights (default) or any lenskit.load
+model (--model smollm2-135m).
 
 lenskit.logit_lens over every residual stream (13) and every position, keeping the top 5, against
 the naive full-vocabulary lens: run_with_cache, ActivationCache.accumulated_resid, ln_final and
@@ -10,9 +11,12 @@ and the largest difference between their top-k probabilities. Each input length 
 subprocess.
 
     python benchmarks/bench_lens.py            # 1 x 128 and 1 x 1024 tokens
+    python benchmarks/bench_lens.py --model smollm2-135m --lengths 128 512
     python benchmarks/bench_lens.py --quick    # 1 x 16 and 1 x 64 tokens, one repeat
 
-Prints a table and writes benchmarks/results/bench_lens.json. Other benchmarks can call
+The naive lens holds [layers, pos, vocab] float32 logits twice (logits and probabilities): with
+smollm2-135m's 31 streams and 49152 tokens that is 6 GB per copy at 1024 tokens, hence --lengths.
+Prints a table and writes benchmarks/results/bench_lens.json (bench_lens_<model>.json with --model). Other benchmarks can call
 `lens_benchmark(model, tokens)` directly.
 """
 
@@ -33,6 +37,9 @@ from transformer_lens import HookedTransformer
 
 import lenskit
 from lenskit.lens import logit_lens
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_cache import add_model_argument, prompt_tokens  # noqa: E402
 
 warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
 
@@ -107,9 +114,9 @@ def _proc_status_mb(field: str) -> float:
     return int(line.split()[1]) / 1024
 
 
-def worker(pos: int, repeats: int, device: str) -> list[dict]:
-    model = lenskit.load(SHAPE, device=device)
-    tokens = torch.randint(0, model.cfg.d_vocab, (1, pos), generator=torch.Generator().manual_seed(0)).to(device)
+def worker(pos: int, repeats: int, device: str, model_name: str | None = None) -> list[dict]:
+    model = lenskit.load(SHAPE, device=device) if model_name is None else lenskit.load(model_name, device=device).eval()
+    tokens = prompt_tokens(model, pos, 0).to(device)
     return lens_benchmark(model, tokens, repeats=repeats)
 
 
@@ -117,22 +124,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short inputs, one repeat")
     parser.add_argument("--device", default="cpu")
+    add_model_argument(parser)
+    parser.add_argument("--lengths", type=int, nargs="+", help="prompt lengths (default 128 1024; --quick: 16 64)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--worker", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.device)))
+        print(json.dumps(worker(*args.worker, args.device, args.model)))
         return
 
-    runs = [(16, 1), (64, 1)] if args.quick else [(128, 3), (1024, 1)]
+    lengths = args.lengths or ([16, 64] if args.quick else [128, 1024])
+    runs = [(pos, 1 if args.quick or pos > 512 else 3) for pos in lengths]
     rows = []
     for pos, repeats in runs:
         command = [sys.executable, __file__, "--worker", str(pos), str(repeats), "--device", args.device]
+        command += (["--model", args.model] if args.model else []) + (["--threads", str(args.threads)] if args.threads else [])
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(done.stderr)
         rows += json.loads(done.stdout.strip().splitlines()[-1])
 
-    print(f"logit lens, GPT-2-small-shaped model ({SHAPE.name}), random weights, {args.device} "
+    model_label = args.model or f"GPT-2-small-shaped model ({SHAPE.name}), random weights"
+    print(f"logit lens, {model_label}, {args.device} "
           f"({torch.get_num_threads()} threads), torch {torch.__version__}; all layers and positions, top 5")
     print(f"{'tokens':<8} {'method':<28} {'wall s':>8} {'CPU s':>8} {'peak MB':>8} {'[L,pos,vocab] MB':>17} "
           f"{'max |dp|':>9}")
@@ -148,12 +163,13 @@ def main() -> None:
               f"CPU time {ratios[-1]['cpu_time_naive_over_lenskit']:.2f}x, "
               f"peak memory {ratios[-1]['peak_memory_naive_over_lenskit']:.1f}x")
 
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({
+    results = RESULTS.with_name(f"bench_lens_{Path(args.model).name}.json") if args.model else RESULTS
+    results.parent.mkdir(exist_ok=True)
+    results.write_text(json.dumps({
         "quick": args.quick, "device": args.device, "machine": platform.machine(), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "model": json.loads(SHAPE.read_text()), "rows": rows, "ratios": ratios,
+        "torch": torch.__version__, "model": args.model or json.loads(SHAPE.read_text()), "rows": rows, "ratios": ratios,
     }, indent=1))
-    print(f"wrote {RESULTS}")
+    print(f"wrote {results}")
 
 
 if __name__ == "__main__":

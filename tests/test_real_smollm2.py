@@ -328,8 +328,7 @@ def test_attribution_patching_correlates_with_exact_patching(model, clean, corru
     estimate = lenskit.attribution_patch(model, clean, corrupted, METRIC, site=site, by=by)
     assert estimate.dims == exact.dims and estimate.corrupted_value == pytest.approx(exact.corrupted_value, abs=1e-4)
     correlation = torch.corrcoef(torch.stack([exact.tensor.flatten(), estimate.tensor.flatten()]))[0, 1].item()
-    assert correlation == pytest.approx(measured, abs=0.003)
-    assert correlation > measured - 0.03
+    assert correlation > measured - 0.02, f"correlation {correlation:.3f}, measured {measured}"
 
 
 # --- flow, head detectors, surgery -----------------------------------------------------------------

@@ -8,10 +8,11 @@ Decoding follows openai-whisper's ``decode`` with ``without_timestamps=True`` an
 0: the start-of-transcript sequence then ``<|notimestamps|>``, blank outputs and non-speech
 tokens suppressed, greedy choice until ``<|endoftext|>``. A model that carries its own
 suppressed sets (`HookedWhisper.suppress_tokens` / ``begin_suppress_tokens``, e.g. from a
-CTranslate2 folder's config.json) has those suppressed instead, as ctranslate2 does. Hooks see every decoding step:
-under the key/value cache a step's activations cover its new position only (attention
-patterns cover all keys), and cross-attention keys and values are computed, and hooked, at
-the first step only.
+CTranslate2 folder's config.json) has those suppressed instead, as ctranslate2 does.
+
+Hooks see every decoding step: under the key/value cache a step's activations cover its new
+position only (attention patterns cover all keys), and cross-attention keys and values are
+computed, and hooked, at the first step only.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import torch
 
 import lenskit
 from lenskit import metrics
-from reference.path_patching import path_patch_two_runs
+from reference.path_patching import caches, path_patch_two_runs
 from conftest import make_model
 
 TOLERANCE = 1e-4
@@ -135,8 +135,11 @@ def test_smollm2_name_mover_paths_equal_the_reference(smollm2):
                                     receivers=[(23, 3, "q"), (24, 4, "q")], progress=False)
     clean_tokens, corrupted_tokens = smollm2.to_tokens(prompt), smollm2.to_tokens(corrupted)
     bound = metric.bind(smollm2)
+    runs = caches(smollm2, clean_tokens, corrupted_tokens)
     for value, sender in zip(result.tensor.tolist(), senders):
-        assert value == pytest.approx(path_patch_two_runs(smollm2, clean_tokens, corrupted_tokens, bound, sender), abs=1e-3)
+        expected = path_patch_two_runs(smollm2, clean_tokens, corrupted_tokens, bound, sender, runs=runs)
+        assert value == pytest.approx(expected, abs=1e-3)
     for value, sender in zip(to_queries.tensor.tolist(), senders[2:]):
-        expected = path_patch_two_runs(smollm2, clean_tokens, corrupted_tokens, bound, sender, [(23, 3, "q"), (24, 4, "q")])
+        expected = path_patch_two_runs(smollm2, clean_tokens, corrupted_tokens, bound, sender,
+                                       [(23, 3, "q"), (24, 4, "q")], runs)
         assert value == pytest.approx(expected, abs=1e-3)

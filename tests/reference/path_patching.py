@@ -13,12 +13,20 @@ import torch
 from transformer_lens import HookedTransformer
 
 
-def path_patch_two_runs(model: HookedTransformer, clean: torch.Tensor, corrupted: torch.Tensor, metric,
-                        sender: tuple[int, int | None], receivers="logits") -> float:
-    """The metric (a callable on logits -> scalar tensor) for one sender (layer, head or None for the MLP)."""
+def caches(model: HookedTransformer, clean: torch.Tensor, corrupted: torch.Tensor):
+    """The clean and corrupted runs' activation caches, made once for every sender."""
     with torch.no_grad():
-        _, clean_cache = model.run_with_cache(clean)
-        _, corrupted_cache = model.run_with_cache(corrupted)
+        return model.run_with_cache(clean)[1], model.run_with_cache(corrupted)[1]
+
+
+def path_patch_two_runs(model: HookedTransformer, clean: torch.Tensor, corrupted: torch.Tensor, metric,
+                        sender: tuple[int, int | None], receivers="logits", runs=None) -> float:
+    """The metric (a callable on logits -> scalar tensor) for one sender (layer, head or None for the MLP).
+
+    runs: `caches(model, clean, corrupted)`, to share between senders (made here when None).
+    """
+    clean_cache, corrupted_cache = runs or caches(model, clean, corrupted)
+    with torch.no_grad():
         sender_layer, sender_head = sender
 
         def freeze_z(z, hook):

@@ -90,10 +90,13 @@ def head_source_proximity(
             excess = torch.addcmul(-smallest[first:last, :size, None], weights[first:last, None, :n_parts], signed)
             correction[first:last, :n_parts] = excess.clamp_(min=0).sum(1)
 
-    rest = (limit < bound).nonzero()
-    step = max(1, budget // d_model)
-    for start in range(0, len(rest), step):
-        rows, cols = rest[start:start + step].T
-        excess = torch.addcmul(-magnitude[rows], weights[rows, cols, None], sign[rows] * flat_sources[cols])
-        correction[rows, cols] = excess.clamp_(min=0).sum(-1)
+    # The parts left, over every coordinate: relu(a s_d w_d - r_d) = -min(s_d (y_d - a w_d), 0), in chunks
+    # small enough to stay in cache (few gathered rows each; a real model's massive activations leave
+    # thousands of such parts per layer, as its attention sinks read large values).
+    rows, cols = (limit < bound).nonzero().T
+    step = max(1, min(budget, 2**16) // d_model)
+    for start in range(0, len(rows), step):
+        r, c = rows[start:start + step], cols[start:start + step]
+        gap = torch.addcmul(whole[r], weights[r, c, None], flat_sources[c], value=-1).mul_(sign[r])
+        correction[r, c] = gap.clamp_(max=0).sum(-1).neg_()
     return (linear - 2 * correction).clamp_(min=0).reshape(n_pos, -1, n_heads)

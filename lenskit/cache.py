@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain, islice
@@ -212,8 +213,8 @@ def stream_cache(
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_same_settings(out_dir, manifest)
-    for half_written in out_dir.glob("*.tmp"):
-        half_written.unlink()
+    for half_written in [*out_dir.glob("shard_*.safetensors.tmp"), out_dir / f"{MANIFEST}.tmp"]:
+        half_written.unlink(missing_ok=True)  # only what an interrupted stream_cache left: never the user's files
     manifest |= {"complete": False, "n_tokens": 0, "shapes": {}, "shards": []}
     _save_json_atomically(manifest, out_dir / MANIFEST)
 
@@ -376,9 +377,18 @@ def load_cache(out_dir: str | os.PathLike) -> ShardedCache:
     out_dir = Path(out_dir)
     if not (out_dir / MANIFEST).exists():
         raise FileNotFoundError(f"load_cache: no {MANIFEST} in {out_dir}")
-    manifest = json.loads((out_dir / MANIFEST).read_text())
-    if not manifest["complete"]:
+    try:
+        manifest = json.loads((out_dir / MANIFEST).read_text())
+        complete, shards = manifest["complete"], manifest["shards"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"load_cache: {out_dir / MANIFEST} is not a stream_cache manifest ({error!r})") from None
+    if not complete:
         raise ValueError(f"load_cache: the cache in {out_dir} is incomplete; rerun stream_cache to finish it")
+    for shard in shards:  # shard files are plain names inside out_dir: a manifest cannot point elsewhere
+        name = shard.get("file") if isinstance(shard, dict) else None
+        if not isinstance(name, str) or not re.fullmatch(r"shard_\d+\.safetensors", name):
+            raise ValueError(f"load_cache: {out_dir / MANIFEST} names shard file {name!r}; shards are files "
+                             "shard_NNNNN.safetensors inside the cache folder")
     return ShardedCache(out_dir, manifest)
 
 

@@ -14,6 +14,8 @@ itself into a tidy pandas DataFrame with `.to_frame()`.
 
 from __future__ import annotations
 
+import html
+
 from dataclasses import dataclass, field
 import pandas as pd
 import torch
@@ -99,7 +101,7 @@ class LabelledTensor:
 
     def _repr_html_(self) -> str:
         frame = self.to_frame()
-        note = f"<p><code>{self!r}</code></p>"
+        note = f"<p><code>{html.escape(repr(self))}</code></p>"
         if len(frame) > 200:
             note += f"<p>first 200 of {len(frame)} rows</p>"
         return note + frame.head(200).to_html(index=False)

@@ -15,6 +15,8 @@ the [layer, pos, vocab] logits are never held unless ``return_logits=True``.
 
 from __future__ import annotations
 
+import html
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -140,7 +142,7 @@ class LensResult:
     def _repr_html_(self) -> str:
         """The heatmap of batch row 0 (its last 32 positions at most) and the summary of its last position."""
         shown = range(max(-32, -self.tokens.shape[1]), 0)
-        return (f"<p><code>{self!r}</code></p>" + self.plot(positions=shown).html
+        return (f"<p><code>{html.escape(repr(self))}</code></p>" + self.plot(positions=shown).html
                 + "<p>last position</p>" + self.summary().to_html())
 
 

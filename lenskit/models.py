@@ -189,8 +189,12 @@ def load_lenskit_folder(
     weights_path = folder / WEIGHTS_FILE
     if not weights_path.is_file():
         raise FileNotFoundError(f"lenskit.load: {folder} has no weights file {WEIGHTS_FILE}")
-    config = json.loads((folder / CONFIG_FILE).read_text())
+    config = _read_json(folder / CONFIG_FILE)
     tokenizer_config = config.pop("tokenizer", {})
+    # the tokenizer comes from tokenizer.json beside the weights, never by name (hub or folder), and a
+    # file cannot switch on remote code: TransformerLens would act on both
+    config.pop("tokenizer_name", None)
+    config["trust_remote_code"] = False
     config["dtype"] = _as_dtype(config["dtype"] if dtype is None else dtype)
     config.update(device=device, init_weights=False)
     try:
@@ -225,15 +229,18 @@ def load_hf_folder(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str = torch.float32,
     default_prepend_bos: bool | None = None,
+    trust_remote_code: bool = False,
 ) -> HookedTransformer:
     """Load a local Hugging Face folder offline, processed as `HookedTransformer.from_pretrained` does.
+
+    Code shipped in the folder (``auto_map``) runs only with ``trust_remote_code=True`` from the caller.
 
     The route is TransformerLens's own: `get_pretrained_model_config` turns config.json into a
     HookedTransformerConfig, `get_pretrained_state_dict(..., hf_model=...)` converts the weights of
     the locally loaded HF model, and `load_and_process_state_dict` folds and centres them.
     """
     folder = Path(folder)
-    hf_config = json.loads((folder / "config.json").read_text())
+    hf_config = _read_json(folder / "config.json")
     architectures = hf_config.get("architectures") or []
     if not architectures:
         raise ValueError(f"lenskit.load: {folder / 'config.json'} names no architecture ('architectures')")
@@ -253,9 +260,10 @@ def load_hf_folder(
     with hf_offline():
         tokenizer = None
         if any((folder / name).is_file() for name in HF_TOKENIZER_FILES):
-            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
         try:
-            hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+            hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True,
+                                                            trust_remote_code=trust_remote_code)
         except (SafetensorError, OSError) as error:
             raise ValueError(f"lenskit.load: cannot read {weights_path} (truncated or corrupt?): {error}") from error
         cfg = _tl_config(
@@ -283,30 +291,65 @@ def load_hf_folder(
     return model.eval()
 
 
-def load_config_file(path: str | os.PathLike, *, device: str | None = None, seed: int | None = None) -> HookedTransformer:
+def load_config_file(path: str | os.PathLike, *, device: str | None = None, seed: int | None = None,
+                     trust_remote_code: bool = False) -> HookedTransformer:
     """A model with random weights built from a JSON file of `HookedTransformerConfig` fields.
 
     The weights follow TransformerLens' initialisation, seeded by `seed` (default: the file's
-    ``seed``, else 0), so the same file always gives the same model.
+    ``seed``, else 0), so the same file always gives the same model. A ``tokenizer_name`` in the
+    file must be a folder inside the file's own folder; it is read offline. The file's
+    ``trust_remote_code`` is ignored: only the caller's `trust_remote_code` counts.
     """
     path = Path(path)
-    try:
-        fields = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"lenskit.load: {path} is not valid JSON ({error})") from None
+    fields = _read_json(path)
     known = {f.name for f in dataclasses.fields(HookedTransformerConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ValueError(f"lenskit.load: {path} has fields HookedTransformerConfig does not know: {', '.join(unknown)}")
     fields["seed"] = fields.get("seed", 0) if seed is None else seed
+    fields["trust_remote_code"] = trust_remote_code
+    tokenizer = _local_tokenizer(path, fields.pop("tokenizer_name", None), trust_remote_code)
     if device is not None:
         fields["device"] = device
-    with _quiet_deprecation():
-        return HookedTransformer(HookedTransformerConfig(**fields)).eval()
+    with hf_offline(), _quiet_deprecation():
+        return HookedTransformer(HookedTransformerConfig(**fields), tokenizer).eval()
+
+
+def _local_tokenizer(config_path: Path, name: str | None, trust_remote_code: bool):
+    """The tokenizer a config file names: a folder inside the config's folder, read offline (None if unnamed)."""
+    if name is None:
+        return None
+    root = config_path.resolve().parent
+    folder = (root / name).resolve()
+    if not (folder == root or root in folder.parents) or not folder.is_dir():
+        raise ValueError(f"lenskit.load: {config_path} names tokenizer_name={name!r}; a config file may name only a "
+                         f"tokenizer folder inside its own folder {root} (it is read offline, never from a hub)")
+    with hf_offline():
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from `path`, with errors that name the file."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"lenskit.load: {path} is not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"lenskit.load: {path} should hold a JSON object, not {type(value).__name__}")
+    return value
+
+
+def zoo_folder(name: str) -> Path:
+    """The folder of zoo checkpoint `name` (without the ``lenskit/`` prefix): always a folder directly
+    inside `ZOO_ROOT`, so a name can never reach outside the zoo (``lenskit/../x`` is refused)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or ".." in name:
+        raise ValueError(f"lenskit.load: {ZOO_PREFIX}{name!r} is not a zoo name: zoo names are plain names "
+                         f"(letters, digits, '.', '_', '-'); the zoo holds: {', '.join(zoo_names()) or 'nothing'}")
+    return ZOO_ROOT / name
 
 
 def _load_zoo(name: str, **kwargs: Any) -> HookedTransformer:
-    folder = ZOO_ROOT / name
+    folder = zoo_folder(name)
     if (folder / WHISPER_CONFIG_FILE).is_file():
         raise ValueError(f"lenskit.load: {ZOO_PREFIX}{name} is a speech model; load it with "
                          f"lenskit.whisper.load({ZOO_PREFIX + name!r})")

@@ -365,7 +365,7 @@ def test_the_page_holds_the_graph_and_needs_no_network(word_model, tmp_path):
     page = graph.save_html(tmp_path / "routes.html", k=3).read_text()
     assert page.startswith("<!DOCTYPE html>") and "<script" in page
     assert "src=" not in page and "href=" not in page and "https:" not in page
-    assert '"tokens": ["<bos>", "the", "cat", "sat", "on", "a", "mat"]' in page
+    assert '"tokens": ["\\u003cbos\\u003e", "the", "cat", "sat", "on", "a", "mat"]' in page  # "<" escaped inside <script>
     figure = graph.plot(positions=[2, 6])
     assert '"targets": [2, 6]' in figure.html and '"selected": 6' in figure.html
 

@@ -38,6 +38,8 @@ and it reads batch index 0 only.
 
 from __future__ import annotations
 
+import html
+
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -453,7 +455,8 @@ class FlowGraph:
 
     def _repr_html_(self) -> str:
         edges = self.edges.sort_values("flow", ascending=False).head(20)
-        return f"<p><code>{self!r}</code></p><p>edges carrying the most flow:</p>" + edges.to_html(index=False)
+        return (f"<p><code>{html.escape(repr(self))}</code></p><p>edges carrying the most flow:</p>"
+                + edges.to_html(index=False))
 
 
 # --- the forward pass and the shares ----------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 import circuitsvis
 from circuitsvis.utils.convert_props import PythonProperty, convert_props
 
-from lenskit.viz.figure import Figure
+from lenskit.viz.figure import Figure, safe_in_script
 
 BUNDLE_PATH = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"
 NOT_LOADED = "circuitsvis did not load here: run lenskit.viz.forget_sent_scripts() and show the figure again"
@@ -56,5 +56,5 @@ def rendered(component: str, props: dict[str, PythonProperty]) -> str:
 
 
 def script_json(props: dict[str, PythonProperty]) -> str:
-    """`props` as a JavaScript object literal that is safe inside ``<script>`` (no "<" to end it early)."""
-    return convert_props(props).replace("<", "\\u003c")
+    """`props` as a JavaScript object literal that is safe inside ``<script>`` (see `safe_in_script`)."""
+    return safe_in_script(convert_props(props))

@@ -22,6 +22,18 @@ from pathlib import Path
 _sent_to_notebook: set[str] = set()  # shared scripts already sent to this session's notebook
 
 
+_SCRIPT_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def safe_in_script(text: str) -> str:
+    """JSON or a JavaScript literal made safe to place inside ``<script>``: ``<``, ``>``, ``&``, U+2028 and
+    U+2029 become ``\\uXXXX`` escapes (the same value once parsed), so no string in it can end the element
+    (``</script>``), open a comment (``<!--``) or break a line of the script."""
+    for char, escape in _SCRIPT_ESCAPES.items():
+        text = text.replace(char, escape)
+    return text
+
+
 @dataclass
 class Figure:
     """A self-contained HTML fragment: inline styles, inline scripts, nothing fetched at view time.

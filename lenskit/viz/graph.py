@@ -17,7 +17,7 @@ import html
 import json
 from collections.abc import Mapping, Sequence
 
-from lenskit.viz.figure import Figure
+from lenskit.viz.figure import Figure, safe_in_script
 
 EDGE_COLOURS = {"attention": (33, 102, 172), "mlp": (214, 96, 77), "residual": (120, 120, 120)}
 
@@ -167,7 +167,7 @@ def route_graph(
                    "details": [list(d) for d in e.get("details", ())]} for e in edges],
         "node_details": {f"{r},{p}": [list(d) for d in details] for (r, p), details in (node_details or {}).items()},
     }
-    payload = json.dumps(data).replace("</", "<\\/")
+    payload = safe_in_script(json.dumps(data))
     uid = "lenskit-routes-" + hashlib.sha1(payload.encode()).hexdigest()[:12]
     fragment = (
         f'<div class="lenskit-routes" id="{uid}" style="font:12px sans-serif">'

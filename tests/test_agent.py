@@ -123,13 +123,19 @@ def test_mcp_server_survives_bad_arguments_and_truncates(tmp_path):
         ("surgery", {"model": MODEL, "prompt": PROMPT, "blocks": [0, 9]}),
         ("transcribe", {"model": "lenskit/speech-3l", "audio": "/etc/passwd"}),
         ("note", {"hypothesis": "h", "observation": "o", "next_step": "n", "experiments": [99]}),
+        ("logit_lens", {"model": MODEL, "prompt": PROMPT, "top_k": 0}),
+        ("path_patch", {"model": MODEL, "prompt": PROMPT, "corrupted": CORRUPTED, "answer": " Mary", "wrong": " John",
+                        "receivers": [[0, 0, "q"]]}),
+        ("flow_summary", {"model": MODEL, "prompt": PROMPT, "top": 500}),
+        ("head_detectors", {"model": MODEL, "prompt": PROMPT, "kind": "name_mover"}),
+        ("layer_removal", {"model": "lenskit/speech-3l", "audio": "missing.wav", "reference": "two cups"}),
         ("attribute", {"model": MODEL, "prompt": PROMPT, "answer": " Mary", "wrong": " John", "by": "neuron",
                        "top": 50}),
         ("model_info", {"model": MODEL}),
     ]
     _, results = anyio.run(mcp_session, tmp_path, calls, 600)
     texts = [text_of(result) for result in results]
-    assert [result.is_error for result in results] == [True] * 8 + [False, False]
+    assert [result.is_error for result in results] == [True] * 13 + [False, False]
     assert "by" in texts[0]  # the SDK's schema check names the argument
     assert "max_new_tokens=5000 is out of range: 1..200" in texts[1]
     assert "no zoo checkpoint lenskit/no-such-model" in texts[2]
@@ -138,10 +144,16 @@ def test_mcp_server_survives_bad_arguments_and_truncates(tmp_path):
     assert "9" in texts[5]
     assert "outside the folders this server may read" in texts[6]
     assert "experiments [99] are not in the log" in texts[7]
-    assert "[truncated:" in texts[8] and len(texts[8]) < 800
-    assert texts[9].startswith("[experiment")  # still serving
+    assert "top_k=0 is out of range: 1..10" in texts[8]
+    assert "is in layer 0: no sender comes before it" in texts[9]
+    assert "top=500 is out of range: 1..50" in texts[10]
+    assert "kind" in texts[11]  # the schema's enum names the argument
+    assert "'missing.wav' does not exist" in texts[12]
+    assert "[truncated:" in texts[13] and len(texts[13]) < 800
+    assert texts[14].startswith("[experiment")  # still serving
     errors = [e for e in ExperimentLog(tmp_path / "experiments.db").experiments() if e.error]
-    assert [e.tool for e in errors] == ["generate", "model_info", "model_info", "patch", "surgery", "transcribe"]
+    assert [e.tool for e in errors] == ["generate", "model_info", "model_info", "patch", "surgery", "transcribe",
+                                        "logit_lens", "path_patch", "flow_summary", "layer_removal"]
 
 
 def test_lab_keeps_at_most_max_models_least_recently_used_dropped(tmp_path, ioi_model):
@@ -159,21 +171,20 @@ def test_lab_keeps_at_most_max_models_least_recently_used_dropped(tmp_path, ioi_
         Lab(tmp_path, max_models=0)
 
 
-def test_speech_tools(tmp_path):
+def test_mcp_server_serves_the_speech_tools(tmp_path):
     espeak = shutil.which("espeak-ng")
     if espeak is None:
         pytest.skip("espeak-ng is not installed")
     subprocess.run([espeak, "-w", str(tmp_path / "speech.wav"), "two red cups"], check=True)
-    lab = Lab(tmp_path)
-    server = build_server(lab, ExperimentLog(tmp_path / "log.db"))
-    transcript = anyio.run(server.call_tool, "transcribe", {"model": "lenskit/speech-3l", "audio": "speech.wav"})
-    removal = anyio.run(server.call_tool, "layer_removal", {"model": "lenskit/speech-3l", "audio": "speech.wav",
-                                                            "reference": "two red cups", "part": "encoder"})
+    calls = [("transcribe", {"model": "lenskit/speech-3l", "audio": "speech.wav"}),
+             ("layer_removal", {"model": "lenskit/speech-3l", "audio": "speech.wav", "reference": "two red cups",
+                                "part": "encoder"})]
+    _, (transcript, removal) = anyio.run(mcp_session, tmp_path, calls)
     from lenskit import whisper
 
     model = whisper.load("lenskit/speech-3l")
     expected = whisper.transcribe(model, tmp_path / "speech.wav", progress=False).text
-    assert f"transcript: {expected!r}" in text_of(transcript)
+    assert text_of(transcript) == f"[experiment 1] transcript: {expected!r}"
     table = whisper.layer_removal(model, tmp_path / "speech.wav", "two red cups", part="encoder", progress=False)
     assert text_of(removal) == f"[experiment 2] {table.to_string(index=False, float_format='%.3f')}"
     assert list(table.removed) == [0, 1, 2, 3]

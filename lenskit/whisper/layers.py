@@ -11,17 +11,21 @@ everything after it stay.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from lenskit import hooks
 from lenskit.hooks import Hooks
 from lenskit.whisper.audio import AudioLike, model_input
-from lenskit.whisper.decoding import transcribe
+from lenskit.whisper.decoding import blank_tokens, model_suppressed_tokens, transcribe
 from lenskit.whisper.model import HookedWhisper
+from lenskit.whisper.tokenizer import get_tokenizer
 from lenskit.whisper.wer import word_error_rate
 
 Part = Literal["encoder", "decoder"]
@@ -60,6 +64,111 @@ def layer_removal(
                                 language=language, progress=False)
         rows.append(dict(part=part, removed=count, layers_left=n_layers - count, transcript=transcript.text,
                          wer=word_error_rate(reference_text, transcript.text)))
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def truncated_encodings(model: HookedWhisper, mel: Float[Tensor, "batch n_mels frame"]) -> list[Tensor]:
+    """Audio features [batch, audio_pos, d_model] with the last c encoder blocks removed, for c = 0..n_layers.
+
+    One encoder pass: ``ln_post`` of each block's output (and of the first block's input for c = n_layers),
+    which equals encoding under `remove_final_layers` (skipped blocks pass the residual stream unchanged).
+    """
+    n_layers = model.cfg.n_audio_layer
+    names = ["encoder.blocks.0.hook_resid_pre"] + [f"encoder.blocks.{l}.hook_resid_post" for l in range(n_layers)]
+    cache = hooks.cache(names)
+    with cache.on(model):
+        model.encode(mel.to(model.device))
+    return [model.encoder.ln_post(cache.store[names[n_layers - count]]) for count in range(n_layers + 1)]
+
+
+@torch.no_grad()
+def greedy_batch(
+    model: HookedWhisper,
+    audio_features: Float[Tensor, "batch audio_pos d_model"],
+    hooks: Iterable | None = None,
+    max_tokens: int = 224,
+    language: str | None = "en",
+) -> list[list[int]]:
+    """`transcribe`'s greedy decoding (same prompt, suppressed and blank tokens) for a batch of encoded
+    recordings at once, with `hooks` on: the sampled tokens of each row, up to its end of text."""
+    tokenizer = get_tokenizer(model, language=language)
+    prompt = list(tokenizer.sot_sequence_including_notimestamps)
+    suppressed = torch.tensor(model_suppressed_tokens(model, tokenizer), dtype=torch.long, device=model.device)
+    blank = blank_tokens(tokenizer) if model.begin_suppress_tokens is None else list(model.begin_suppress_tokens)
+    blank = torch.tensor(blank, dtype=torch.long, device=model.device)
+    batch = audio_features.shape[0]
+    sampled: list[list[int]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    step_input = torch.tensor([prompt] * batch, device=model.device)
+    with Hooks(hooks or []).on(model):
+        cache = model.new_cache()
+        for step in range(max_tokens):
+            if len(prompt) + step > model.cfg.n_text_ctx:
+                break
+            logits = model.decode(step_input, audio_features, cache)[:, -1]
+            logits[:, suppressed] = float("-inf")
+            if step == 0:
+                logits[:, blank] = float("-inf")
+            next_tokens = logits.argmax(-1)
+            for row, token in enumerate(next_tokens.tolist()):
+                if not done[row]:
+                    if token == tokenizer.eot:
+                        done[row] = True
+                    else:
+                        sampled[row].append(token)
+            if all(done):
+                break
+            step_input = next_tokens[:, None]
+    return sampled
+
+
+def repeats(tokens: Sequence[int], max_tokens: int, times: int = 3) -> bool:
+    """Whether a transcript is in the repeating regime: it ran to `max_tokens` without ending, or some run of
+    1-8 tokens comes `times` times in a row."""
+    if len(tokens) >= max_tokens:
+        return True
+    for width in range(1, 9):
+        for start in range(len(tokens) - width * times + 1):
+            chunk = list(tokens[start:start + width])
+            if all(list(tokens[start + k * width:start + (k + 1) * width]) == chunk for k in range(1, times)):
+                return True
+    return False
+
+
+@torch.no_grad()
+def layer_removal_batch(
+    model: HookedWhisper,
+    audios: Sequence[AudioLike],
+    references: Sequence[str],
+    parts: Sequence[Part] = ("encoder", "decoder"),
+    max_tokens: int = 96,
+    language: str | None = "en",
+    progress: bool = True,
+) -> pd.DataFrame:
+    """`layer_removal` for many recordings at once, every count of each part: one row per (part, count, recording).
+
+    Columns: part, removed, layers_left, utterance (index), reference, transcript, wer (jiwer, this
+    recording), repeats (`repeats`). The encoder runs once per recording (`truncated_encodings`); each
+    (part, count) decodes all recordings as one batch (`greedy_batch`), at most `max_tokens` tokens each.
+    """
+    if len(audios) != len(references):
+        raise ValueError(f"{len(audios)} recordings for {len(references)} reference texts")
+    for part in parts:
+        _n_layers(model, part)
+    mels = [model_input(audio, model.cfg.n_mels, n_frames=model.cfg.n_frames) for audio in audios]
+    encodings = [truncated_encodings(model, mel) for mel in tqdm(mels, desc="encoding", disable=not progress, leave=False)]
+    tokenizer = get_tokenizer(model, language=language)
+    jobs = [(part, count) for part in parts for count in range(_n_layers(model, part) + 1)]
+    rows = []
+    for part, count in tqdm(jobs, desc="removing layers", disable=not progress):
+        features = torch.cat([encoding[count if part == "encoder" else 0] for encoding in encodings])
+        removal = remove_final_layers(model, "decoder", count) if part == "decoder" else None
+        for i, tokens in enumerate(greedy_batch(model, features, removal, max_tokens, language)):
+            text = tokenizer.decode(tokens).strip()
+            rows.append(dict(part=part, removed=count, layers_left=_n_layers(model, part) - count, utterance=i,
+                             reference=references[i], transcript=text, wer=word_error_rate(references[i], text),
+                             repeats=repeats(tokens, max_tokens)))
     return pd.DataFrame(rows)
 
 

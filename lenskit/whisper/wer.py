@@ -1,8 +1,11 @@
-"""Word error rate: word-level edit distance between a reference and a transcript."""
+"""Word error rate, computed by jiwer on lenskit's normalised words (lower case, punctuation dropped)."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+
+import jiwer
 
 
 def normalise(text: str) -> list[str]:
@@ -11,17 +14,21 @@ def normalise(text: str) -> list[str]:
 
 
 def word_error_rate(reference: str, hypothesis: str) -> float:
-    """(substitutions + deletions + insertions) / number of reference words, after `normalise`.
+    """(substitutions + deletions + insertions) / number of reference words, after `normalise` (``jiwer.wer``).
 
     0 is a perfect transcript; it exceeds 1 when the transcript adds many words.
     """
-    ref, hyp = normalise(reference), normalise(hypothesis)
-    if not ref:
-        raise ValueError(f"the reference {reference!r} has no words to compare against")
-    previous = list(range(len(hyp) + 1))  # distances from ref[:0] to each prefix of hyp
-    for i, ref_word in enumerate(ref, start=1):
-        current = [i]
-        for j, hyp_word in enumerate(hyp, start=1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref_word != hyp_word)))
-        previous = current
-    return previous[-1] / len(ref)
+    return corpus_word_error_rate([reference], [hypothesis])
+
+
+def corpus_word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
+    """Word errors over all pairs / reference words over all pairs, after `normalise` (``jiwer.wer`` on lists)."""
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} references for {len(hypotheses)} transcripts: give one transcript each")
+    if not references:
+        raise ValueError("no references to compare against")
+    refs = [" ".join(normalise(reference)) for reference in references]
+    for reference, words in zip(references, refs):
+        if not words:
+            raise ValueError(f"the reference {reference!r} has no words to compare against")
+    return float(jiwer.wer(refs, [" ".join(normalise(hypothesis)) for hypothesis in hypotheses]))

@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("name", choices=list(EXPERIMENTS), help="the experiment")
     reproduce.add_argument("--model", help="any model `lenskit info` accepts, e.g. gpt2 (needs internet)")
     reproduce.add_argument("--html", type=Path, help="also write the table and pictures to this HTML file")
+    reproduce.add_argument("--json", type=Path, help="also write the numbers (title, rows, notes, further tables "
+                                                     "and named results) to this JSON file")
     reproduce.set_defaults(run=run_reproduce)
 
     mcp = commands.add_parser(
@@ -164,6 +166,11 @@ def run_reproduce(args: argparse.Namespace) -> None:
 
         Figure(result._repr_html_(), result.title).save(args.html)
         print(f"wrote {args.html}")
+    if args.json:
+        import json
+
+        args.json.write_text(json.dumps(result.to_dict(), indent=1, allow_nan=False) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
 
 
 def run_mcp(args: argparse.Namespace) -> None:

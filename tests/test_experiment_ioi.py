@@ -144,7 +144,8 @@ def test_the_zoo_model_does_ioi(zoo_result):
     assert "48 prompts (held-out names in held-out zoo templates)" in result.notes
     best_patched = max(number for _, number in table_rows(result, "head output (z) patching (normalised)"))
     assert best_patched > 0.5  # one head's output carries most of the answer
-    assert len(result.figures) == 4
+    assert len(result.figures) == 5  # and path patching into the name movers' queries
+    assert result.numbers["name_movers"] == [[2, 1]]
 
 
 def test_demo_prompts_and_their_flipped_twins():

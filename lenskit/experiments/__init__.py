@@ -18,11 +18,12 @@ EXPERIMENTS = {
 }
 
 
-def run(name: str, model=None, progress: bool = True) -> Reproduction:
-    """Run the reproduction `name` on `model` (a HookedTransformer, a name for lenskit.load, or None for its default)."""
+def run(name: str, model=None, progress: bool = True, **options) -> Reproduction:
+    """Run the reproduction `name` on `model` (a HookedTransformer, a name for lenskit.load, or None for its
+    default); `options` go to its module's run (e.g. ioi's and bos's ``n_frames``: a smaller IOI set)."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
-    return import_module(EXPERIMENTS[name]).run(model, progress=progress)
+    return import_module(EXPERIMENTS[name]).run(model, progress=progress, **options)
 
 
 __all__ = ["EXPERIMENTS", "Reproduction", "run"]

@@ -2,17 +2,27 @@
 
 "When John and Mary went to the shops, John gave the bag to" -> " Mary": the metric is the logit
 difference logit(IO) - logit(S) at the last position. Each sentence frame gives two clean prompts
-(either name repeats as the subject S), and each prompt's corrupted run is the other one, as in the
-demo: the subject's second mention (S2) becomes the indirect object (IO), so the right answer flips.
+(either name repeats as the subject S: BABA and ABBA), and each prompt's corrupted run is the other one,
+as in the demo: the subject's second mention (S2) becomes the indirect object (IO), so the right answer
+flips. (The paper's path patching uses its "ABC" set instead, three different names; here the flip serves
+for every patching measurement.)
+
+Prompt sets, the first one the model reads: the paper's fifteen templates with the paper's names that are
+single tokens for the model (`PAPER_FRAMES` frames, 120 prompts; `n_frames` for fewer), as for a
+pretrained model such as SmolLM2; the demo's eight prompts (small word-level test models); the zoo's
+held-out names in held-out templates (the zoo model was trained on the paper's templates).
 
 Measured: the clean and corrupted logit differences and the accuracy (logit IO > logit S); the direct
 logit attribution of every head; residual-stream patching (``resid_pre`` at each layer and at the
-positions named by their role: IO, S1, S1+1, S2, END) and head-output patching (``z`` of one head at
-every position), both normalised (0 = corrupted, 1 = clean). Prompts of different templates put the
-roles at different positions, so prompts are run in groups that share a layout, and each grid is the
-mean over groups weighted by their size: the mean over all prompts, as patching treats prompts
-independently. Models that know the demo's words (GPT-2) get the demo's eight prompts; the zoo gets
-held-out names in held-out templates.
+positions named by their role: IO, S1, S1+1, S2, END); head-output patching (``z`` of one head at
+every position; left out on the paper's set, where path patching takes its place); path patching from
+every head to the logits, and from every earlier head into the name movers' queries; attention from END
+to the IO, S1 and S2. All are normalised where patched (0 = corrupted, 1 = clean). Prompts of different
+templates put the roles at different positions, so prompts are run in groups that share a layout, and
+each grid is the mean over groups weighted by their size: the mean over all prompts, as patching treats
+prompts independently. The circuit's heads are then classed by the rules in `CIRCUIT_RULES` (name
+movers, negative name movers, S-inhibition), and `comparison` says in words how the structure compares
+with GPT-2 small's published circuit.
 """
 
 from __future__ import annotations
@@ -26,11 +36,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from lenskit import metrics
+from lenskit import hooks, metrics
 from lenskit.attribution import attribute
 from lenskit.experiments.bos import knows_every_word
 from lenskit.experiments.reproduction import Reproduction, resolve_model
 from lenskit.patching import PatchResult, patch
+from lenskit.path_patching import path_patch
 from lenskit.tokens import token_ids
 from lenskit.viz import attention_patterns, heatmap
 from lenskit.zoo import DEFAULT_MODEL
@@ -44,6 +55,42 @@ DEMO_FRAMES = [
 ]
 """The demo's sentences, {} marking S2, with their two names (the first one is the IO of the first prompt)."""
 FRAMES_PER_TEMPLATE = 4
+PAPER_TEMPLATES = [
+    "Then, {A} and {B} went to the {place}. {S} gave a {object} to",
+    "Then, {A} and {B} had a lot of fun at the {place}. {S} gave a {object} to",
+    "Then, {A} and {B} were working at the {place}. {S} decided to give a {object} to",
+    "Then, {A} and {B} were thinking about going to the {place}. {S} wanted to give a {object} to",
+    "Then, {A} and {B} had a long argument, and afterwards {S} said to",
+    "After {A} and {B} went to the {place}, {S} gave a {object} to",
+    "When {A} and {B} got a {object} at the {place}, {S} decided to give it to",
+    "When {A} and {B} got a {object} at the {place}, {S} decided to give the {object} to",
+    "While {A} and {B} were working at the {place}, {S} gave a {object} to",
+    "While {A} and {B} were commuting to the {place}, {S} gave a {object} to",
+    "After the lunch, {A} and {B} went to the {place}. {S} gave a {object} to",
+    "Afterwards, {A} and {B} went to the {place}. {S} gave a {object} to",
+    "Then, {A} and {B} had a long argument. Afterwards {S} said to",
+    "The {place} {A} and {B} went to had a {object}. {S} gave it to",
+    "Friends {A} and {B} found a {object} at the {place}. {S} gave it to",
+]
+"""The IOI paper's fifteen sentence templates (Wang et al. 2022, appendix), cut before the answer: {A} and {B}
+are the two names in order of first mention, {S} the subject's second mention. With S = B a sentence is ABBA
+(the IO comes first), with S = A it is BABA."""
+PAPER_NAMES = """Michael Christopher Jessica Matthew Ashley Jennifer Joshua Amanda Daniel David James Robert John
+Joseph Andrew Ryan Brandon Jason Justin Sarah William Jonathan Stephanie Brian Nicole Nicholas Anthony Heather Eric
+Elizabeth Adam Megan Melissa Kevin Steven Thomas Timothy Christina Kyle Rachel Laura Lauren Amber Brittany Danielle
+Richard Kimberly Jeffrey Amy Crystal Michelle Tiffany Jeremy Benjamin Mark Emily Aaron Charles Rebecca Jacob Stephen
+Patrick Sean Erin Jamie Kelly Samantha Nathan Sara Dustin Paul Angela Tyler Scott Katherine Andrea Gregory Erica Mary
+Travis Lisa Kenneth Bryan Lindsey Kristen Jose Alexander Jesse Katie Lindsay Shannon Vanessa Courtney Christine Alicia
+Cody Allison Bradley Samuel""".split()
+"""First names of the IOI paper's dataset; a model gets those that are one token after a space in its tokenizer."""
+PAPER_PLACES = ["store", "garden", "restaurant", "school", "hospital", "office", "house", "station"]
+PAPER_OBJECTS = ["ring", "kiss", "bone", "basketball", "computer", "necklace", "drink", "snack"]
+PAPER_FRAMES = 60
+"""Sentence frames of the default paper set: 4 per template, two prompts each (ABBA and BABA): 120 prompts."""
+MIN_PAPER_NAMES = 40
+"""A model reads the paper's set when at least this many of its names are single known tokens (the zoo's
+word-level tokenizer knows about 20: it gets its own held-out names and templates instead)."""
+PAPER_SOURCE = "the IOI paper's templates and names"
 ROLES = ("IO", "S1", "S1+1", "S2", "END")
 TOP = 3
 DEMO_FINDINGS = (
@@ -62,6 +109,36 @@ def zoo_frames(seed: int = 0) -> list[tuple[str, str, str]]:
             first, second = rng.sample(EVAL_NAMES, 2)
             sentence = template.format(A=first, B=second, S="{}", place=rng.choice(PLACES), object=rng.choice(OBJECTS))
             frames.append((sentence, first, second))
+    return frames
+
+
+def single_token_names(model: HookedTransformer, names: list[str] = PAPER_NAMES) -> list[str]:
+    """The names that are one known token after a space (`model.to_single_token` accepts " Name")."""
+    chosen = []
+    for name in names:
+        try:
+            model.to_single_token(" " + name)
+        except (AssertionError, ValueError, KeyError):
+            continue
+        if knows_every_word(model, " " + name):
+            chosen.append(name)
+    return chosen
+
+
+def paper_frames(model: HookedTransformer, n_frames: int = PAPER_FRAMES, seed: int = 0) -> list[tuple[str, str, str]]:
+    """`n_frames` frames of the paper's templates (frame i uses template i mod 15), each with two distinct
+    single-token names of the model and a random place and object. Raises when too few names are single tokens."""
+    names = single_token_names(model)
+    if len(names) < MIN_PAPER_NAMES:
+        raise ValueError(f"only {len(names)} of the paper's {len(PAPER_NAMES)} names are single tokens "
+                         f"(at least {MIN_PAPER_NAMES} needed)")
+    rng = random.Random(seed)
+    frames = []
+    for i in range(n_frames):
+        first, second = rng.sample(names, 2)
+        sentence = PAPER_TEMPLATES[i % len(PAPER_TEMPLATES)].format(
+            A=first, B=second, S="{}", place=rng.choice(PAPER_PLACES), object=rng.choice(PAPER_OBJECTS))
+        frames.append((sentence, first, second))
     return frames
 
 
@@ -86,11 +163,22 @@ def unreadable(model: HookedTransformer, examples: list[IOIExample]) -> str | No
     return None if unknown is None else f"{unknown!r} has a word the tokenizer does not know"
 
 
-def choose_prompts(model: HookedTransformer) -> tuple[str, list[IOIExample], list[str]]:
-    """The demo's prompts if the model reads them, else the zoo's held-out ones: (source, clean, corrupted)."""
+def choose_prompts(model: HookedTransformer, n_frames: int | None = None) -> tuple[str, list[IOIExample], list[str]]:
+    """The first prompt set the model reads: the paper's templates with the model's single-token names
+    (`n_frames` frames, default `PAPER_FRAMES`), the demo's prompts, the zoo's held-out ones.
+    Returns (source, clean, corrupted)."""
     problems = []
-    for source, frames in (("the demo's prompts", DEMO_FRAMES), ("held-out names in held-out zoo templates", zoo_frames())):
-        clean, corrupted = ioi_prompts(frames)
+
+    def paper():
+        return paper_frames(model, n_frames or PAPER_FRAMES)
+
+    for source, frames in ((PAPER_SOURCE, paper), ("the demo's prompts", lambda: DEMO_FRAMES),
+                           ("held-out names in held-out zoo templates", zoo_frames)):
+        try:
+            clean, corrupted = ioi_prompts(frames())
+        except ValueError as error:
+            problems.append(f"{source}: {error}")
+            continue
         problem = unreadable(model, clean)
         if problem is None:
             return source, clean, corrupted
@@ -118,24 +206,40 @@ class Group:
     subject: list[str]
     positions: tuple[int, ...]  # of ROLES
 
-    def measure(self, model: HookedTransformer) -> dict:
-        """Per-prompt logit differences [batch] (clean, corrupted), head attribution [layer, head] and the
-        two patching grids (batch means)."""
+    def measure(self, model: HookedTransformer, head_patching: bool = True) -> dict:
+        """Per-prompt logit differences [batch] (clean, corrupted), head attribution [layer, head], attention
+        from END to the IO, S1 and S2 [layer, head, 3], and the patching grids (batch means): resid_pre by
+        role, path patching from each head to the logits, and (`head_patching`) each head's output z."""
         with torch.no_grad():
-            diffs = [logit_diffs(model, tokens, self.io, self.subject) for tokens in (self.clean, self.corrupted)]
+            patterns = hooks.cache("blocks.*.attn.hook_pattern")
+            clean_logits = patterns.run(model, self.clean)
+            diffs = [logit_diffs(model, self.clean, self.io, self.subject, clean_logits),
+                     logit_diffs(model, self.corrupted, self.io, self.subject)]
+        io_at, s1_at, _, s2_at, end = self.positions
+        attention = torch.stack([
+            torch.stack([patterns.store[f"blocks.{layer}.attn.hook_pattern"][:, :, end, at].mean(0) for at in (io_at, s1_at, s2_at)], -1)
+            for layer in range(model.cfg.n_layers)
+        ]).float().cpu()  # [layer, head, (IO, S1, S2)]
         heads = attribute(model, self.clean, self.io, self.subject, by="head").query("component == 'head'")
         attribution = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
         attribution[heads["layer"].to_numpy(int), heads["head"].to_numpy(int)] = torch.tensor(heads["value"].to_numpy()).float()
-        metric = metrics.logit_diff(self.io, self.subject)
+        metric = self.metric()
         resid = patch(model, self.clean, self.corrupted, metric, site="resid_pre", by="layer_pos",
                       positions=self.positions, progress=False)
-        head_outputs = patch(model, self.clean, self.corrupted, metric, site="z", by="layer_head", progress=False)
-        return {"clean": diffs[0], "corrupted": diffs[1], "attribution": attribution, "resid": resid, "heads": head_outputs}
+        to_logits = path_patch(model, self.clean, self.corrupted, metric, receivers="logits", progress=False)
+        head_outputs = (patch(model, self.clean, self.corrupted, metric, site="z", by="layer_head", progress=False)
+                        if head_patching else None)
+        return {"clean": diffs[0], "corrupted": diffs[1], "attribution": attribution, "attention": attention,
+                "resid": resid, "heads": head_outputs, "to_logits": to_logits}
+
+    def metric(self) -> metrics.Metric:
+        return metrics.logit_diff(self.io, self.subject)
 
 
-def logit_diffs(model: HookedTransformer, tokens: Tensor, io: list[str], subject: list[str]) -> Tensor:
-    """logit(IO) - logit(S) at the last position of each prompt: [batch]."""
-    logits = model(tokens)[:, -1]
+def logit_diffs(model: HookedTransformer, tokens: Tensor, io: list[str], subject: list[str],
+                logits: Tensor | None = None) -> Tensor:
+    """logit(IO) - logit(S) at the last position of each prompt: [batch] (from `logits` of `tokens` if given)."""
+    logits = (model(tokens) if logits is None else logits)[:, -1]
     rows = torch.arange(len(tokens))
     return logits[rows, token_ids(model, io)] - logits[rows, token_ids(model, subject)]
 
@@ -179,9 +283,10 @@ def head_name(flat_index: int, model: HookedTransformer) -> str:
 
 
 def summary(model: HookedTransformer, clean: Tensor, corrupted: Tensor, attribution: Tensor,
-            resid: PatchResult, heads: PatchResult) -> pd.DataFrame:
+            resid: PatchResult, heads: PatchResult | None, circuit: Circuit) -> pd.DataFrame:
     """The table: logit differences [n_prompts] and accuracy, the top heads by attribution [layer, head],
-    each layer's strongest role in the normalised resid_pre grid [layer, role], the top heads by patching."""
+    each layer's strongest role in the normalised resid_pre grid [layer, role], the top heads by z patching
+    (when measured), the top heads by path patching to the logits and the circuit's classes."""
     rows = [
         ("logit difference, clean", "IO - S", clean.mean().item()),
         ("logit difference, corrupted", "IO - S", corrupted.mean().item()),
@@ -192,40 +297,212 @@ def summary(model: HookedTransformer, clean: Tensor, corrupted: Tensor, attribut
     for layer, values in zip(resid.labels["layer"], resid.tensor):
         best = int(values.argmax())
         rows.append(("resid_pre patching (normalised)", f"blocks.{layer}.hook_resid_pre at {ROLES[best]}", values[best].item()))
-    rows += [("head output (z) patching (normalised)", head_name(i, model), heads.tensor.flatten()[i].item())
-             for i in top_indices(heads.tensor)]
+    if heads is not None:
+        rows += [("head output (z) patching (normalised)", head_name(i, model), heads.tensor.flatten()[i].item())
+                 for i in top_indices(heads.tensor)]
+    rows += [("path patching to logits (normalised)", head_name(i, model), circuit.to_logits.tensor.flatten()[i].item())
+             for i in top_indices(circuit.to_logits.tensor)]
+    rows += [("name mover", f"{layer}.{head}", circuit.to_logits.tensor[layer, head].item())
+             for layer, head in circuit.name_movers]
+    rows += [("negative name mover", f"{layer}.{head}", circuit.to_logits.tensor[layer, head].item())
+             for layer, head in circuit.negative_name_movers]
+    rows += [("S-inhibition (path patching to name movers' q)", f"{layer}.{head}", circuit.to_queries.tensor[layer, head].item())
+             for layer, head in circuit.s_inhibition]
     return pd.DataFrame(rows, columns=["measurement", "component", "value"])
 
 
-def run(model: HookedTransformer | str | None = None, progress: bool = True) -> Reproduction:
+NAME_MOVER_MIN = 0.05
+"""Least normalised path-patching effect to the logits (a share of the clean - corrupted gap) of a name mover."""
+S_INHIBITION_MIN = 0.05
+"""Least normalised path-patching effect, through the name movers' queries, of an S-inhibition head."""
+CANDIDATES = 8
+"""Heads listed per path-patching measurement in the circuit table, classed or not."""
+GPT2_NAME_MOVERS = [(9, 9), (9, 6), (10, 0)]
+GPT2_S_INHIBITION = [(7, 3), (7, 9), (8, 6), (8, 10)]
+GPT2_LAYERS = 12
+CIRCUIT_RULES = (
+    f"Rules. Name mover: path patching from the head to the logits restores at least {NAME_MOVER_MIN:.0%} of the "
+    "clean - corrupted logit difference, its direct logit attribution is positive, and at END it attends more "
+    "to the IO than to S1 and S2 together. Negative name mover: the same with the path effect at most "
+    f"-{NAME_MOVER_MIN:.0%} and a negative attribution. S-inhibition: path patching from the head to the name "
+    f"movers' queries (all positions) restores at least {S_INHIBITION_MIN:.0%}, and at END it attends more to S2 "
+    "than to the IO. Each class is listed strongest first (by its path-patching effect)."
+)
+
+
+@dataclass
+class Circuit:
+    """The IOI circuit's heads by class, found by the stated rules (`CIRCUIT_RULES`) from pooled measurements."""
+
+    name_movers: list[tuple[int, int]]
+    negative_name_movers: list[tuple[int, int]]
+    s_inhibition: list[tuple[int, int]]
+    to_logits: PatchResult  # normalised [layer, head]
+    to_queries: PatchResult | None  # normalised [layer, head], NaN for heads at or after the first name mover
+    attribution: Tensor  # [layer, head]
+    attention: Tensor  # [layer, head, (IO, S1, S2)] from END
+    table: pd.DataFrame
+
+    def numbers(self) -> dict:
+        """The classes as lists of [layer, head], strongest first."""
+        return {"name_movers": [list(h) for h in self.name_movers],
+                "negative_name_movers": [list(h) for h in self.negative_name_movers],
+                "s_inhibition": [list(h) for h in self.s_inhibition]}
+
+
+def by_length(batches: list[Group]) -> list[Group]:
+    """Groups of one layout merged into groups of one length (path patching needs no shared role positions)."""
+    merged: dict[int, list[Group]] = {}
+    for group in batches:
+        merged.setdefault(group.clean.shape[1], []).append(group)
+    return [Group(torch.cat([g.clean for g in gs]), torch.cat([g.corrupted for g in gs]),
+                  [n for g in gs for n in g.io], [n for g in gs for n in g.subject], gs[0].positions)
+            for gs in merged.values()]
+
+
+def path_to_queries(model: HookedTransformer, batches: list[Group], receivers: list[tuple[int, int]],
+                    progress: bool = True) -> PatchResult:
+    """Path patching from every head to the queries of `receivers` (at all positions), pooled over the prompts
+    (a mean weighted by group size) and normalised: [layer, head], NaN where a head is not before any receiver."""
+    merged = by_length(batches)
+    total = sum(len(g.clean) for g in merged)
+    results = [path_patch(model, g.clean, g.corrupted, g.metric(), senders="heads",
+                          receivers=[(layer, head, "q") for layer, head in receivers], progress=False)
+               for g in tqdm(merged, desc="ioi: path patching to the name movers' queries", disable=not progress)]
+    return pooled(results, [len(g.clean) / total for g in merged]).normalised()
+
+
+def classify(model: HookedTransformer, batches: list[Group], measured: list[dict], weights: list[float],
+             attribution: Tensor, progress: bool = True) -> Circuit:
+    """Name movers from path patching to the logits, then S-inhibition heads from path patching to their queries."""
+    to_logits = pooled([m["to_logits"] for m in measured], weights).normalised()
+    attention = sum(w * m["attention"] for w, m in zip(weights, measured))
+    effect = to_logits.tensor
+    to_io, to_s1, to_s2 = attention.unbind(-1)
+    heads = [(layer, head) for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]
+    reads_io = [h for h in heads if to_io[h] > to_s1[h] + to_s2[h]]
+    name_movers = sorted((h for h in reads_io if effect[h] >= NAME_MOVER_MIN and attribution[h] > 0),
+                         key=lambda h: -effect[h])
+    negative = sorted((h for h in reads_io if effect[h] <= -NAME_MOVER_MIN and attribution[h] < 0),
+                      key=lambda h: effect[h])
+    to_queries, s_inhibition = None, []
+    if name_movers:
+        to_queries = path_to_queries(model, batches, name_movers, progress)
+        through = to_queries.tensor.nan_to_num(float("-inf"))
+        s_inhibition = sorted((h for h in heads if through[h] >= S_INHIBITION_MIN and to_s2[h] > to_io[h]),
+                              key=lambda h: -through[h])
+    classes = {**{h: "name mover" for h in name_movers}, **{h: "negative name mover" for h in negative},
+               **{h: "S-inhibition" for h in s_inhibition}}
+    listed = list(classes)
+    for grid in (effect, None if to_queries is None else to_queries.tensor):
+        if grid is not None:
+            order = grid.nan_to_num(0).flatten().abs().argsort(descending=True)[:CANDIDATES].tolist()
+            listed += [divmod(i, model.cfg.n_heads) for i in order if divmod(i, model.cfg.n_heads) not in listed]
+    rows = [{
+        "class": classes.get(h, "unclassed candidate"), "head": f"{h[0]}.{h[1]}",
+        "path to logits": effect[h].item(),
+        "path to name movers' q": float("nan") if to_queries is None else to_queries.tensor[h].item(),
+        "direct attribution": attribution[h].item(),
+        "attn END->IO": to_io[h].item(), "attn END->S1": to_s1[h].item(), "attn END->S2": to_s2[h].item(),
+    } for h in listed]
+    return Circuit(name_movers, negative, s_inhibition, to_logits, to_queries, attribution, attention, pd.DataFrame(rows))
+
+
+def _heads(heads: list[tuple[int, int]]) -> str:
+    return ", ".join(f"{layer}.{head}" for layer, head in heads) or "none"
+
+
+def _depth(heads: list[tuple[int, int]], n_layers: int) -> str:
+    if not heads:
+        return "no layers"
+    low, high = min(h[0] for h in heads), max(h[0] for h in heads)
+    span = f"layer {low}" if low == high else f"layers {low}-{high}"
+    return f"{span} of {n_layers} (depth {low / n_layers:.2f}-{(high + 1) / n_layers:.2f})"
+
+
+def comparison(model: HookedTransformer, circuit: Circuit, resid: PatchResult) -> str:
+    """How the circuit found here compares with GPT-2 small's published one, in words, with the numbers
+    (`resid`: the normalised resid_pre grid [layer, role])."""
+    n_layers, table = model.cfg.n_layers, circuit.table.set_index("head")
+
+    def described(heads, column):
+        return "; ".join(
+            f"{layer}.{head} ({column} {table.loc[f'{layer}.{head}', column]:+.2f}, attribution "
+            f"{table.loc[f'{layer}.{head}', 'direct attribution']:+.2f}, END->IO {table.loc[f'{layer}.{head}', 'attn END->IO']:.2f}, "
+            f"END->S2 {table.loc[f'{layer}.{head}', 'attn END->S2']:.2f})" for layer, head in heads) or "none"
+
+    nm, si = circuit.name_movers, circuit.s_inhibition
+    text = (f"Compared with GPT-2 small (name movers {_heads(GPT2_NAME_MOVERS)}, {_depth(GPT2_NAME_MOVERS, GPT2_LAYERS)}; "
+            f"S-inhibition {_heads(GPT2_S_INHIBITION)}, {_depth(GPT2_S_INHIBITION, GPT2_LAYERS)}): "
+            f"this model has {len(nm)} name mover{'' if len(nm) == 1 else 's'}, {_depth(nm, n_layers)}: {described(nm, 'path to logits')}. ")
+    if circuit.negative_name_movers:
+        text += (f"Negative name movers (GPT-2: 10.7, 11.10): {described(circuit.negative_name_movers, 'path to logits')}. ")
+    else:
+        text += "No negative name mover passes the rule (GPT-2 has 10.7 and 11.10). "
+    if nm:
+        text += f"S-inhibition heads: {len(si)}, {_depth(si, n_layers)}: {described(si, 'path to name movers' + chr(39) + ' q')}. "
+        if si:
+            below = max(h[0] for h in si) < min(h[0] for h in nm)
+            text += ("As in GPT-2, every S-inhibition head sits below every name mover, so the two-step structure "
+                     "(S-inhibition writes to END, name movers read it in their queries) holds. " if below else
+                     "Unlike GPT-2, some S-inhibition heads are not below every name mover. ")
+        else:
+            text += "Unlike GPT-2, no head passes the S-inhibition rule. "
+    else:
+        text += "Without name movers there are no queries to path-patch into, so no S-inhibition heads are sought. "
+    s2, end = resid.tensor[:, ROLES.index("S2")], resid.tensor[:, ROLES.index("END")]
+    moved = next((layer for layer in range(len(end)) if end[layer] > s2[layer]), None)
+    if moved:  # None: never; 0: at the embeddings already
+        text += (f"Residual patching: the answer's information sits at S2 up to layer {moved - 1} "
+                 f"(resid_pre {s2[moved - 1]:.2f} there) and at END from layer {moved} (resid_pre {end[moved]:.2f}); "
+                 "in GPT-2 small it moves from S2 to END around the S-inhibition heads' layers 7-8.")
+    return text
+
+
+def run(model: HookedTransformer | str | None = None, progress: bool = True, n_frames: int | None = None) -> Reproduction:
+    """The IOI reproduction; `n_frames` sets the size of the paper's set (two prompts per frame; default
+    `PAPER_FRAMES`, 120 prompts)."""
     model = resolve_model(model, DEFAULT_MODEL)
-    source, clean, corrupted = choose_prompts(model)
+    source, clean, corrupted = choose_prompts(model, n_frames)
+    head_patching = source != PAPER_SOURCE
     batches = groups(model, clean, corrupted)
-    measured = [group.measure(model) for group in tqdm(batches, desc="ioi: prompt groups", disable=not progress)]
+    measured = [group.measure(model, head_patching)
+                for group in tqdm(batches, desc="ioi: prompt groups", disable=not progress)]
     weights = [len(group.clean) / len(clean) for group in batches]
     attribution = sum(w * m["attribution"] for w, m in zip(weights, measured))
     resid = pooled([m["resid"] for m in measured], weights,
                    {"layer": measured[0]["resid"].labels["layer"], "pos": list(ROLES)}).normalised()
-    heads = pooled([m["heads"] for m in measured], weights).normalised()
+    heads = pooled([m["heads"] for m in measured], weights).normalised() if head_patching else None
+    circuit = classify(model, batches, measured, weights, attribution, progress)
     table = summary(model, torch.cat([m["clean"] for m in measured]), torch.cat([m["corrupted"] for m in measured]),
-                    attribution, resid, heads)
+                    attribution, resid, heads, circuit)
 
     top_head = head_name(top_indices(attribution)[0], model)
     top_layer = int(top_head.split(".")[0])
+    labels = ([f"L{layer}" for layer in range(model.cfg.n_layers)], [f"H{head}" for head in range(model.cfg.n_heads)])
     figures = [
-        heatmap(attribution, [f"L{layer}" for layer in range(model.cfg.n_layers)],
-                [f"H{head}" for head in range(model.cfg.n_heads)], row_title="layer", col_title="head",
+        heatmap(attribution, *labels, row_title="layer", col_title="head",
                 title="direct logit attribution of each head to logit(IO) - logit(S)"),
         resid.plot(title="resid_pre patching by layer and role (0 = corrupted, 1 = clean)"),
-        heads.plot(title="head output (z) patching at all positions (0 = corrupted, 1 = clean)"),
+        heads.plot(title="head output (z) patching at all positions (0 = corrupted, 1 = clean)") if heads is not None
+        else heatmap(circuit.to_logits.tensor, *labels, row_title="layer", col_title="head",
+                     title="path patching from each head to the logits (0 = corrupted, 1 = clean)"),
         attention_patterns(model, clean[0].prompt, top_layer,
                            title=f"attention patterns of layer {top_layer} ({top_head} tops the direct logit attribution)"),
     ]
+    if circuit.to_queries is not None:
+        figures.append(heatmap(circuit.to_queries.tensor.nan_to_num(0), *labels, row_title="layer", col_title="head",
+                               title="path patching from each head to the name movers' queries (0 = corrupted, 1 = clean)"))
+    patching = ("Head output (z) patching: each head's z at every position." if head_patching else
+                "Head output (z) patching is left out on this set: path patching (the paper's method) takes its place.")
     notes = (
         f"{len(clean)} prompts ({source}), ABBA and BABA, in {len(batches)} groups of one layout. Corrupted "
-        "run: the same sentence with S2 replaced by the IO (the demo's flipped prompts), so the answer flips "
-        "and the corrupted logit difference is minus the clean one. Patching is normalised: 0 is the corrupted "
-        "run's logit difference, 1 the clean run's. resid_pre rows show each layer's strongest role; positions "
-        f"before S2 are the same in both runs, so patching there gives 0. {DEMO_FINDINGS}"
+        "run: the same sentence with S2 replaced by the IO (the demo's flipped prompts, used here for path patching "
+        "too instead of the paper's ABC set), so the answer flips and the corrupted logit difference is minus the "
+        "clean one. Patching is normalised: 0 is the corrupted run's logit difference, 1 the clean run's. resid_pre "
+        "rows show each layer's strongest role; positions before S2 are the same in both runs, so patching there "
+        f"gives 0. {patching} {CIRCUIT_RULES} {comparison(model, circuit, resid)}"
+        + ("" if source == PAPER_SOURCE else f" {DEMO_FINDINGS}")
     )
-    return Reproduction("Indirect object identification: logit difference, attribution and patching", table, figures, notes)
+    return Reproduction("Indirect object identification: logit difference, attribution, patching and the circuit",
+                        table, figures, notes, tables={"circuit": circuit.table}, numbers=circuit.numbers())

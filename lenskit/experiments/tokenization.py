@@ -2,7 +2,8 @@
 
 " Claire" -> [' Claire'] but "Claire" -> ['Cl', 'aire'] with the real GPT-2 tokenizer. Offline, the
 byte-pair ranks shipped in openai-whisper's gpt2.tiktoken give the exact GPT-2 tokenizer; with a model
-(e.g. --model gpt2) its own tokenizer is used.
+(e.g. --model gpt2, --model smollm2-135m) its own tokenizer is used, with GPT-2's split beside it when
+openai-whisper is installed. Words are tokenized alone, without BOS.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import pandas as pd
 from transformer_lens import HookedTransformer
 
-from lenskit.experiments.reproduction import Reproduction
+from lenskit.experiments.reproduction import Reproduction, model_label
 from lenskit.models import load
 
 WORDS = [" Claire", "Claire", " Mary", "Mary", " Ioannis", "Ioannis"]
@@ -30,8 +31,21 @@ def run(model: HookedTransformer | str | None = None, progress: bool = True) -> 
     if model is None:
         source, pieces = "GPT-2 byte-pair ranks (openai-whisper's gpt2.tiktoken)", gpt2_pieces(WORDS)
     else:
+        name = model if isinstance(model, str) else None
         model = model if isinstance(model, HookedTransformer) else load(model)
-        source = f"{model.cfg.model_name}'s tokenizer"
+        source = f"{model_label(model, name)}'s tokenizer"
         pieces = [model.to_str_tokens(word, prepend_bos=False) for word in WORDS]
     table = pd.DataFrame({"text": [repr(w) for w in WORDS], "tokens": [str(p) for p in pieces], "n_tokens": [len(p) for p in pieces]})
-    return Reproduction(f"How a leading space changes tokenization ({source})", table)
+    notes = "GPT-2: ' Claire' is one token, 'Claire' two ('Cl', 'aire'): a name's first mention without a space splits."
+    if model is not None:
+        try:
+            reference = gpt2_pieces(WORDS)
+        except ValueError:
+            notes += " (GPT-2's column needs openai-whisper.)"
+        else:
+            table["GPT-2 tokens"] = [str(p) for p in reference]
+            table["GPT-2 n_tokens"] = [len(p) for p in reference]
+        same = [w for w, p in zip(WORDS, pieces) if len(p) == 1]
+        notes += f" With this tokenizer, single tokens: {', '.join(repr(w) for w in same) or 'none'}."
+    return Reproduction(f"How a leading space changes tokenization ({source})", table, notes=notes,
+                        numbers={"tokens": {w: p for w, p in zip(WORDS, pieces)}})

@@ -199,16 +199,20 @@ def greedy(model: HookedTransformer, prompt: str, blocks: Sequence[int], n_token
     return model.to_string(tokens[0, -n_tokens:]) if n_tokens else ""
 
 
-def seed_schedules(n_layers: int, counts: Sequence[int] | None = None) -> list[tuple[str, int, surgery.Schedule]]:
-    """(study, layer or n, schedule): delete each layer; swap each adjacent pair; skip the last n; skip
-    the first n (n of `counts`, default 1..L-1). Block removal comes from the angular distances."""
+def seed_schedules(n_layers: int, counts: Sequence[int] | None = None,
+                   layers: Sequence[int] | None = None) -> list[tuple[str, int, surgery.Schedule]]:
+    """(study, layer or n, schedule): delete each layer of `layers` (default all); swap each of them with the
+    next; skip the last n; skip the first n (n of `counts`, default 1..L-1). Block removal comes from the
+    angular distances."""
     counts = range(1, n_layers) if counts is None else counts
+    layers = range(n_layers) if layers is None else layers
     rows = [("delete", layer, surgery.sequence([b for b in range(n_layers) if b != layer], f"delete {layer}"))
-            for layer in range(n_layers)]
-    for layer in range(n_layers - 1):
-        order = list(range(n_layers))
-        order[layer], order[layer + 1] = layer + 1, layer
-        rows.append(("swap", layer, surgery.sequence(order, f"swap {layer} {layer + 1}")))
+            for layer in layers]
+    for layer in layers:
+        if layer + 1 < n_layers:
+            order = list(range(n_layers))
+            order[layer], order[layer + 1] = layer + 1, layer
+            rows.append(("swap", layer, surgery.sequence(order, f"swap {layer} {layer + 1}")))
     rows += [("skip last", n, surgery.skip_last(n_layers, n)) for n in counts]
     rows += [("skip first", n, surgery.skip_first(n_layers, n)) for n in counts]
     return rows
@@ -224,6 +228,7 @@ def seed_study(
     generation_counts: Sequence[int] = GENERATION_COUNTS,
     generate_tokens: int = SEED_GENERATED_TOKENS,
     text: str | None = None,
+    layers: Sequence[int] | None = None,
 ) -> Reproduction:
     """Delete, swap and skip layers of a pretrained model on The Devil's Dictionary (`corpus`).
 
@@ -234,13 +239,17 @@ def seed_study(
     (delete: between x_l and x_{l+1}; remove block: between x_l and x_{l+n}, l chosen to minimise it).
     `tables["generations"]`: greedy continuations of `SEED_PROMPTS` with the last n layers skipped;
     `tables["angular distance"]`: d(x_l, x_{l+n}) for every l and n.
-    `text` replaces the corpus (e.g. for tests); `counts` limits n for skip last / first and block removal.
+    `text` replaces the corpus (e.g. for tests); `counts` limits n for skip last / first and block removal,
+    `layers` the layers deleted and swapped with the next (default: every one).
     """
     n_layers = model.cfg.n_layers
     counts = list(range(1, n_layers) if counts is None else counts)
     for n in counts:
         if not 1 <= n < n_layers:
             raise ValueError(f"counts: {n} out of range: 1..{n_layers - 1} layers may be skipped")
+    for layer in layers or ():
+        if not 0 <= layer < n_layers:
+            raise ValueError(f"layers: {layer} out of range: the model has {n_layers} layers (valid 0..{n_layers - 1})")
     tokens = passages(model, n_passages, passage_tokens, text)
     intact_logits, stack = residual_stack(model, tokens)
     intact_top = intact_logits.argmax(-1)
@@ -248,7 +257,7 @@ def seed_study(
     del intact_logits
     distance = angular_distances(stack)
 
-    plan = [("intact", None, None, surgery.full(n_layers))] + [(s, v, None, sch) for s, v, sch in seed_schedules(n_layers, counts)]
+    plan = [("intact", None, None, surgery.full(n_layers))] + [(s, v, None, sch) for s, v, sch in seed_schedules(n_layers, counts, layers)]
     for n in counts:  # the block of n layers whose ends are closest in angle (Gromov et al.)
         first = int(torch.nan_to_num(distance[n - 1], nan=float("inf")).argmin())
         plan.append(("remove block", first, n, surgery.skip_range(n_layers, first, first + n)))
@@ -277,16 +286,21 @@ def seed_study(
     deletion = table[table["study"] == "delete"]
     rho = deletion["angular distance"].rank().corr(deletion["Δ loss"].rank())  # Spearman: Pearson of ranks
     figures = seed_figures(table, distance, generations, n_layers)
-    middle = table[(table["study"].isin(["delete", "swap"])) & table["layer"].between(n_layers // 4, n_layers - 1 - n_layers // 4)]
+    low, high = n_layers // 4, n_layers - 1 - n_layers // 4
+    middle = table[table["study"].isin(["delete", "swap"]) & table["layer"].between(low, high)]
+    by_layer = deletion.set_index("layer")["agreement"]
+    ends = ", ".join(f"layer {layer} deleted: {by_layer[layer]:.0%}" for layer in (0, n_layers - 1) if layer in by_layer.index)
+    span = (f"{middle['agreement'].min():.0%}-{middle['agreement'].max():.0%} (median {middle['agreement'].median():.0%}) "
+            f"top-1 agreement with the intact model and {middle['accuracy kept'].median():.0%} of its top-1 accuracy "
+            "(median)" if len(middle) else "(none measured)")
     notes = (
         f"Text: {n_passages} passages of {passage_tokens} tokens spread over {NAME if text is None else 'the given text'}; "
         f"the intact model's loss {intact['loss']:.3f}, top-1 accuracy {intact['accuracy']:.1%}. "
-        f"Middle layers ({n_layers // 4}..{n_layers - 1 - n_layers // 4}): deleting or swapping one keeps "
-        f"{middle['agreement'].min():.0%}-{middle['agreement'].max():.0%} top-1 agreement with the intact model "
-        f"(Lad et al. 2024 report 72-95% kept for middle layers, with fragile first and last layers); first layer "
-        f"deleted: {deletion['agreement'].iloc[0]:.0%}, last: {deletion['agreement'].iloc[-1]:.0%}. "
-        f"Spearman correlation across layers of the angular distance d(x_l, x_l+1) with the loss of deleting layer l: "
-        f"{rho:.2f} (Gromov et al. 2024 prune the block of n layers with the smallest d(x_l, x_l+n))."
+        f"Middle layers ({low}..{high}): deleting or swapping one keeps {span}. Lad et al. (2024) report 72-95% kept "
+        f"for middle layers, with fragile first and last layers; here {ends or 'first and last layers not measured'}. "
+        f"Spearman correlation across the deleted layers of the angular distance d(x_l, x_l+1) with the loss of deleting "
+        f"layer l: {rho:.2f} (Gromov et al. 2024 prune the block of n layers with the smallest d(x_l, x_l+n)); the "
+        "'remove block' rows remove that block for each n."
     )
     return Reproduction(
         f"Layers skipped, repeated and permuted in a pretrained model ({n_layers} layers): loss and top-1 agreement "

@@ -85,21 +85,24 @@ HARVARD_SENTENCES = (  # IEEE Recommended Practice for Speech Quality Measuremen
     "Her purse was full of useless trash.", "The colt reared and threw the tall rider.",
     "It snowed, rained, and hailed the same morning.", "Read verse out loud for pleasure.",
 )
-VOICES = ("en-us+m3", "en-gb+f2", "en-gb-scotland+m1", "en-gb-x-rp+f3", "en-029+m2", "en-us-nyc+f4")
-"""espeak-ng voices (accent + variant), used in turn. Debian's MBROLA voices (mb-us1..3) would be more natural
-but live outside Debian's main archive."""
+VOICES = ("en-us", "en-us-nyc", "en-us+m3", "en-gb", "en-gb-x-rp", "en-us+f3")
+"""espeak-ng voices (accent + variant), used in turn: the English voices tiny.en transcribed best in a scan
+(word error rate 0.40-0.48 over six sentences; 0.5-0.67 for en-gb-scotland, en-029, en-gb-x-gbclan). espeak-ng
+is robotic, so even the intact model misses words. Debian's MBROLA voices (mb-us1..3) would be more natural,
+but Debian ships them (and mbrola) outside its main archive."""
 N_REAL_UTTERANCES = 24
+SPEED = 160
 MAX_TOKENS = 96
 """The most tokens decoded per transcript: Harvard sentences need about 15, so hitting it means a loop."""
 
 
 def harvard_speech(n: int, progress: bool = True) -> list[Utterance]:
-    """The first `n` Harvard sentences, each spoken by the next voice of `VOICES` at 150 words per minute."""
+    """The first `n` Harvard sentences, each spoken by the next voice of `VOICES` at `SPEED` words per minute."""
     if not 1 <= n <= len(HARVARD_SENTENCES):
         raise ValueError(f"n_utterances={n} out of range: 1..{len(HARVARD_SENTENCES)} Harvard sentences")
     made = []
     for i in tqdm(range(n), desc="synthesising speech", disable=not progress, leave=False):
-        voice = Voice(VOICES[i % len(VOICES)], speed=150, pitch=50)
+        voice = Voice(VOICES[i % len(VOICES)], speed=SPEED, pitch=50)
         made.append(Utterance(HARVARD_SENTENCES[i], voice, synthesise(HARVARD_SENTENCES[i], voice)))
     return made
 
@@ -148,7 +151,7 @@ def real_study(model: HookedWhisper, progress: bool = True, n_utterances: int = 
             f"degraded regime, last {degraded_count} decoder layer(s) removed: layer {layer} head {head}"))
 
     voices = ", ".join(sorted({u.voice.name for u in speech}))
-    notes = (f"{n_utterances} Harvard sentences spoken by espeak-ng ({voices}; 150 words per minute), at most "
+    notes = (f"{n_utterances} Harvard sentences spoken by espeak-ng ({voices}; {SPEED} words per minute), at most "
              f"{max_tokens} tokens decoded. Removing a layer zeroes its attention, cross-attention and MLP outputs "
              f"(`hooks.skip`); the final layer norm stays. wer is jiwer's over all utterances (lower case, punctuation "
              f"dropped). The whisper_logit_lens study found whisper-medium's decoder tolerates about 3 of 24 removed "

@@ -2,7 +2,6 @@
 computed directly, batched decoding equals `transcribe` one recording at a time, truncated encodings equal
 encoding under `remove_final_layers`, and the logit-lens table equals the lens' logits read by hand."""
 
-import jiwer
 import pytest
 import torch
 
@@ -13,6 +12,7 @@ from lenskit.whisper.layers import greedy_batch, remove_final_layers, repeats, t
 from lenskit.whisper.wer import corpus_word_error_rate, normalise, word_error_rate
 from test_whisper_support import one_torch_thread  # noqa: F401  (fixture)
 
+jiwer = pytest.importorskip("jiwer", reason="word error rates need jiwer")
 N_UTTERANCES = 2
 MAX_TOKENS = 40
 

@@ -1,12 +1,24 @@
 """The layer-corruption study: run a model's blocks skipped, repeated or reordered, and see what breaks.
 
-As in "Transformer Layers as Painters" (Sun et al., 2024) and the logit lens: the model runs its
-blocks as a schedule says (`lenskit.surgery`): every block (the plain model), all but the last n,
-all but the first n, all but a middle range, one block twice, two adjacent middle blocks swapped,
-every block in reverse order. Each schedule gets the next-token loss on a fixed text, its change
-from the plain model, the top next tokens at the end of a prompt, and the prompt's greedy
-continuation. Models whose tokenizer does not know the words of the generic story (the zoo) read
-their own IOI sentences and stories, with an IOI prompt.
+Two studies, chosen by the model (`run`):
+
+- The seed study (`seed_study`), on a pretrained model with a real English vocabulary (e.g.
+  ``lenskit reproduce layers --model smollm2-135m``): on passages of Ambrose Bierce's *The Devil's
+  Dictionary* (public domain, from Debian's ``dict-devil``; see `lenskit.experiments.corpus`), each layer
+  deleted and each adjacent pair swapped, with the loss and the top-1 agreement with the intact model
+  (the measure of Lad et al. 2024, "The Remarkable Robustness of LLMs"); the last n and the first n
+  layers skipped, with greedy continuations of the seed's prompts (`SEED_PROMPTS`) when the last n go;
+  and Gromov et al.'s (2024, "The Unreasonable Ineffectiveness of the Deeper Layers") angular distance
+  arccos(cos(x_l, x_l+n)) / pi between residual streams, set against the loss of removing the block of
+  n layers whose ends are closest. Schedules reuse the intact run's cached residual stream up to their
+  first change (`run_schedule_from`), so a change at layer l recomputes only the layers after it.
+- The schedule study (`schedule_study`), on anything else, the zoo's default model included, as in
+  "Transformer Layers as Painters" (Sun et al., 2024): every block (the plain model), all but the last
+  n, all but the first n, all but a middle range, one block twice, two adjacent middle blocks swapped,
+  every block in reverse order. Each schedule gets the next-token loss on a fixed text, its change from
+  the plain model, the top next tokens at the end of a prompt, and the prompt's greedy continuation.
+  Models whose tokenizer does not know the words of the generic story (the zoo) read their own IOI
+  sentences and stories, with an IOI prompt.
 """
 
 from __future__ import annotations

@@ -5,8 +5,6 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-import jiwer
-
 
 def normalise(text: str) -> list[str]:
     """Lower-case words, punctuation dropped (apostrophes inside words kept)."""
@@ -31,4 +29,8 @@ def corpus_word_error_rate(references: Sequence[str], hypotheses: Sequence[str])
     for reference, words in zip(references, refs):
         if not words:
             raise ValueError(f"the reference {reference!r} has no words to compare against")
+    try:
+        import jiwer
+    except ImportError:
+        raise ImportError("word error rates need jiwer (pip install jiwer)") from None
     return float(jiwer.wer(refs, [" ".join(normalise(hypothesis)) for hypothesis in hypotheses]))

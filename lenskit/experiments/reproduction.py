@@ -36,10 +36,9 @@ class Reproduction:
                            for name, table in self.tables.items()}, **self.numbers}
 
     def __str__(self) -> str:
-        with pd.option_context("display.max_colwidth", 100):
-            text = f"{self.title}\n\n{self.table.to_string(index=False)}"
-            for name, table in self.tables.items():
-                text += f"\n\n{name}\n{table.to_string(index=table.index.name is not None)}"
+        text = f"{self.title}\n\n{self.table.to_string(index=False, max_colwidth=100)}"
+        for name, table in self.tables.items():  # long ones cut in the middle: `tables` and `to_dict` hold all
+            text += f"\n\n{name}\n{table.to_string(index=table.index.name is not None, max_colwidth=100, max_rows=40)}"
         return f"{text}\n\n{self.notes}" if self.notes else text
 
     def _repr_html_(self) -> str:

@@ -171,6 +171,9 @@ def test_the_classes_follow_their_stated_rules(ioi_result):
     for head_name, row in table[table["class"] == "unclassed candidate"].iterrows():
         assert not (row["path to logits"] >= ioi.NAME_MOVER_MIN and row["direct attribution"] > 0
                     and row["attn END->IO"] > row["attn END->S1"] + row["attn END->S2"]), head_name
+    strong = table[(table["class"] == "unclassed candidate") & (table["path to logits"].abs() >= ioi.NAME_MOVER_MIN)]
+    for head_name, row in strong.iterrows():  # the findings name them, with their numbers
+        assert f"{head_name} (path to logits {row['path to logits']:+.2f}" in ioi_result.notes
     assert "Rules. Name mover" in ioi_result.notes and "Compared with GPT-2 small" in ioi_result.notes
     assert "9.9, 9.6, 10.0" in ioi_result.notes and "7.3, 7.9, 8.6, 8.10" in ioi_result.notes
 

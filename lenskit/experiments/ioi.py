@@ -450,6 +450,19 @@ def comparison(model: HookedTransformer, circuit: Circuit, resid: PatchResult) -
             text += "Unlike GPT-2, no head passes the S-inhibition rule. "
     else:
         text += "Without name movers there are no queries to path-patch into, so no S-inhibition heads are sought. "
+    unclassed = table[(table["class"] == "unclassed candidate") & (table["path to logits"].abs() >= NAME_MOVER_MIN)]
+    if len(unclassed):
+        def failed(row):
+            sign = 1 if row["path to logits"] > 0 else -1
+            reasons = [] if sign * row["direct attribution"] > 0 else ["its direct attribution has the other sign"]
+            if row["attn END->IO"] <= row["attn END->S1"] + row["attn END->S2"]:
+                reasons.append(f"END attends to the IO {row['attn END->IO']:.2f}, to S1 {row['attn END->S1']:.2f} "
+                               f"and to S2 {row['attn END->S2']:.2f}")
+            return "; ".join(reasons)
+
+        text += ("Heads with a path effect to the logits past the threshold that the rules leave unclassed: " + "; ".join(
+            f"{head} (path to logits {row['path to logits']:+.2f}, attribution {row['direct attribution']:+.2f}: "
+            f"{failed(row)})" for head, row in unclassed.iterrows()) + ". ")
     s2, end = resid.tensor[:, ROLES.index("S2")], resid.tensor[:, ROLES.index("END")]
     moved = next((layer for layer in range(len(end)) if end[layer] > s2[layer]), None)
     if moved:  # None: never; 0: at the embeddings already

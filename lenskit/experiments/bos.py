@@ -125,8 +125,9 @@ def run(model: HookedTransformer | str | None = None, progress: bool = True, n_f
              "GPT-2 small on the Main Demo prompt: 6.754 with BOS, 2.782 without (TransformerLens Main Demo): BOS "
              "adds 3.972. Here: " + "; ".join(f"{effect:+.3f} ({row})" for row, effect in zip(
                  ["the Main Demo prompt" if prompt == DEMO[0] else "the zoo's prompt", "the IOI set"], table["BOS effect"]))
-             + (". BOS helps here as it does GPT-2." if (table["BOS effect"] > 0).all() else
-                ". Unlike GPT-2, BOS does not help here everywhere."))
+             + (". BOS helps here, as it does GPT-2." if (table["BOS effect"] > 0).all() else
+                ". Unlike GPT-2, BOS lowers the logit difference here." if (table["BOS effect"] < 0).all() else
+                ". Unlike GPT-2, BOS does not help everywhere here."))
     return Reproduction("Logit difference with and without a prepended BOS", table, notes=notes,
                         numbers={"bos_token": model.tokenizer.convert_ids_to_tokens(bos), "bos_token_id": bos,
                                  "default_prepend_bos": bool(model.cfg.default_prepend_bos)})

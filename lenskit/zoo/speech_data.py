@@ -1,15 +1,19 @@
-"""Synthetic speech for the zoo's Whisper: short sentences spoken by Debian's espeak-ng.
+"""Synthetic speech for the zoo's Whisper: short word sequences spoken by Debian's espeak-ng.
 
-Sentences come from three templates over a small vocabulary (numbers, colours, objects, simple
-verbs and adjectives), spoken by several espeak-ng voices (accent + voice variant) at random
-speeds and pitches, then given light noise, a random gain and a random start. Audio is made at
-training time and never stored in the repository.
+Two kinds of text over one small vocabulary (numbers, colours, objects and their plurals, simple
+verbs and adjectives): sentences from three templates ("we see three red cups"), and sequences of
+1-8 words drawn at random from the whole vocabulary ("hats seven the cold we"), which no template
+binds, so a model must hear every word rather than guess it from its place in a sentence. Spoken
+by several espeak-ng voices (accent + voice variant) at random speeds and pitches, then given light
+noise, a random gain and a random start. Audio is made at training time and never stored.
 
-Held out for evaluation: every sentence whose CRC32 is divisible by 10 (new sentences built from
-known words) and the voice variant ``m4`` (never heard in training).
+Held out for evaluation: every text whose CRC32 is divisible by 10 (new sentences and sequences
+built from known words), the example phrases of `EXAMPLE_PHRASES`, and the voice variant ``m4``
+(never heard in training).
 
     >>> rng = random.Random(0)
-    >>> text = sentence(rng, held_out=False)                       # "they want seven yellow chairs"
+    >>> text = sentence(rng, held_out=False)                       # "we buy the brown cup"
+    >>> text = word_sequence(rng, held_out=False)                  # "hats chair"
     >>> samples = synthesise(text, Voice("en-us+m3", speed=150, pitch=50))   # float32 at 16 kHz
 """
 
@@ -36,6 +40,10 @@ NUMBERS = ["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten
 COLOURS = ["red", "green", "blue", "yellow", "black", "white", "brown", "pink"]
 OBJECTS = ["cup", "ball", "hat", "book", "car", "chair", "bag", "dog", "cat", "bird", "shoe", "key"]
 ADJECTIVES = ["big", "small", "old", "new", "hot", "cold", "clean", "wet"]
+EXTRA_WORDS = ["one"]  # in word sequences only: the templates count two or more
+EXAMPLE_PHRASES = ("three red cups", "seven green dogs", "one two three four")  # never in training
+MAX_WORDS = 8  # the longest word sequence
+KINDS = ("sentences", "sequences")
 
 ACCENTS = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan", "en-us-nyc"]
 TRAIN_VARIANTS = ["m1", "m2", "m3", "m5", "m6", "m7", "f1", "f2", "f3", "f5"]
@@ -73,15 +81,33 @@ def _any_sentence(rng: random.Random) -> str:
     return f"the {colour} {thing} is {rng.choice(ADJECTIVES)}"
 
 
+def word_sequence(rng: random.Random, held_out: bool, max_words: int = MAX_WORDS) -> str:
+    """1 to `max_words` words drawn uniformly (with replacement) from `words()`, from the training
+    set or (``held_out=True``) from the held-out set."""
+    vocabulary = words()
+    while True:
+        text = " ".join(rng.choice(vocabulary) for _ in range(rng.randint(1, max_words)))
+        if is_held_out(text) == held_out:
+            return text
+
+
+def text(rng: random.Random, held_out: bool, kind: str = "sentences") -> str:
+    """A template sentence (``kind="sentences"``) or a random word sequence (``kind="sequences"``)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
+    return sentence(rng, held_out) if kind == "sentences" else word_sequence(rng, held_out)
+
+
 def is_held_out(text: str) -> bool:
-    """Whether a sentence belongs to the held-out tenth (by its CRC32, so the split never changes)."""
-    return zlib.crc32(text.encode()) % 10 == 0
+    """Whether a text belongs to the held-out tenth (by its CRC32, so the split never changes) or is one
+    of the `EXAMPLE_PHRASES`."""
+    return zlib.crc32(text.encode()) % 10 == 0 or text in EXAMPLE_PHRASES
 
 
 def words() -> list[str]:
-    """Every word any sentence can use (plural objects included)."""
+    """Every word any text can use (plural objects included)."""
     return sorted({*SUBJECTS, *VERBS, *NUMBERS, *COLOURS, *OBJECTS, *(o + "s" for o in OBJECTS), *ADJECTIVES,
-                   "the", "is"})
+                   *EXTRA_WORDS, "the", "is"})
 
 
 def random_voice(rng: random.Random, held_out: bool) -> Voice:
@@ -118,15 +144,17 @@ class Utterance:
 
 
 def utterances(n: int, seed: int, held_out_sentences: bool, held_out_voice: bool,
-               progress: bool = True) -> list[Utterance]:
-    """`n` synthesised utterances (no noise yet; see `augment`) short enough for the model's window."""
+               progress: bool = True, kind: str = "sentences") -> list[Utterance]:
+    """`n` synthesised utterances (no noise yet; see `augment`) short enough for the model's window:
+    template sentences or word sequences (`kind`, see `text`), held out or not. A text too long
+    for the window at its drawn speed is skipped, so long word sequences come mostly at faster speeds."""
     rng = random.Random(seed)
     made = []
     with tqdm(total=n, desc="synthesising speech", disable=not progress) as bar:
         while len(made) < n:
-            text, voice = sentence(rng, held_out_sentences), random_voice(rng, held_out_voice)
-            samples = synthesise(text, voice)
+            words_, voice = text(rng, held_out_sentences, kind), random_voice(rng, held_out_voice)
+            samples = synthesise(words_, voice)
             if len(samples) <= (MAX_SECONDS - 0.3) * SAMPLE_RATE:
-                made.append(Utterance(text, voice, samples))
+                made.append(Utterance(words_, voice, samples))
                 bar.update()
     return made

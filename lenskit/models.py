@@ -277,6 +277,7 @@ def load_hf_folder(
         cfg.model_name = folder.resolve().name
         cfg.tokenizer_name = str(folder) if tokenizer is not None else None
         state_dict = tl_loading.get_pretrained_state_dict(str(folder), cfg, hf_model=hf_model, dtype=dtype)
+        del hf_model  # what the conversion did not keep is freed before TransformerLens builds its copy
         with _quiet_deprecation():
             model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     model.load_and_process_state_dict(

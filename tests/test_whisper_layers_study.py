@@ -7,7 +7,6 @@ import torch
 
 from lenskit import experiments, whisper
 from lenskit.experiments import whisper_layers
-from lenskit.packaged import PACKAGED
 from lenskit.whisper.layers import greedy_batch, remove_final_layers, repeats, truncated_encodings
 from lenskit.whisper.wer import corpus_word_error_rate, normalise, word_error_rate
 from test_whisper_support import one_torch_thread  # noqa: F401  (fixture)
@@ -18,12 +17,8 @@ MAX_TOKENS = 40
 
 
 @pytest.fixture(scope="module")
-def model():
-    try:
-        PACKAGED["faster-whisper-tiny.en"].path()
-    except FileNotFoundError as error:
-        pytest.skip(str(error))
-    return whisper.load("faster-whisper-tiny.en")
+def model(tiny_en):
+    return tiny_en
 
 
 @pytest.fixture(scope="module")

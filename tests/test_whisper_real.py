@@ -22,12 +22,8 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def model():
-    try:
-        PACKAGED["faster-whisper-tiny.en"].path()
-    except FileNotFoundError as error:
-        pytest.skip(str(error))
-    return whisper.load("faster-whisper-tiny.en")
+def model(tiny_en):
+    return tiny_en
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ from lenskit.path_patching import path_patch
 from lenskit.tokens import token_ids
 from lenskit.viz import attention_patterns, heatmap
 from lenskit.zoo import DEFAULT_MODEL
-from lenskit.zoo.data import EVAL_NAMES, EVAL_TEMPLATES, OBJECTS, PLACES, IOIExample
+from lenskit.zoo.data import EVAL_NAMES, EVAL_TEMPLATES, OBJECTS, PAPER_TEMPLATES, PLACES, IOIExample
 
 DEMO_FRAMES = [
     ("When John and Mary went to the shops, {} gave the bag to", "Mary", "John"),
@@ -55,26 +55,6 @@ DEMO_FRAMES = [
 ]
 """The demo's sentences, {} marking S2, with their two names (the first one is the IO of the first prompt)."""
 FRAMES_PER_TEMPLATE = 4
-PAPER_TEMPLATES = [
-    "Then, {A} and {B} went to the {place}. {S} gave a {object} to",
-    "Then, {A} and {B} had a lot of fun at the {place}. {S} gave a {object} to",
-    "Then, {A} and {B} were working at the {place}. {S} decided to give a {object} to",
-    "Then, {A} and {B} were thinking about going to the {place}. {S} wanted to give a {object} to",
-    "Then, {A} and {B} had a long argument, and afterwards {S} said to",
-    "After {A} and {B} went to the {place}, {S} gave a {object} to",
-    "When {A} and {B} got a {object} at the {place}, {S} decided to give it to",
-    "When {A} and {B} got a {object} at the {place}, {S} decided to give the {object} to",
-    "While {A} and {B} were working at the {place}, {S} gave a {object} to",
-    "While {A} and {B} were commuting to the {place}, {S} gave a {object} to",
-    "After the lunch, {A} and {B} went to the {place}. {S} gave a {object} to",
-    "Afterwards, {A} and {B} went to the {place}. {S} gave a {object} to",
-    "Then, {A} and {B} had a long argument. Afterwards {S} said to",
-    "The {place} {A} and {B} went to had a {object}. {S} gave it to",
-    "Friends {A} and {B} found a {object} at the {place}. {S} gave it to",
-]
-"""The IOI paper's fifteen sentence templates (Wang et al. 2022, appendix), cut before the answer: {A} and {B}
-are the two names in order of first mention, {S} the subject's second mention. With S = B a sentence is ABBA
-(the IO comes first), with S = A it is BABA."""
 PAPER_NAMES = """Michael Christopher Jessica Matthew Ashley Jennifer Joshua Amanda Daniel David James Robert John
 Joseph Andrew Ryan Brandon Jason Justin Sarah William Jonathan Stephanie Brian Nicole Nicholas Anthony Heather Eric
 Elizabeth Adam Megan Melissa Kevin Steven Thomas Timothy Christina Kyle Rachel Laura Lauren Amber Brittany Danielle

@@ -50,8 +50,7 @@ THINGS = ["mat", "bed", "chair", "table", "rug", "box"]
 
 # {A} and {B} are the two names in order of appearance, {S} the subject who repeats. ABBA: A is the
 # indirect object and B the subject; BABA: A is the subject and B the indirect object.
-TRAIN_TEMPLATES = [
-    "When {A} and {B} went to the {place}, {S} gave a {object} to",
+PAPER_TEMPLATES = [
     "Then, {A} and {B} went to the {place}. {S} gave a {object} to",
     "Then, {A} and {B} had a lot of fun at the {place}. {S} gave a {object} to",
     "Then, {A} and {B} were working at the {place}. {S} decided to give a {object} to",
@@ -67,6 +66,14 @@ TRAIN_TEMPLATES = [
     "Then, {A} and {B} had a long argument. Afterwards {S} said to",
     "The {place} {A} and {B} went to had a {object}. {S} gave it to",
     "Friends {A} and {B} found a {object} at the {place}. {S} gave it to",
+]
+"""The IOI paper's fifteen sentence templates (Wang et al. 2022, appendix), cut before the answer: {A} and {B}
+are the two names in order of first mention, {S} the subject's second mention. With S = B a sentence is ABBA
+(the IO comes first), with S = A it is BABA."""
+
+TRAIN_TEMPLATES = [
+    "When {A} and {B} went to the {place}, {S} gave a {object} to",
+    *PAPER_TEMPLATES,
     "Yesterday, {A} and {B} met at the {place}. {S} handed a {object} to",
     "Once {A} and {B} arrived at the {place}, {S} passed the {object} to",
     # the subject after words that open the first name's clause in other templates ("and", "then"):

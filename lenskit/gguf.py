@@ -31,9 +31,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformer_lens import HookedTransformer
 
-from lenskit.models import HF_ARCHITECTURES, hf_offline, load_hf_folder
+from lenskit.offline import hf_offline
 from lenskit.packaged import file_sha256
 
 ARCHITECTURES = {
@@ -45,8 +44,7 @@ ARCHITECTURES = {
     "gpt2": "GPT2LMHeadModel",
     "bloom": "BloomForCausalLM",
 }
-"""GGUF ``general.architecture`` -> the Hugging Face architecture it loads as (all in HF_ARCHITECTURES)."""
-assert set(ARCHITECTURES.values()) <= set(HF_ARCHITECTURES)
+"""GGUF ``general.architecture`` -> the Hugging Face architecture it loads as (each in models.HF_ARCHITECTURES)."""
 
 CONVERTED_MARKER = "lenskit-gguf.json"  # the file's metadata, written last: a folder without it is unfinished
 
@@ -55,12 +53,11 @@ class GGUFError(ValueError):
     """A GGUF file lenskit cannot load: not GGUF, or an architecture / tensor type it does not support."""
 
 
-def load_gguf(path: str | os.PathLike, **kwargs: Any) -> HookedTransformer:
-    """A HookedTransformer from a GGUF file; kwargs go to `load_hf_folder` (dtype, device, fold_ln, ...)."""
+def convert(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """The float32 Hugging Face folder of a GGUF file (`converted_folder`) and the file's metadata
+    (`read_metadata`); ``lenskit.load`` loads the folder with ``default_prepend_bos`` from the metadata."""
     folder = converted_folder(Path(path))
-    metadata = json.loads((folder / CONVERTED_MARKER).read_text())
-    kwargs.setdefault("default_prepend_bos", metadata["add_bos_token"])
-    return load_hf_folder(folder, **kwargs)
+    return folder, json.loads((folder / CONVERTED_MARKER).read_text())
 
 
 def read_metadata(path: Path) -> dict[str, Any]:

@@ -35,7 +35,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-import huggingface_hub.constants
 import torch
 import transformer_lens.loading_from_pretrained as tl_loading
 from safetensors import SafetensorError
@@ -45,6 +44,7 @@ from transformer_lens.supported_models import MODEL_ALIASES, OFFICIAL_MODEL_NAME
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from lenskit.offline import hf_offline
 from lenskit.packaged import PACKAGED, packaged
 
 ZOO_PREFIX = "lenskit/"
@@ -369,9 +369,11 @@ def _load_path(path: Path, **kwargs: Any) -> HookedTransformer:
         if path.suffix == ".json":
             return load_config_file(path, **kwargs)
         if path.suffix == ".gguf":
-            from lenskit.gguf import load_gguf  # lazily: only GGUF users pay for the gguf package
+            from lenskit.gguf import convert  # lazily: only GGUF users pay for the gguf package
 
-            return load_gguf(path, **kwargs)
+            folder, metadata = convert(path)
+            kwargs.setdefault("default_prepend_bos", metadata["add_bos_token"])
+            return load_hf_folder(folder, **kwargs)
         raise ValueError(
             f"lenskit.load: cannot load the file {path}: give a lenskit or Hugging Face folder, a GGUF file, "
             "a llama2.c .bin checkpoint or a .json file of HookedTransformerConfig fields"
@@ -444,13 +446,3 @@ def _quiet_deprecation() -> Iterator[None]:
         warnings.filterwarnings("ignore", message="HookedTransformer", category=DeprecationWarning)
         yield
 
-
-@contextmanager
-def hf_offline() -> Iterator[None]:
-    """Make huggingface_hub (and so transformers) refuse any network access inside the block."""
-    offline = huggingface_hub.constants.HF_HUB_OFFLINE
-    huggingface_hub.constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        huggingface_hub.constants.HF_HUB_OFFLINE = offline

@@ -250,6 +250,13 @@ def _refuse_gguf(from_pretrained):
     return guarded
 
 
+def test_every_gguf_architecture_loads_as_a_supported_hugging_face_one():
+    from lenskit.gguf import ARCHITECTURES
+    from lenskit.models import HF_ARCHITECTURES
+
+    assert set(ARCHITECTURES.values()) <= set(HF_ARCHITECTURES)
+
+
 def test_unsupported_architecture_is_named(tmp_path):
     path = tmp_path / "mamba.gguf"
     writer = gguf.GGUFWriter(str(path), "mamba")

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from lenskit.experiments.reproduction import Reproduction, model_label, resolve_model
+from lenskit.experiments import ioi
+from lenskit.experiments.reproduction import Reproduction, knows_every_word, model_label, resolve_model
 from lenskit.tokens import token_id, token_ids
 from lenskit.zoo import DEFAULT_MODEL
 from lenskit.zoo.data import ioi_dataset
@@ -72,23 +73,6 @@ def mean_logit_diff(model: HookedTransformer, prompts: list[str], answers: list[
     return total / len(prompts)
 
 
-def knows_every_word(model: HookedTransformer, text: str) -> bool:
-    """Whether the tokenizer reads `text` without an unknown token."""
-    unk = getattr(model.tokenizer, "unk_token_id", None)
-    return unk is None or unk not in model.to_tokens(text, prepend_bos=False)[0]
-
-
-def paper_set(model: HookedTransformer, n_frames: int | None = None):
-    """The IOI reproduction's prompts from the paper's templates if the model reads them, else None."""
-    from lenskit.experiments import ioi
-
-    try:
-        clean, _ = ioi.ioi_prompts(ioi.paper_frames(model, n_frames or ioi.PAPER_FRAMES))
-    except ValueError:
-        return None
-    return clean if ioi.unreadable(model, clean) is None else None
-
-
 def run(model: HookedTransformer | str | None = None, progress: bool = True, n_frames: int | None = None) -> Reproduction:
     """The BOS experiment; `n_frames` sets the size of the IOI paper's set where it is used (two prompts a frame)."""
     name = model if isinstance(model, str) else None
@@ -100,7 +84,7 @@ def run(model: HookedTransformer | str | None = None, progress: bool = True, n_f
         "with BOS": logit_diff(model, prompt, answer, wrong, True),
         "without BOS": logit_diff(model, prompt, answer, wrong, False),
     }]
-    paper = paper_set(model, n_frames)
+    paper = ioi.paper_set(model, n_frames)
     if paper is not None:
         rows.append({
             "prompt": f"mean over {len(paper)} IOI prompts (the IOI paper's templates and names)", "answer - wrong": "IO - S",

@@ -13,8 +13,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from lenskit.cache import residual_stream
-from lenskit.experiments.bos import knows_every_word
-from lenskit.experiments.reproduction import Reproduction, resolve_model
+from lenskit.experiments.reproduction import Reproduction, knows_every_word, resolve_model
 from lenskit.labelled import LabelledTensor
 from lenskit.zoo import DEFAULT_MODEL
 

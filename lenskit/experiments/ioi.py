@@ -38,8 +38,7 @@ from transformer_lens import HookedTransformer
 
 from lenskit import hooks, metrics
 from lenskit.attribution import attribute
-from lenskit.experiments.bos import knows_every_word
-from lenskit.experiments.reproduction import Reproduction, resolve_model
+from lenskit.experiments.reproduction import Reproduction, knows_every_word, resolve_model
 from lenskit.patching import PatchResult, patch
 from lenskit.path_patching import path_patch
 from lenskit.tokens import token_ids
@@ -450,6 +449,15 @@ def comparison(model: HookedTransformer, circuit: Circuit, resid: PatchResult) -
                  f"(resid_pre {s2[moved - 1]:.2f} there) and at END from layer {moved} (resid_pre {end[moved]:.2f}); "
                  "in GPT-2 small it moves from S2 to END around the S-inhibition heads' layers 7-8.")
     return text
+
+
+def paper_set(model: HookedTransformer, n_frames: int | None = None) -> list[IOIExample] | None:
+    """The IOI prompts from the paper's templates if the model reads them, else None."""
+    try:
+        clean, _ = ioi_prompts(paper_frames(model, n_frames or PAPER_FRAMES))
+    except ValueError:
+        return None
+    return clean if unreadable(model, clean) is None else None
 
 
 def run(model: HookedTransformer | str | None = None, progress: bool = True, n_frames: int | None = None) -> Reproduction:

@@ -35,9 +35,9 @@ from transformer_lens import HookedTransformer
 from transformer_lens.utilities.activation_functions import apply_softcap
 
 from lenskit import surgery
-from lenskit.experiments.bos import ZOO, knows_every_word
+from lenskit.experiments.bos import ZOO
 from lenskit.experiments.corpus import NAME, passages
-from lenskit.experiments.reproduction import Reproduction, resolve_model
+from lenskit.experiments.reproduction import Reproduction, knows_every_word, resolve_model
 from lenskit.viz import heatmap
 from lenskit.zoo import DEFAULT_MODEL
 from lenskit.zoo.data import ioi_dataset, story

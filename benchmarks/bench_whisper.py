@@ -89,36 +89,11 @@ def bench_forward(repeats: int) -> dict:
 
 
 def bench_decoding(repeats: int, n_tokens: int) -> dict:
-    import whisper
-
     reference = openai_tiny()
     model = from_openai(reference)  # loaded outside inference mode, as a user would
     mel = torch.randn(1, TINY.n_mels, TINY.n_frames, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        return _bench_decoding(whisper, reference, model, mel, repeats, n_tokens)
-
-
-def _bench_decoding(whisper, reference, model, mel, repeats: int, n_tokens: int) -> dict:
-    audio = reference.encoder(mel)
-    tokenizer = get_tokenizer(model)
-    options = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False, sample_len=n_tokens,
-                                      suppress_tokens=[-1, tokenizer.eot])
-    suppressed = sorted(set(suppressed_tokens(tokenizer)) | {tokenizer.eot})
-    blank = blank_tokens(tokenizer)
-    prompt = list(tokenizer.sot_sequence_including_notimestamps)
-    outputs = {}
-
-    def openai_decode():
-        outputs["openai"] = whisper.decode(reference, audio, options)[0].tokens
-
-    def lenskit_decode():
-        outputs["lenskit"] = greedy_decode(model, audio, prompt, tokenizer.eot, n_tokens, suppressed, blank,
-                                           progress=False)
-
-    times = interleaved({"openai-whisper decode": openai_decode, "lenskit greedy_decode": lenskit_decode}, repeats)
-    assert len(outputs["lenskit"]) == n_tokens, outputs
-    rates = {name: {kind: n_tokens / seconds for kind, seconds in t.items()} for name, t in times.items()}
-    return {"tokens/s": rates, "same tokens": outputs["openai"] == outputs["lenskit"]}
+        return _bench_decoding(model, reference, mel, repeats, n_tokens)
 
 
 def real_model(name: str):
@@ -160,10 +135,12 @@ def bench_decoding_real(name: str, repeats: int, n_tokens: int, threads: int) ->
     folder, model, reference = real_model(name)  # loaded outside inference mode, as a user would
     mel = speech_mel(model.cfg.n_mels)
     with torch.inference_mode():
-        return _bench_decoding_real(folder, model, reference, mel, repeats, n_tokens, threads)
+        return _bench_decoding(model, reference, mel, repeats, n_tokens, folder, threads)
 
 
-def _bench_decoding_real(folder, model, reference, mel, repeats: int, n_tokens: int, threads: int) -> dict:
+def _bench_decoding(model, reference, mel, repeats: int, n_tokens: int, folder=None, threads: int = 1) -> dict:
+    """Greedy decoding of `n_tokens` from `mel` encoded once: lenskit against openai-whisper on the same
+    weights, and against ctranslate2 float32 on `folder` when there is one (a CTranslate2 folder)."""
     import whisper
 
     audio = reference.encoder(mel)
@@ -183,7 +160,8 @@ def _bench_decoding_real(folder, model, reference, mel, repeats: int, n_tokens: 
         import ctranslate2
     except ImportError:
         print("    (ctranslate2 not installed: no ctranslate2 column)", file=sys.stderr)
-    else:
+        folder = None
+    if folder is not None:
         ct2 = ctranslate2.models.Whisper(str(folder), device="cpu", compute_type="float32", intra_threads=threads)
         encoded = ct2.encode(ctranslate2.StorageView.from_array(mel.numpy()), to_cpu=True)  # decoding only is timed
         variants["ctranslate2 generate"] = lambda: outputs.update(ctranslate2=ct2.generate(

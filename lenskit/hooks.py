@@ -49,19 +49,13 @@ from torch import Tensor
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from lenskit import sites
+from lenskit.sites import n_key_value_heads  # noqa: F401 (part of the hook vocabulary: hooks.n_key_value_heads)
+
 HookFn = Callable[[Tensor, HookPoint], Union[Tensor, None]]
 NameOrFilter = Union[str, Callable[[str], bool]]
 Index = Union[int, Sequence[int], None]
 Source = Union[Tensor, Mapping[str, Tensor]]
-
-# Leaf names of hooks whose activations are [batch, pos, head, ...].
-_PER_HEAD = {"hook_q", "hook_k", "hook_v", "hook_z", "hook_result", "hook_rot_q", "hook_rot_k",
-             "hook_q_input", "hook_k_input", "hook_v_input", "hook_attn_in"}
-# Per-head leaf names whose head axis holds key/value heads (n_key_value_heads under grouped-query attention).
-_KEY_VALUE = {"hook_k", "hook_v", "hook_rot_k", "hook_k_input", "hook_v_input"}
-# Leaf names of hooks whose activations are [batch, head, query_pos, key_pos].
-_PER_HEAD_PAIR = {"hook_pattern", "hook_attn_scores"}
-
 
 class Hooks(list):
     """An ordered list of ``(name_or_filter, fn)`` pairs, usable as ``fwd_hooks=``.
@@ -186,8 +180,8 @@ def ablate(
         if how == "zero":
             return torch.zeros_like(activation)
         reference = activation if mean_from is None else _source_for(mean_from, hook, "ablate")
-        pos_dim, _ = _layout(hook.name)
-        dims = (0, pos_dim) if mean_over == "batch_pos" and not _is_pair_hook(hook.name) else (0,)
+        pos_dim, _ = sites.layout(hook.name)
+        dims = (0, pos_dim) if mean_over == "batch_pos" and not sites.is_pair(hook.name) else (0,)
         _check_trailing_shape(reference, activation, dims, hook.name, "ablate mean_from")
         return reference.mean(dim=dims, keepdim=True).to(activation.dtype)
 
@@ -298,16 +292,6 @@ def query_heads(model: HookedRootModule, kv_head: int) -> list[int]:
     return list(range((kv_head % n_kv) * group, (kv_head % n_kv + 1) * group))
 
 
-def n_key_value_heads(model: HookedRootModule) -> int:
-    """How many heads hook_k and hook_v have: n_key_value_heads under grouped-query attention (unless
-    ``cfg.ungroup_grouped_query_attention``), otherwise n_heads."""
-    cfg = model.cfg
-    n_kv = getattr(cfg, "n_key_value_heads", None)
-    if n_kv is None or getattr(cfg, "ungroup_grouped_query_attention", False):
-        return cfg.n_heads
-    return n_kv
-
-
 def count_layers(model: HookedRootModule, stack: str = "blocks") -> int:
     """Number of blocks in `stack`, read from the model's hook names."""
     prefix = f"{stack}."
@@ -348,7 +332,7 @@ def selection_mask(activation: Tensor, name: str, head: Index = None, pos: Index
 
     Returns None when nothing is restricted (the whole activation is selected).
     """
-    pos_dim, head_dim = _layout(name)
+    pos_dim, head_dim = sites.layout(name)
     wanted = []
     if head is not None:
         if head_dim is None:
@@ -357,7 +341,7 @@ def selection_mask(activation: Tensor, name: str, head: Index = None, pos: Index
     if pos is not None:
         wanted.append(("pos", pos_dim, pos))
     if neuron is not None:
-        if _is_pair_hook(name):
+        if sites.is_pair(name):
             raise ValueError(f"{name} is an attention pattern; neuron= does not apply to it")
         wanted.append(("neuron", activation.ndim - 1, neuron))
     if not wanted:
@@ -367,7 +351,7 @@ def selection_mask(activation: Tensor, name: str, head: Index = None, pos: Index
         size = activation.shape[dim]
         indices = [index] if isinstance(index, int) else [int(i) for i in index]
         bad = [i for i in indices if not -size <= i < size]
-        if bad and what == "head" and _is_key_value_hook(name):
+        if bad and what == "head" and sites.is_key_value(name):
             raise ValueError(f"{name}: head {bad[0]} out of range: keys and values here have {size} key/value "
                              f"heads along dim {dim} (valid 0..{size - 1}, or negative from the end); under "
                              f"grouped-query attention head= on k/v names a key/value head, shared by a group "
@@ -381,24 +365,6 @@ def selection_mask(activation: Tensor, name: str, head: Index = None, pos: Index
         shape[dim] = size
         mask = mask & axis.view(shape)
     return mask
-
-
-def _layout(name: str) -> tuple[int, int | None]:
-    """(position dim, head dim or None) of a hook's activation, from its leaf name."""
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf in _PER_HEAD_PAIR:
-        return 2, 1
-    if leaf in _PER_HEAD:
-        return 1, 2
-    return 1, None
-
-
-def _is_key_value_hook(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] in _KEY_VALUE
-
-
-def _is_pair_hook(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] in _PER_HEAD_PAIR
 
 
 def _source_for(source: Source, hook: HookPoint, who: str) -> Tensor:

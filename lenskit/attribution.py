@@ -25,101 +25,42 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from lenskit import hooks
-from lenskit.tokens import TokenLike, as_tokens, token_ids
+from lenskit import sites
+from lenskit.errors import InputError
+from lenskit.readout import Readout
+from lenskit.run import Run, as_run
+from lenskit.tokens import Prompts, TokenLike, token_ids
 
 BY = ("layer", "head", "neuron", "position", "head_pos")
 COLUMNS = ["component", "layer", "head", "neuron", "src_pos", "token", "value"]
-CENTRED_NORMS = ("LN", "LNPre")
-
-
-def unembedding_direction(
-    model: HookedTransformer, answer: Tensor, wrong: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """The residual direction read by logit(answer) - logit(wrong) before the final norm's scale, and the
-    constant the final norm's bias and b_U add: ([batch, d_model], [batch]). answer, wrong: ids [batch]."""
-    direction = model.W_U[:, answer].T  # [batch, d_model]
-    constant = model.b_U[answer]
-    if wrong is not None:
-        direction = direction - model.W_U[:, wrong].T
-        constant = constant - model.b_U[wrong]
-    ln_final = getattr(model, "ln_final", None)
-    if getattr(ln_final, "b", None) is not None:
-        constant = constant + direction @ ln_final.b
-    if getattr(ln_final, "w", None) is not None:
-        direction = direction * ln_final.w
-    if model.cfg.normalization_type in CENTRED_NORMS:  # LayerNorm subtracts the mean: (x - mean x) . d = x . (d - mean d)
-        direction = direction - direction.mean(-1, keepdim=True)
-    return direction, constant
-
-
-def final_normalization(model: HookedTransformer, resid: Tensor) -> tuple[Tensor, Tensor]:
-    """The final normalisation of residuals [batch, d_model]: (normalised [batch, d_model], its scale [batch, 1])."""
-    if model.cfg.normalization_type is None:
-        return resid, torch.ones_like(resid[:, :1])
-    store: dict[str, Tensor] = {}
-    with hooks.cache("ln_final.hook_scale", store).on(model):
-        normalized = model.ln_final(resid[:, None])[:, 0]
-    return normalized, store["ln_final.hook_scale"][:, 0]
-
-
-def _activations(model: HookedTransformer, tokens: Tensor, names: list[str], cache) -> dict[str, Tensor]:
-    """The activations `names` of a run on `tokens`: read from `cache` (an ActivationCache or a dict of
-    full activations of that run) if given, else from one forward pass that stops before the unembedding."""
-    if cache is None:
-        store: dict[str, Tensor] = {}
-        with hooks.cache(names, store).on(model):
-            model(tokens, stop_at_layer=model.cfg.n_layers)
-        return store
-    store = getattr(cache, "cache_dict", cache)
-    missing = [name for name in names if name not in store]
-    if missing:
-        raise ValueError(f"cache lacks {len(missing)} activations this decomposition reads, e.g. {missing[:3]}")
-    if tuple(store["hook_embed"].shape[:2]) != tuple(tokens.shape):
-        raise ValueError(f"cache holds a run on {tuple(store['hook_embed'].shape[:2])} tokens, not on tokens {tuple(tokens.shape)}")
-    return store
-
-
-def _read_logits(model: HookedTransformer, normalized: Tensor, answer: Tensor, wrong: Tensor | None) -> Tensor:
-    """logit(answer) - logit(wrong) from final normalised residuals [batch, d_model], unembedding only those columns."""
-
-    def logit(ids: Tensor) -> Tensor:
-        return (normalized * model.W_U[:, ids].T).sum(-1) + model.b_U[ids]
-
-    return logit(answer) - (0 if wrong is None else logit(wrong))
 
 
 def needed_hooks(model: HookedTransformer, by: str) -> list[str]:
     """Hook names whose activations the decomposition `by` reads."""
-    names = ["hook_embed", *(["hook_pos_embed"] if has_positional_embedding(model) else [])]
-    names.append(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
+    names = [*sites.embedding_names(model), sites.final_residual(model)]
     for layer in range(model.cfg.n_layers):
-        block = f"blocks.{layer}"
-        names.append(f"{block}.hook_attn_out" if by in ("layer", "neuron") else f"{block}.attn.hook_z")
+        names.append(sites.act_name("attn_out" if by in ("layer", "neuron") else "z", layer))
         if by in ("head_pos", "position"):
-            names += [f"{block}.attn.hook_pattern", f"{block}.attn.hook_v"]
-        names.append(f"{block}.mlp.hook_post" if by == "neuron" else f"{block}.hook_mlp_out")
+            names += [sites.act_name("pattern", layer), sites.act_name("v", layer)]
+        names.append(sites.act_name("post" if by == "neuron" else "mlp_out", layer))
     return names
-
-
-def has_positional_embedding(model: HookedTransformer) -> bool:
-    return model.cfg.positional_embedding_type == "standard"
 
 
 def attribute(
     model: HookedTransformer,
-    tokens: str | Sequence[str] | Tensor,
+    tokens: "Prompts | Run",
     answer: TokenLike | Sequence[TokenLike] | Tensor,
     wrong: TokenLike | Sequence[TokenLike] | Tensor | None = None,
     by: str = "layer",
     pos: int | Sequence[int] | Tensor = -1,
     per_prompt: bool = False,
     cache: Mapping[str, Tensor] | None = None,
-) -> pd.DataFrame:
+) -> "Attribution":
     """Split logit(answer) (minus logit(wrong), if given) at position `pos` into component contributions.
 
     Args:
-        tokens: a text, a list of texts (same length in tokens), or ids [pos] / [batch, pos].
+        tokens: a text, a list of texts (same length in tokens), ids [pos] / [batch, pos], or a
+            `lenskit.Run` (its cached activations are used; what it lacks is computed and kept).
         answer, wrong: a token string (" Mary") or id, or one per prompt.
         by: "layer" (embeddings, each attention and MLP layer, biases included),
             "head" (attention layers split into heads, b_O apart as "attn_bias"),
@@ -131,33 +72,101 @@ def attribute(
             right-padded prompts).
         per_prompt: one row per prompt and component (column "prompt") instead of the batch mean.
         cache: activations of a run on `tokens` already at hand (a TransformerLens ActivationCache or
-            a dict of full activations by hook name, e.g. from ``lenskit.hooks.cache``); else one
-            forward pass caches just what is needed.
+            a dict of full activations by hook name, e.g. from ``lenskit.hooks.cache``); it must hold
+            every activation the decomposition reads. Else one forward pass caches just what is needed.
 
     Returns:
-        A DataFrame (component, layer, head, neuron, src_pos, token, value) sorted by |value|, whose
+        An `Attribution`: a DataFrame (component, layer, head, neuron, src_pos, token, value) sorted by |value|, whose
         values sum to the logit (difference); ``.attrs`` holds "total" (sum of the parts) and "logit_diff"
         (the model's own value), both batch means, and "per_prompt" (the model's values [batch]).
         "token" is the source token of src_pos (left empty where prompts disagree).
     """
     if by not in BY:
-        raise ValueError(f"unknown by={by!r}; choose one of {BY}")
-    tokens = as_tokens(model, tokens)
+        raise InputError(f"unknown by={by!r}; choose one of {BY}")
+    run = as_run(model, tokens) if cache is None else Run(model, tokens, activations=cache, extend=False)
+    tokens = run.tokens
     batch, n_pos = tokens.shape
     rows = torch.arange(batch)
     positions = _positions(pos, batch, n_pos)
     answer_ids = _per_prompt_ids(model, answer, batch, "answer")
     wrong_ids = None if wrong is None else _per_prompt_ids(model, wrong, batch, "wrong")
 
+    readout = Readout(model)
     with torch.no_grad():
-        store = _activations(model, tokens, needed_hooks(model, by), cache)
-        resid = store[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][rows, positions]  # [batch, d_model]
-        normalized, scale = final_normalization(model, resid)
-        true_value = _read_logits(model, normalized, answer_ids, wrong_ids)
-        direction, constant = unembedding_direction(model, answer_ids, wrong_ids)
+        store = run.require(needed_hooks(model, by))
+        resid = store[sites.final_residual(model)][rows, positions]  # [batch, d_model]
+        normalized, scale = readout.normalize_with_scale(resid)
+        true_value = readout.row_logits(normalized, answer_ids)
+        if wrong_ids is not None:
+            true_value = true_value - readout.row_logits(normalized, wrong_ids)
+        direction, constant = readout.direction(answer_ids, wrong_ids)
         parts = _parts(model, store, by, rows, positions, direction / scale)
     parts.append(Part("bias", constant))
     return _frame(model, tokens, parts, true_value, per_prompt)
+
+
+class Attribution(pd.DataFrame):
+    """`attribute`'s result: the tidy DataFrame itself (so every pandas habit works), plus its picture.
+
+    Slices and other pandas operations return plain DataFrames; ``.attrs`` holds total, logit_diff
+    and per_prompt as documented on `attribute`.
+    """
+
+    @property
+    def _constructor(self):
+        return pd.DataFrame
+
+    def to_frame(self) -> pd.DataFrame:
+        """The rows as a plain DataFrame (attrs kept)."""
+        frame = pd.DataFrame(self)
+        frame.attrs.update(self.attrs)
+        return frame
+
+    def plot(self, title: str = "direct logit attribution") -> "Figure":
+        """A heatmap of the decomposition (means over prompts): layer x head for heads, (layer, head) x
+        source position for head_pos, source positions for position, attention / MLP x layer for layers,
+        the 30 largest neurons for neurons. Components outside the grid are summed in the title."""
+        from lenskit.viz import heatmap
+
+        frame = self.groupby(["component", "layer", "head", "neuron", "src_pos"], dropna=False, sort=False,
+                             as_index=False).agg(value=("value", "mean"), token=("token", "first"))
+        heads = frame[frame.component == "head"]
+        if heads.src_pos.notna().any():
+            shown, rows, cols = heads, ["layer", "head"], "src_pos"
+        elif len(heads):
+            shown, rows, cols = heads, ["layer"], "head"
+        elif (frame.component == "attn_src").any():
+            shown, rows, cols = frame[frame.component == "attn_src"], ["component"], "src_pos"
+        elif (frame.component == "neuron").any():
+            shown = frame[frame.component == "neuron"].head(30).assign(
+                unit=lambda f: [f"L{l} N{n}" for l, n in zip(f.layer, f.neuron)], column="value")
+            shown, rows, cols = shown, ["unit"], "column"
+        else:
+            shown, rows, cols = frame[frame.component.isin(["attn", "mlp"])], ["component"], "layer"
+        grid = shown.pivot_table(index=rows, columns=cols, values="value", aggfunc="sum", sort=True)
+        col_labels = [str(c) for c in grid.columns]
+        if cols == "src_pos":
+            tokens = shown.drop_duplicates("src_pos").set_index("src_pos").token
+            col_labels = [f"{int(c)} {tokens.get(c) or ''}".strip() for c in grid.columns]
+        row_labels = [" ".join(_grid_label(name, value) for name, value in zip(rows, index if isinstance(index, tuple)
+                                                                              else (index,))) for index in grid.index]
+        rest = frame.loc[~frame.index.isin(shown.index)].groupby("component", sort=False).value.sum()
+        others = ", ".join(f"{name} {value:+.2f}" for name, value in rest.items())
+        return heatmap(torch.tensor(grid.fillna(0.0).to_numpy(dtype=float)).float(), row_labels, col_labels,
+                       title=f"{title} ({others})" if others else title, row_title=" ".join(rows), col_title=cols)
+
+    def save_html(self, path) -> "Path":
+        """Save the picture as a standalone page."""
+        return self.plot().save(path)
+
+    def _repr_html_(self) -> str:
+        return self.plot().html + super()._repr_html_()
+
+
+def _grid_label(name: str, value) -> str:
+    """A row label part: L3 for layer 3, H1 for head 1, anything else as it is."""
+    prefix = {"layer": "L", "head": "H"}.get(name)
+    return f"{prefix}{int(value)}" if prefix else str(value)
 
 
 class Part:
@@ -184,36 +193,35 @@ def _parts(model, store, by, rows, positions, direction) -> list[Part]:
         parts.append(Part("pos_embed", read("hook_pos_embed")))
     by_source = []  # [batch, src_pos] per layer, for by="position"
     for layer in range(model.cfg.n_layers):
-        block = f"blocks.{layer}"
         if by in ("layer", "neuron"):
-            parts.append(Part("attn", read(f"{block}.hook_attn_out"), layer))
+            parts.append(Part("attn", read(sites.act_name("attn_out", layer)), layer))
         else:
             head_directions = einops.einsum(model.blocks[layer].attn.W_O, direction, "head d_head d_model, batch d_model -> batch head d_head")
             if by == "head":
-                z = store[f"{block}.attn.hook_z"][rows, positions]  # [batch, head, d_head]
+                z = store[sites.act_name("z", layer)][rows, positions]  # [batch, head, d_head]
                 parts.append(Part("head", (z * head_directions).sum(-1), layer, ("head",)))
             else:
-                per_source = _head_source_contributions(model, store, block, rows, positions, head_directions)
+                per_source = _head_source_contributions(model, store, layer, rows, positions, head_directions)
                 if by == "head_pos":
                     parts.append(Part("head", per_source, layer, ("head", "src_pos")))
                 else:
                     by_source.append(per_source.sum(1))
             parts.append(Part("attn_bias", direction @ model.blocks[layer].attn.b_O, layer))
         if by == "neuron":
-            post = store[f"{block}.mlp.hook_post"][rows, positions]  # [batch, d_mlp]
+            post = store[sites.act_name("post", layer)][rows, positions]  # [batch, d_mlp]
             parts.append(Part("neuron", post * (model.blocks[layer].mlp.W_out @ direction.T).T, layer, ("neuron",)))
             parts.append(Part("mlp_bias", direction @ model.blocks[layer].mlp.b_out, layer))
         else:
-            parts.append(Part("mlp", read(f"{block}.hook_mlp_out"), layer))
+            parts.append(Part("mlp", read(sites.act_name("mlp_out", layer)), layer))
     if by == "position":
         parts.append(Part("attn_src", torch.stack(by_source).sum(0), dims=("src_pos",)))
     return parts
 
 
-def _head_source_contributions(model, store, block, rows, positions, head_directions) -> Tensor:
+def _head_source_contributions(model, store, layer, rows, positions, head_directions) -> Tensor:
     """A[i, j] (v_j . W_O^h direction) for every head h and source j: [batch, head, src_pos]."""
-    pattern = store[f"{block}.attn.hook_pattern"][rows, :, positions]  # [batch, head, src_pos]
-    values = store[f"{block}.attn.hook_v"]  # [batch, src_pos, kv_head, d_head]
+    pattern = store[sites.act_name("pattern", layer)][rows, :, positions]  # [batch, head, src_pos]
+    values = store[sites.act_name("v", layer)]  # [batch, src_pos, kv_head, d_head]
     values = values.repeat_interleave(model.cfg.n_heads // values.shape[2], dim=2)  # grouped-query attention
     value_logits = einops.einsum(values, head_directions, "batch src head d_head, batch head d_head -> batch head src")
     return pattern * value_logits
@@ -223,9 +231,9 @@ def _positions(pos, batch: int, n_pos: int) -> Tensor:
     """Non-negative positions [batch] from one position or one per prompt."""
     positions = torch.as_tensor(pos, dtype=torch.long).reshape(-1)
     if len(positions) not in (1, batch):
-        raise ValueError(f"pos: give one position or one per prompt ({batch}), got {len(positions)}")
+        raise InputError(f"pos: give one position or one per prompt ({batch}), got {len(positions)}")
     if ((positions < -n_pos) | (positions >= n_pos)).any():
-        raise ValueError(f"pos {positions.tolist()} out of range for prompts of {n_pos} tokens")
+        raise InputError(f"pos {positions.tolist()} out of range for prompts of {n_pos} tokens")
     return (positions % n_pos).expand(batch)
 
 
@@ -233,11 +241,11 @@ def _per_prompt_ids(model, tokens, batch: int, what: str) -> Tensor:
     """Token ids [batch]: one token for every prompt, or one per prompt."""
     ids = token_ids(model, tokens)
     if len(ids) not in (1, batch):
-        raise ValueError(f"{what}: give one token or one per prompt ({batch}), got {len(ids)}")
+        raise InputError(f"{what}: give one token or one per prompt ({batch}), got {len(ids)}")
     return ids.expand(batch).to(model.cfg.device)
 
 
-def _frame(model, tokens: Tensor, parts: list[Part], true_value: Tensor, per_prompt: bool) -> pd.DataFrame:
+def _frame(model, tokens: Tensor, parts: list[Part], true_value: Tensor, per_prompt: bool) -> "Attribution":
     """The tidy result: one row per part (and prompt), sorted by |value|."""
     labels = _labels(parts)
     source_tokens = [_source_token(model, tokens, j) for j in range(tokens.shape[1])]
@@ -250,7 +258,7 @@ def _frame(model, tokens: Tensor, parts: list[Part], true_value: Tensor, per_pro
         frame = frame[["prompt", *COLUMNS]]
     else:
         frame = labels.assign(value=values.mean(0).numpy())
-    frame = frame.iloc[frame["value"].abs().argsort()[::-1]].reset_index(drop=True)
+    frame = Attribution(frame.iloc[frame["value"].abs().argsort()[::-1]].reset_index(drop=True))
     frame.attrs.update(total=values.sum(1).mean().item(), logit_diff=true_value.float().mean().item(),
                        per_prompt=true_value.float().cpu())
     return frame

@@ -15,7 +15,7 @@ Conventions, shared by every spec:
   None for every position. Values are averaged over the selected positions, then over the batch:
   every metric is the **mean over prompts** of a per-prompt value, like the metrics of
   TransformerLens' IOI demos.
-- Tokens are strings (``" Mary"``, which must be a single token) or ids; one token for every prompt,
+- Answers are strings (``" Mary"``, which must be a single token) or ids; one token for every prompt,
   or a list with one token per prompt.
 - Specs holding strings or left-open references must be bound to a model first (``spec.bind(model)``);
   `lenskit.patch` and `lenskit.attribution_patch` bind them for you: `loss` with no targets predicts
@@ -25,17 +25,20 @@ Conventions, shared by every spec:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from lenskit.readout import Readout
 from lenskit.tokens import TokenLike, token_ids
 
-Tokens = TokenLike | Sequence[TokenLike] | Tensor
+Answers = TokenLike | Sequence[TokenLike] | Tensor
+"""Answer or target tokens: one token (a string or id) for every prompt, or one per prompt."""
 Positions = int | Sequence[int] | None
+MetricLike = "Metric | Callable[[Tensor], Tensor]"
 
 
 class Metric:
@@ -83,8 +86,8 @@ class Metric:
 class LogitDiff(Metric):
     """logit(answer) - logit(wrong), averaged over `pos` and the batch."""
 
-    answer: Tokens
-    wrong: Tokens
+    answer: Answers
+    wrong: Answers
     pos: Positions = -1
 
     def bind(self, model, tokens=None, logits=None):
@@ -104,7 +107,7 @@ class LogitDiff(Metric):
 class Prob(Metric):
     """Softmax probability of `token`, averaged over `pos` and the batch."""
 
-    token: Tokens
+    token: Answers
     pos: Positions = -1
 
     def bind(self, model, tokens=None, logits=None):
@@ -118,7 +121,7 @@ class Prob(Metric):
 class Rank(Metric):
     """Rank of `token` among the vocabulary (0 = the top logit), averaged over `pos` and the batch."""
 
-    token: Tokens
+    token: Answers
     pos: Positions = -1
     differentiable = False
 
@@ -187,17 +190,17 @@ class KLTo(Metric):
         return (reference.exp() * (reference - log_probs)).sum(-1).mean(-1)
 
 
-def logit_diff(answer: Tokens, wrong: Tokens, pos: Positions = -1) -> LogitDiff:
+def logit_diff(answer: Answers, wrong: Answers, pos: Positions = -1) -> LogitDiff:
     """logit(answer) - logit(wrong) at `pos`, mean over prompts (reads only those two columns)."""
     return LogitDiff(answer, wrong, pos)
 
 
-def prob(token: Tokens, pos: Positions = -1) -> Prob:
+def prob(token: Answers, pos: Positions = -1) -> Prob:
     """Probability of `token` at `pos`, mean over prompts."""
     return Prob(token, pos)
 
 
-def rank(token: Tokens, pos: Positions = -1) -> Rank:
+def rank(token: Answers, pos: Positions = -1) -> Rank:
     """Rank of `token` at `pos` (0 = top), mean over prompts. Not differentiable."""
     return Rank(token, pos)
 
@@ -210,6 +213,65 @@ def loss(targets: Tensor | None = None, pos: Positions = None) -> Loss:
 def kl_to(reference: Tensor | None = None, pos: Positions = -1) -> KLTo:
     """KL(reference || model) at `pos`, reference logits defaulting to the clean run's, mean over prompts."""
     return KLTo(reference, pos)
+
+
+# --- evaluating a metric ----------------------------------------------------------------------
+
+
+def bind(metric: "MetricLike", model: HookedTransformer, tokens: Tensor, logits: Tensor) -> "MetricLike":
+    """A spec bound to the run on `tokens` with `logits` (see `Metric.bind`); any other callable as it is."""
+    if isinstance(metric, Metric):
+        return metric.bind(model, tokens, logits)
+    if not callable(metric):
+        raise ValueError(f"metric must be a lenskit.metrics spec or a callable on logits, got {metric!r}")
+    return metric
+
+
+def scalar_tensor(metric: "MetricLike", logits: Tensor) -> Tensor:
+    """metric(logits) as a 0-d tensor; ValueError unless the metric returns one number for the batch."""
+    value = metric(logits)
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"the metric must return a scalar tensor (one number for the batch), got {shape}")
+    return value.reshape(())
+
+
+def scalar(metric: "MetricLike", logits: Tensor) -> float:
+    """metric(logits) as a float."""
+    return scalar_tensor(metric, logits).item()
+
+
+class MetricReader:
+    """Reads a metric off final residual streams of many runs, unembedding only what the metric needs.
+
+    A `Metric` spec reads its positions and vocabulary columns; any other callable gets full logits.
+    Positions before a run's first changed position are taken from the reference (corrupted) run.
+    """
+
+    def __init__(self, model: HookedTransformer, metric: "MetricLike", reference_logits: Tensor):
+        self.model, self.metric, self.readout = model, metric, Readout(model)
+        n_pos = reference_logits.shape[1]
+        if isinstance(metric, Metric):
+            self.positions = metric.positions(n_pos)
+            self.columns = metric.columns()
+            self.reference = metric.select(reference_logits)
+        else:
+            self.positions, self.columns, self.reference = list(range(n_pos)), None, reference_logits
+
+    def width(self) -> int:
+        """Floats per prompt of one run's selected logits."""
+        return len(self.positions) * (self.readout.d_vocab if self.columns is None else len(self.columns))
+
+    def values(self, final: Tensor, start: int) -> Tensor:
+        """Metric values [n_runs] from final residual streams [n_runs, batch, pos - start, d_model]."""
+        selected = self.reference.expand(final.shape[0], *self.reference.shape).clone()
+        late = [i for i, p in enumerate(self.positions) if p >= start]
+        if late:
+            resid = final[:, :, [self.positions[i] - start for i in late]]
+            selected[:, :, late] = self.readout(resid.flatten(0, 1), self.columns).view(*resid.shape[:-1], -1)
+        if isinstance(self.metric, Metric):
+            return self.metric.per_prompt(selected).mean(-1)
+        return torch.stack([scalar_tensor(self.metric, logits) for logits in selected])
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -226,7 +288,7 @@ def _positions(pos: Positions, n_pos: int) -> list[int]:
     return [p % n_pos for p in chosen]
 
 
-def _ids(tokens: Tokens, who: str) -> Tensor:
+def _ids(tokens: Answers, who: str) -> Tensor:
     """Token ids [n] of an already-bound token spec; strings are refused (bind to a model first)."""
     if isinstance(tokens, Tensor):
         return tokens.reshape(-1).long()
@@ -236,7 +298,7 @@ def _ids(tokens: Tokens, who: str) -> Tensor:
     return torch.tensor(items, dtype=torch.long)
 
 
-def _column_index(columns: Tensor, tokens: Tokens) -> Tensor:
+def _column_index(columns: Tensor, tokens: Answers) -> Tensor:
     """Positions in `columns` of each token id."""
     return torch.searchsorted(columns, _ids(tokens, "metric"))
 

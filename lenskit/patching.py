@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,28 +53,19 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
-from transformer_lens.utilities.activation_functions import apply_softcap
 
-from lenskit import hooks
+from lenskit import hooks, sites
+from lenskit.errors import InputError
 from lenskit.labelled import LabelledTensor
-from lenskit.metrics import Metric
+from lenskit.metrics import MetricLike, MetricReader, bind, scalar, scalar_tensor
+from lenskit.readout import Readout
+from lenskit.resume import MEMORY_BUDGET, empty_entry, run_block, run_blocks
+from lenskit.run import Run, as_run
+from lenskit.tokens import Prompts, as_tokens, token_labels
 
-MetricLike = Metric | Callable[[Tensor], Tensor]
-Inputs = str | Sequence[str] | Tensor
-
-SITES = {
-    "resid_pre": "blocks.{}.hook_resid_pre",
-    "resid_mid": "blocks.{}.hook_resid_mid",
-    "resid_post": "blocks.{}.hook_resid_post",
-    "attn_out": "blocks.{}.hook_attn_out",
-    "mlp_out": "blocks.{}.hook_mlp_out",
-    "z": "blocks.{}.attn.hook_z",
-    "q": "blocks.{}.attn.hook_q",
-    "k": "blocks.{}.attn.hook_k",
-    "v": "blocks.{}.attn.hook_v",
-    "pattern": "blocks.{}.attn.hook_pattern",
-}
-"""Patchable sites and their TransformerLens hook names (per layer)."""
+SITES = {site: sites.act_name(site, 0).replace(".0.", ".{}.") for site in
+         ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern")}
+"""Patchable sites and their TransformerLens hook names (per layer: ``SITES[site].format(layer)``)."""
 
 GRANULARITIES = {
     "layer": (),
@@ -93,10 +84,6 @@ _LAYOUTS = {
     "pattern": (("head", "pos", "src"), False),
 }
 
-MEMORY_BUDGET = 256 * 2**20
-"""Bytes of activations that one batched forward of patch cells may use (roughly)."""
-
-
 @dataclass(repr=False)
 class PatchResult(LabelledTensor):
     """A patching grid: the metric after each patch, with the clean and corrupted runs' values.
@@ -114,7 +101,7 @@ class PatchResult(LabelledTensor):
         """The grid rescaled so that 0 is the corrupted run's metric and 1 the clean run's."""
         span = self.clean_value - self.corrupted_value
         if span == 0 or math.isnan(span):
-            raise ValueError(f"cannot normalise: the clean and corrupted runs have the same metric value ({self.clean_value})")
+            raise InputError(f"cannot normalise: the clean and corrupted runs have the same metric value ({self.clean_value})")
         return PatchResult((self.tensor - self.corrupted_value) / span, self.dims, self.labels, 1.0, 0.0)
 
     def plot(self, title: str = "") -> "Figure":
@@ -137,8 +124,8 @@ class PatchResult(LabelledTensor):
 
 def patch(
     model: HookedTransformer,
-    clean: Inputs,
-    corrupted: Inputs,
+    clean: Prompts,
+    corrupted: Prompts,
     metric: MetricLike,
     site: str = "resid_pre",
     by: str = "layer_pos",
@@ -165,29 +152,35 @@ def patch(
     Returns:
         PatchResult [layer, *cell dims] of metric values (equal to transformer_lens.patching's).
     """
-    grid = _Grid.build(model, site, by, clean, corrupted, layers, heads, positions)
-    clean_cache = hooks.cache(grid.hook_names())
+    clean_run = as_run(model, clean)
+    grid = _Grid.build(model, site, by, clean_run.tokens, corrupted, layers, heads, positions)
+    clean_store, clean_logits = _clean_activations(clean_run, grid)
     with torch.inference_mode():
-        clean_logits = clean_cache.run(model, grid.clean)
-        metric = _bind(metric, model, grid.clean, clean_logits)
-        clean_value = _scalar(metric, clean_logits)
+        metric = bind(metric, model, grid.clean, clean_logits)
+        clean_value = scalar(metric, clean_logits)
         corrupted_run = _CorruptedRun(model, grid)
-        corrupted_value = _scalar(metric, corrupted_run.logits)
+        corrupted_value = scalar(metric, corrupted_run.logits)
         values = torch.full(grid.shape, corrupted_value)
-        plan = grid.plan(clean_cache.store, corrupted_run.site)
-        reader = _LogitReader(model, metric, corrupted_run.logits)
+        plan = grid.plan(clean_store, corrupted_run.site)
+        reader = MetricReader(model, metric, corrupted_run.logits)
         chunks = [(start, chunk) for start, cells in plan.items()
                   for chunk in _chunks(cells, max_cells or grid.cells_per_batch(start, reader))]
         for start, cells in tqdm(chunks, desc=f"patch {site} by {by}", disable=not progress):
-            patched = corrupted_run.resume(cells, start, clean_cache.store)
+            patched = corrupted_run.resume(cells, start, clean_store)
             values[tuple(cells.T)] = reader.values(patched, start).float().cpu()
     return grid.result(values, clean_value, corrupted_value)
 
 
+def _clean_activations(clean: Run, grid: "_Grid") -> tuple[dict[str, Tensor], Tensor]:
+    """The clean run's site activations {hook name: activation} and its logits (one forward pass at most)."""
+    store = clean.require([*grid.hook_names(), sites.final_residual(clean.model)])
+    return store, clean.logits
+
+
 def attribution_patch(
     model: HookedTransformer,
-    clean: Inputs,
-    corrupted: Inputs,
+    clean: Prompts,
+    corrupted: Prompts,
     metric: MetricLike,
     site: str = "resid_pre",
     by: str = "layer_pos",
@@ -201,14 +194,13 @@ def attribution_patch(
     entries and the batch, the gradient being that of the metric on the corrupted run with respect
     to the site's activation. Same arguments and layout as `patch`; the metric must be differentiable.
     """
-    grid = _Grid.build(model, site, by, clean, corrupted, layers, heads, positions)
-    clean_cache = hooks.cache(grid.hook_names())
-    with torch.no_grad():  # not inference mode: the clean logits may enter the metric's graph (kl_to)
-        clean_logits = clean_cache.run(model, grid.clean)
-    metric = _bind(metric, model, grid.clean, clean_logits)
+    clean_run = as_run(model, clean)
+    grid = _Grid.build(model, site, by, clean_run.tokens, corrupted, layers, heads, positions)
+    clean_store, clean_logits = _clean_activations(clean_run, grid)
+    metric = bind(metric, model, grid.clean, clean_logits)
     if not getattr(metric, "differentiable", True):
-        raise ValueError(f"attribution_patch needs a differentiable metric; {type(metric).__name__} is not")
-    clean_value = _scalar(metric, clean_logits)
+        raise InputError(f"attribution_patch needs a differentiable metric; {type(metric).__name__} is not")
+    clean_value = scalar(metric, clean_logits)
     saved: dict[str, Tensor] = {}
 
     def keep_for_grad(activation: Tensor, hook) -> Tensor:
@@ -219,11 +211,11 @@ def attribution_patch(
 
     with torch.enable_grad():
         with model.hooks(fwd_hooks=[(name, keep_for_grad) for name in grid.hook_names()]):
-            value = _scalar_tensor(metric, model(grid.corrupted))
+            value = scalar_tensor(metric, model(grid.corrupted))
         names = grid.hook_names()
         grads = torch.autograd.grad(value, [saved[n] for n in names], allow_unused=True)
     values = torch.stack([
-        grid.reduce_to_cells((clean_cache.store[n] - saved[n].detach()) * _zero_if_none(g, saved[n]))
+        grid.reduce_to_cells((clean_store[n] - saved[n].detach()) * _zero_if_none(g, saved[n]))
         for n, g in zip(names, grads)
     ])
     corrupted_value = value.item()
@@ -248,24 +240,24 @@ class _Grid:
     @classmethod
     def build(cls, model, site, by, clean, corrupted, layers, heads, positions) -> "_Grid":
         if site not in SITES:
-            raise ValueError(f"unknown site {site!r}; valid sites: {', '.join(SITES)}")
+            raise InputError(f"unknown site {site!r}; valid sites: {', '.join(SITES)}")
         if by not in GRANULARITIES:
-            raise ValueError(f"unknown by={by!r}; valid: {', '.join(GRANULARITIES)}")
+            raise InputError(f"unknown by={by!r}; valid: {', '.join(GRANULARITIES)}")
         layout = _layout(site)
         missing = [d for d in GRANULARITIES[by] if d not in _LAYOUTS[layout][0]]
         if missing:
-            raise ValueError(f"by={by!r} does not apply to site {site!r}: it has no {missing[0]} dimension "
+            raise InputError(f"by={by!r} does not apply to site {site!r}: it has no {missing[0]} dimension "
                              f"(per-head sites: z, q, k, v, pattern; layer_head_dest_src: pattern only)")
         if SITES[site].format(0) not in model.hook_dict:
-            raise ValueError(f"site {site!r} does not exist in this model (no hook {SITES[site].format(0)!r})")
+            raise InputError(f"site {site!r} does not exist in this model (no hook {SITES[site].format(0)!r})")
         if model.cfg.positional_embedding_type == "shortformer":
-            raise ValueError("patching does not support shortformer positional embeddings")
-        clean, corrupted = _tokens(model, clean), _tokens(model, corrupted)
+            raise InputError("patching does not support shortformer positional embeddings")
+        clean, corrupted = as_tokens(model, clean, "clean"), as_tokens(model, corrupted, "corrupted")
         if clean.shape != corrupted.shape:
-            raise ValueError(f"clean and corrupted tokens must have the same shape [batch, pos]; got "
+            raise InputError(f"clean and corrupted tokens must have the same shape [batch, pos]; got "
                              f"{tuple(clean.shape)} and {tuple(corrupted.shape)}")
         n_pos = clean.shape[1]
-        sizes = {"pos": n_pos, "src": n_pos, "head": _n_heads(model, site)}
+        sizes = {"pos": n_pos, "src": n_pos, "head": sites.n_heads_at(model, SITES[site])}
         wanted = {"head": heads, "pos": positions}
         if "head" in GRANULARITIES[by] and _grouped(model, site):
             _check_key_value_heads(model, site, heads)
@@ -338,7 +330,7 @@ class _Grid:
         layer_of = torch.tensor(self.layers)
         return {start: _sorted_by(torch.cat(parts), layer_of) for start, parts in sorted(groups.items())}
 
-    def cells_per_batch(self, start: int, reader: "_LogitReader") -> int:
+    def cells_per_batch(self, start: int, reader: "MetricReader") -> int:
         """How many cells starting at position `start` one forward can hold within `MEMORY_BUDGET`."""
         cfg = self.model.cfg
         batch, n_pos = self.clean.shape
@@ -358,7 +350,7 @@ class _Grid:
         names = {"layer_head_dest_src": ("layer", "head", "dest", "src")}.get(self.by, ("layer", *self.cell_dims))
         if _grouped(self.model, self.site):
             names = tuple("kv_head" if name == "head" else name for name in names)
-        tokens = _token_labels(self.model, self.clean[0])
+        tokens = token_labels(self.model, self.clean[0])
         labels = {"layer": list(self.layers)}
         for name, dim in zip(names[1:], self.cell_dims):
             labels[name] = list(self.choices[dim]) if dim == "head" else [tokens[i] for i in self.choices[dim]]
@@ -376,12 +368,13 @@ class _CorruptedRun:
         self.model, self.grid = model, grid
         n_layers = model.cfg.n_layers
         resid, _, _, self.attention_mask = model.input_to_embed(grid.corrupted)
-        entries = [_empty_entry(model, resid) for _ in range(n_layers)]
-        cache = hooks.cache([*(f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)), *grid.hook_names()])
+        entries = [empty_entry(model, resid) for _ in range(n_layers)]
+        resid_names = [sites.act_name("resid_pre", layer) for layer in range(n_layers)]
+        cache = hooks.cache([*resid_names, *grid.hook_names()])
         with cache.on(model):
-            final = _run_blocks(model, {0: resid}, lambda layer, rows: entries[layer], self.attention_mask)
-        self.logits = _unembed(model, final)
-        self.resid_in = [*(cache.store[f"blocks.{layer}.hook_resid_pre"] for layer in range(n_layers)), final]
+            final = run_blocks(model, {0: resid}, lambda layer, rows: entries[layer], self.attention_mask)
+        self.logits = Readout(model)(final)
+        self.resid_in = [*(cache.store[name] for name in resid_names), final]
         self.site = {name: cache.store[name] for name in grid.hook_names()}
         self.keys_values = [(e.past_keys, e.past_values) for e in entries]
 
@@ -413,39 +406,11 @@ class _CorruptedRun:
             source = _window(clean[name], grid.index_dims, start, stop, offset=1)
             resid = self.resid_in[layer][:, start:stop].repeat(len(layer_cells), 1, 1)
             with hooks.Hooks([(name, _write_where(source, masks.to(source.device)))]).on(model):
-                resid = _run_block(model, layer, resid, entry, self.attention_mask)
+                resid = run_block(model, layer, resid, entry, self.attention_mask)
             later = self.resid_in[layer + 1][:, stop:].repeat(len(layer_cells), 1, 1)
             joins[layer + 1] = torch.cat([resid, later], dim=1)
-        final = _run_blocks(model, joins, entry, self.attention_mask)
+        final = run_blocks(model, joins, entry, self.attention_mask)
         return final.view(len(cells), batch, *final.shape[1:])
-
-
-def _run_blocks(model, joins: dict[int, Tensor], entry, attention_mask: Tensor | None) -> Tensor:
-    """Run the blocks from the first layer in `joins` to the end; ``joins[L]`` rows enter before
-    block L (``joins[n_layers]`` after the last block).
-
-    entry(layer, n_rows) gives the key/value cache entry of a layer (None: no earlier positions).
-    """
-    resid = None
-    for layer in range(min(joins), model.cfg.n_layers + 1):
-        if layer in joins:
-            resid = joins[layer] if resid is None else torch.cat([resid, joins[layer]])
-        if layer < model.cfg.n_layers:
-            resid = _run_block(model, layer, resid, entry, attention_mask)
-    return resid
-
-
-def _run_block(model, layer: int, resid: Tensor, entry, attention_mask: Tensor | None) -> Tensor:
-    """One block on `resid` [rows, positions, d_model], after the positions held by entry(layer, rows).
-
-    attention_mask: the run's padding mask [batch, pos] (None when nothing is padded), tiled over rows.
-    """
-    rows = resid.shape[0]
-    past = entry(layer, rows)
-    if attention_mask is not None:
-        n_keys = resid.shape[1] + (0 if past is None else past.past_keys.shape[1])
-        attention_mask = attention_mask[:, :n_keys].repeat(rows // attention_mask.shape[0], 1)
-    return model.blocks[layer](resid, past_kv_cache_entry=past, attention_mask=attention_mask)
 
 
 def _write_where(source: Tensor, masks: Tensor):
@@ -459,90 +424,33 @@ def _write_where(source: Tensor, masks: Tensor):
     return write
 
 
-class _LogitReader:
-    """Reads a metric off final residual streams, unembedding only what the metric needs.
-
-    A `Metric` spec reads its positions and vocabulary columns; any other callable gets full logits.
-    Positions before a run's first changed position are taken from the corrupted run.
-    """
-
-    def __init__(self, model: HookedTransformer, metric: MetricLike, corrupted_logits: Tensor):
-        self.model, self.metric = model, metric
-        n_pos = corrupted_logits.shape[1]
-        if isinstance(metric, Metric):
-            self.positions = metric.positions(n_pos)
-            self.columns = metric.columns()
-            self.corrupted = metric.select(corrupted_logits)
-        else:
-            self.positions, self.columns, self.corrupted = list(range(n_pos)), None, corrupted_logits
-
-    def width(self) -> int:
-        """Floats per prompt of one cell's selected logits."""
-        return len(self.positions) * (self.model.cfg.d_vocab_out if self.columns is None else len(self.columns))
-
-    def values(self, final: Tensor, start: int) -> Tensor:
-        """Metric values [n_cells] from final residual streams [n_cells, batch, pos - start, d_model]."""
-        selected = self.corrupted.expand(final.shape[0], *self.corrupted.shape).clone()
-        late = [i for i, p in enumerate(self.positions) if p >= start]
-        if late:
-            resid = final[:, :, [self.positions[i] - start for i in late]]
-            selected[:, :, late] = _unembed(self.model, resid.flatten(0, 1), self.columns).view(
-                *resid.shape[:-1], -1)
-        if isinstance(self.metric, Metric):
-            return self.metric.per_prompt(selected).mean(-1)
-        return torch.stack([_scalar_tensor(self.metric, logits) for logits in selected])
-
-
-def _unembed(model: HookedTransformer, resid: Tensor, columns: Tensor | None = None) -> Tensor:
-    """Logits [batch, pos, n_columns] from final residual streams (all columns when None)."""
-    if model.cfg.normalization_type is not None:
-        resid = model.ln_final(resid)
-    if columns is None:
-        logits = model.unembed(resid)
-    else:
-        columns = columns.to(resid.device)
-        logits = resid @ model.unembed.W_U[:, columns] + model.unembed.b_U[columns]
-    return apply_softcap(logits, model.cfg.output_logits_soft_cap)
-
-
 # --- helpers -----------------------------------------------------------------------------------
 
 
 def _layout(site: str) -> str:
-    return "pattern" if site == "pattern" else "head" if site in ("z", "q", "k", "v") else "resid"
-
-
-def _n_heads(model: HookedTransformer, site: str) -> int:
-    """Heads of a per-head site: key/value heads for k and v (fewer under grouped-query attention)."""
-    return hooks.n_key_value_heads(model) if site in ("k", "v") else model.cfg.n_heads
+    """Which `_LAYOUTS` entry a site's activation follows (from `lenskit.sites`)."""
+    name = SITES[site]
+    return "pattern" if sites.is_pair(name) else "head" if sites.layout(name)[1] is not None else "resid"
 
 
 def _grouped(model: HookedTransformer, site: str) -> bool:
     """Whether the site's heads are key/value heads each shared by several query heads."""
-    return site in ("k", "v") and _n_heads(model, site) < model.cfg.n_heads
+    return site in ("k", "v") and sites.n_heads_at(model, SITES[site]) < model.cfg.n_heads
 
 
 def _check_key_value_heads(model: HookedTransformer, site: str, heads) -> None:
     """Out-of-range heads of a grouped k / v site: ValueError naming the key/value heads and their groups."""
     if heads is None:
         return
-    n_kv = _n_heads(model, site)
+    n_kv = sites.n_heads_at(model, SITES[site])
     group = model.cfg.n_heads // n_kv
     bad = [h for h in ([heads] if isinstance(heads, int) else [int(h) for h in heads]) if not -n_kv <= h < n_kv]
     if bad:
-        raise ValueError(f"head {bad[0]} out of range for site {site!r}: this grouped-query model has {n_kv} "
+        raise InputError(f"head {bad[0]} out of range for site {site!r}: this grouped-query model has {n_kv} "
                          f"key/value heads (valid 0..{n_kv - 1}, or negative from the end) shared by "
                          f"{model.cfg.n_heads} query heads; key/value head h is read by query heads "
                          f"{group}h..{group}h+{group - 1}. To patch one query head's {site}, first call "
                          f"model.set_ungroup_grouped_query_attention(True)")
-
-
-def _empty_entry(model: HookedTransformer, resid: Tensor) -> TransformerLensKeyValueCacheEntry:
-    """An empty key/value cache entry for a batch like `resid`, with as many heads as hook_k has
-    (TransformerLens' init_cache_entry ignores ``ungroup_grouped_query_attention``)."""
-    cfg = model.cfg
-    empty = torch.empty(len(resid), 0, _n_heads(model, "k"), cfg.d_head, device=resid.device, dtype=cfg.dtype)
-    return TransformerLensKeyValueCacheEntry(empty, empty.clone())
 
 
 def _choose(chosen: Sequence[int] | None, size: int, what: str) -> list[int]:
@@ -551,41 +459,12 @@ def _choose(chosen: Sequence[int] | None, size: int, what: str) -> list[int]:
     chosen = [chosen] if isinstance(chosen, int) else [int(i) for i in chosen]
     bad = [i for i in chosen if not -size <= i < size]
     if bad:
-        raise ValueError(f"{what} {bad[0]} out of range: there are {size} {what}s (valid 0..{size - 1}, "
+        raise InputError(f"{what} {bad[0]} out of range: there are {size} {what}s (valid 0..{size - 1}, "
                          f"or negative from the end)")
     chosen = [i % size for i in chosen]
     if len(set(chosen)) < len(chosen):
-        raise ValueError(f"{what}s {chosen} name the same {what} twice")
+        raise InputError(f"{what}s {chosen} name the same {what} twice")
     return chosen
-
-
-def _tokens(model: HookedTransformer, inputs: Inputs) -> Tensor:
-    if isinstance(inputs, str) or (isinstance(inputs, Sequence) and all(isinstance(s, str) for s in inputs)):
-        return model.to_tokens(inputs)
-    tokens = torch.as_tensor(inputs)
-    if tokens.is_floating_point() or tokens.ndim not in (1, 2):
-        raise ValueError(f"expected token ids [batch, pos] or strings, got a {tokens.dtype} tensor of shape {tuple(tokens.shape)}")
-    return (tokens[None] if tokens.ndim == 1 else tokens).to(model.cfg.device)
-
-
-def _bind(metric: MetricLike, model, tokens: Tensor, logits: Tensor) -> MetricLike:
-    if isinstance(metric, Metric):
-        return metric.bind(model, tokens, logits)
-    if not callable(metric):
-        raise ValueError(f"metric must be a lenskit.metrics spec or a callable on logits, got {metric!r}")
-    return metric
-
-
-def _scalar_tensor(metric: MetricLike, logits: Tensor) -> Tensor:
-    value = metric(logits)
-    if not isinstance(value, Tensor) or value.numel() != 1:
-        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-        raise ValueError(f"the metric must return a scalar tensor (one number for the batch), got {shape}")
-    return value.reshape(())
-
-
-def _scalar(metric: MetricLike, logits: Tensor) -> float:
-    return _scalar_tensor(metric, logits).item()
 
 
 def _zero_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
@@ -623,12 +502,6 @@ def _sorted_by(cells: Tensor, layer_of: Tensor) -> Tensor:
 
 def _chunks(cells: Tensor, size: int) -> list[Tensor]:
     return [cells[i:i + size] for i in range(0, len(cells), size)]
-
-
-def _token_labels(model: HookedTransformer, tokens: Tensor) -> list[str]:
-    if model.tokenizer is None:
-        return [str(int(t)) for t in tokens]
-    return model.to_str_tokens(tokens)
 
 
 def _index_label(dim: str, label) -> str:

@@ -42,9 +42,13 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
-from lenskit import hooks
-from lenskit.patching import (MEMORY_BUDGET, Inputs, MetricLike, PatchResult, _bind, _LogitReader, _run_blocks,
-                              _scalar, _tokens)
+from lenskit import hooks, sites
+from lenskit.errors import InputError
+from lenskit.metrics import MetricLike, MetricReader, bind, scalar
+from lenskit.patching import PatchResult
+from lenskit.resume import MEMORY_BUDGET, run_blocks
+from lenskit.run import Run, as_run
+from lenskit.tokens import Prompts, as_tokens
 
 Receiver = tuple[int, int, str]
 RECEIVER_KINDS = ("q", "k", "v")
@@ -52,8 +56,8 @@ RECEIVER_KINDS = ("q", "k", "v")
 
 def path_patch(
     model: HookedTransformer,
-    clean: Inputs,
-    corrupted: Inputs,
+    clean: Prompts,
+    corrupted: Prompts,
     metric: MetricLike,
     senders: str | Sequence[tuple[int, int] | int] = "heads",
     receivers: str | Sequence[Receiver] = "logits",
@@ -74,25 +78,27 @@ def path_patch(
         PatchResult [layer, head] for "heads", [layer] for "mlps", [sender] for a list (labels "L3H1",
         "MLP2"); NaN where a sender reaches no receiver.
     """
-    clean_tokens, corrupted_tokens = _tokens(model, clean), _tokens(model, corrupted)
+    clean_run = as_run(model, clean)
+    clean_tokens, corrupted_tokens = clean_run.tokens, as_tokens(model, corrupted, "corrupted")
     if clean_tokens.shape != corrupted_tokens.shape:
-        raise ValueError(f"path_patch: clean and corrupted tokens must have the same shape [batch, pos]; got "
+        raise InputError(f"path_patch: clean and corrupted tokens must have the same shape [batch, pos]; got "
                          f"{tuple(clean_tokens.shape)} and {tuple(corrupted_tokens.shape)}")
     sender_list, dims, labels = _senders(model, senders)
     receiver_list = _receivers(model, receivers)
     if max_senders is not None and max_senders < 1:
-        raise ValueError(f"path_patch: max_senders must be at least 1, not {max_senders}")
+        raise InputError(f"path_patch: max_senders must be at least 1, not {max_senders}")
     names = sorted({_output_hook(sender) for sender in sender_list})
     n_layers = model.cfg.n_layers
-    resid_names = ([f"blocks.{n_layers - 1}.hook_resid_post"] if receiver_list is None
-                   else [f"blocks.{layer}.hook_resid_pre" for layer in sorted({r[0] for r in receiver_list})])
+    resid_names = ([sites.final_residual(model)] if receiver_list is None
+                   else [sites.act_name("resid_pre", layer) for layer in sorted({r[0] for r in receiver_list})])
+    clean_store = clean_run.require([*names, sites.final_residual(model)])
+    clean_logits = clean_run.logits
     with torch.inference_mode():
-        clean_cache, corrupted_cache = hooks.cache(names), hooks.cache([*names, *resid_names])
-        clean_logits = clean_cache.run(model, clean_tokens)
+        corrupted_cache = hooks.cache([*names, *resid_names])
         corrupted_logits = corrupted_cache.run(model, corrupted_tokens)
-        metric = _bind(metric, model, clean_tokens, clean_logits)
-        clean_value, corrupted_value = _scalar(metric, clean_logits), _scalar(metric, corrupted_logits)
-        reader = _LogitReader(model, metric, corrupted_logits)
+        metric = bind(metric, model, clean_tokens, clean_logits)
+        clean_value, corrupted_value = scalar(metric, clean_logits), scalar(metric, corrupted_logits)
+        reader = MetricReader(model, metric, corrupted_logits)
         values = torch.full((len(sender_list),), float("nan"))
         reaching = [i for i, s in enumerate(sender_list)
                     if receiver_list is None or any(r[0] > s[0] for r in receiver_list)]
@@ -100,7 +106,7 @@ def path_patch(
         chunks = [reaching[i:i + size] for i in range(0, len(reaching), size)]
         for chunk in tqdm(chunks, desc=f"path patch to {'logits' if receiver_list is None else 'receivers'}",
                           disable=not progress):
-            deltas = torch.stack([_output(model, clean_cache.store, s) - _output(model, corrupted_cache.store, s)
+            deltas = torch.stack([_output(model, clean_store, s) - _output(model, corrupted_cache.store, s)
                                   for s in (sender_list[i] for i in chunk)])  # [senders, batch, pos, d_model]
             if receiver_list is None:
                 final = corrupted_cache.store[resid_names[0]] + deltas
@@ -120,14 +126,14 @@ def _run_from_receivers(model, corrupted: dict[str, Tensor], deltas: Float[Tenso
     writes = []
     for layer, head, kind in receivers:
         reaches = torch.tensor([sender[0] < layer for sender in senders]).view(n_senders, 1, 1, 1)
-        resid = corrupted[f"blocks.{layer}.hook_resid_pre"] + deltas  # [senders, batch, pos, d_model]
+        resid = corrupted[sites.act_name("resid_pre", layer)] + deltas  # [senders, batch, pos, d_model]
         weight, bias = _projection(model.blocks[layer].attn, kind, head)
         recomputed = model.blocks[layer].ln1(resid.flatten(0, 1)) @ weight + bias  # [senders * batch, pos, d_head]
-        writes.append((f"blocks.{layer}.attn.hook_{kind}", _write_head(head, recomputed, reaches, batch)))
-    start = corrupted[f"blocks.{first}.hook_resid_pre"].repeat(n_senders, 1, 1)
+        writes.append((sites.act_name(kind, layer), _write_head(head, recomputed, reaches, batch)))
+    start = corrupted[sites.act_name("resid_pre", first)].repeat(n_senders, 1, 1)
     _, _, _, attention_mask = model.input_to_embed(tokens)
     with hooks.Hooks(writes).on(model):
-        final = _run_blocks(model, {first: start}, lambda layer, rows: None, attention_mask)
+        final = run_blocks(model, {first: start}, lambda layer, rows: None, attention_mask)
     return final.view(n_senders, batch, *final.shape[1:])
 
 
@@ -158,13 +164,13 @@ def _output(model, store: dict[str, Tensor], sender: tuple[int, int | None]) -> 
     """What a sender adds to the residual stream (without the attention bias, which cancels)."""
     layer, head = sender
     if head is None:
-        return store[f"blocks.{layer}.hook_mlp_out"]
-    return store[f"blocks.{layer}.attn.hook_z"][:, :, head] @ model.blocks[layer].attn.W_O[head]
+        return store[sites.act_name("mlp_out", layer)]
+    return store[sites.act_name("z", layer)][:, :, head] @ model.blocks[layer].attn.W_O[head]
 
 
 def _output_hook(sender: tuple[int, int | None]) -> str:
     layer, head = sender
-    return f"blocks.{layer}.hook_mlp_out" if head is None else f"blocks.{layer}.attn.hook_z"
+    return sites.act_name("mlp_out" if head is None else "z", layer)
 
 
 def _senders(model, senders) -> tuple[list[tuple[int, int | None]], tuple[str, ...], dict[str, list]]:
@@ -175,10 +181,10 @@ def _senders(model, senders) -> tuple[list[tuple[int, int | None]], tuple[str, .
                 {"layer": list(range(n_layers)), "head": list(range(n_heads))})
     if senders == "mlps":
         if model.cfg.attn_only:
-            raise ValueError("path_patch: senders='mlps' but this model has no MLPs (attn_only)")
+            raise InputError("path_patch: senders='mlps' but this model has no MLPs (attn_only)")
         return [(layer, None) for layer in range(n_layers)], ("layer",), {"layer": list(range(n_layers))}
     if isinstance(senders, str) or not isinstance(senders, Sequence) or not senders:
-        raise ValueError(f"path_patch: senders must be 'heads', 'mlps' or a non-empty list of (layer, head) "
+        raise InputError(f"path_patch: senders must be 'heads', 'mlps' or a non-empty list of (layer, head) "
                          f"pairs and MLP layer ints; got {senders!r}")
     parsed = []
     for sender in senders:
@@ -188,7 +194,7 @@ def _senders(model, senders) -> tuple[list[tuple[int, int | None]], tuple[str, .
               and all(isinstance(i, int) and not isinstance(i, bool) for i in sender)):
             layer, head = sender
         else:
-            raise ValueError(f"path_patch: sender {sender!r} is neither (layer, head) nor an MLP layer int")
+            raise InputError(f"path_patch: sender {sender!r} is neither (layer, head) nor an MLP layer int")
         _check_index("sender layer", layer, n_layers)
         if head is not None:
             _check_index("sender head", head, n_heads)
@@ -201,35 +207,35 @@ def _receivers(model, receivers) -> list[Receiver] | None:
     """None for the logits, else checked (layer, head, kind) triples."""
     if isinstance(receivers, str):
         if receivers != "logits":
-            raise ValueError(f"path_patch: receivers must be 'logits' or a list of (layer, head, 'q'|'k'|'v'); "
+            raise InputError(f"path_patch: receivers must be 'logits' or a list of (layer, head, 'q'|'k'|'v'); "
                              f"got {receivers!r}")
         return None
     if not isinstance(receivers, Sequence) or not receivers:
-        raise ValueError(f"path_patch: receivers must be 'logits' or a non-empty list of (layer, head, kind); "
+        raise InputError(f"path_patch: receivers must be 'logits' or a non-empty list of (layer, head, kind); "
                          f"got {receivers!r}")
     if model.cfg.original_architecture in POST_NORM_ARCHITECTURES or model.cfg.use_split_qkv_input \
             or model.cfg.use_attn_in or model.cfg.positional_embedding_type == "shortformer":
-        raise ValueError("path_patch: q/k/v receivers need a pre-norm model without split q/k/v inputs "
+        raise InputError("path_patch: q/k/v receivers need a pre-norm model without split q/k/v inputs "
                          "or shortformer positions")
     checked = []
     for receiver in receivers:
         if not (isinstance(receiver, Sequence) and len(receiver) == 3 and receiver[2] in RECEIVER_KINDS):
-            raise ValueError(f"path_patch: receiver {receiver!r} is not (layer, head, 'q'|'k'|'v')")
+            raise InputError(f"path_patch: receiver {receiver!r} is not (layer, head, 'q'|'k'|'v')")
         layer, head, kind = receiver
         _check_index("receiver layer", layer, model.cfg.n_layers)
-        _check_index(f"receiver {kind} head", head, hooks.n_key_value_heads(model) if kind != "q" else model.cfg.n_heads)
+        _check_index(f"receiver {kind} head", head, sites.n_key_value_heads(model) if kind != "q" else model.cfg.n_heads)
         if layer == 0:
-            raise ValueError(f"path_patch: receiver {tuple(receiver)} is in layer 0: no sender comes before it")
+            raise InputError(f"path_patch: receiver {tuple(receiver)} is in layer 0: no sender comes before it")
         checked.append((layer, head, kind))
     return checked
 
 
 def _check_index(what: str, index, size: int) -> None:
     if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < size:
-        raise ValueError(f"path_patch: {what} {index!r} is out of range: 0..{size - 1}")
+        raise InputError(f"path_patch: {what} {index!r} is out of range: 0..{size - 1}")
 
 
-def _senders_per_batch(model, tokens: Tensor, reader: _LogitReader, receivers) -> int:
+def _senders_per_batch(model, tokens: Tensor, reader: MetricReader, receivers) -> int:
     """Senders per chunk so that one chunk's activations stay near `MEMORY_BUDGET`."""
     batch, n_pos = tokens.shape
     per_sender = batch * n_pos * (model.cfg.d_model * (2 if receivers is None else 6 * model.cfg.n_layers // 4 + 1)

@@ -80,6 +80,12 @@ class Readout:
             logits = logits + b_U
         return apply_softcap(logits, self.softcap) if self.softcap else logits
 
+    def row_logits(self, normalized: Float[Tensor, "batch d_model"], ids: Int[Tensor, "batch"]) -> Float[Tensor, "batch"]:
+        """The logit of token ids[b] for each row b of normalised streams (one column per row; no soft-cap,
+        so that it equals the sum of `direction`'s linear parts)."""
+        logits = (normalized * self.W_U[:, ids].T).sum(-1)
+        return logits if self.b_U is None else logits + self.b_U[ids]
+
     def direction(self, answer: Int[Tensor, "batch"], wrong: Int[Tensor, "batch"] | None = None
                   ) -> tuple[Float[Tensor, "batch d_model"], Float[Tensor, "batch"]]:
         """The residual direction that logit(answer) - logit(wrong) reads before the final norm's scale,

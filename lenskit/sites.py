@@ -106,7 +106,7 @@ def residual_names(model: HookedRootModule, kind: str = "pre", layers: Iterable[
     outside = [layer for layer in layers if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= top]
     if outside:
         final = f", where {n_layers} is the final residual stream" if top == n_layers else ""
-        raise InputError(f"layers {outside} out of range: kind={kind!r} takes integer layers 0..{top}{final}")
+        raise InputError(f"layers {outside} out of range: kind={kind!r} takes layers 0..{top}{final}")
     names = []
     for layer in layers:
         if layer == n_layers:

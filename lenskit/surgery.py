@@ -46,11 +46,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
-from transformer_lens.utilities.activation_functions import apply_softcap
 
 from lenskit import hooks
-from lenskit.cache import Tokens
-from lenskit.tokens import as_tokens
+from lenskit.errors import InputError
+from lenskit.readout import Readout
+from lenskit.tokens import Prompts, as_tokens
 
 ModelOrLayers = HookedTransformer | int
 
@@ -69,10 +69,10 @@ class Schedule:
         blocks = tuple(operator.index(block) for block in self.blocks)
         name = self.name or f"blocks {list(blocks)}"
         if not blocks:
-            raise ValueError(f"schedule {name!r} is empty: it must run at least one block")
+            raise InputError(f"schedule {name!r} is empty: it must run at least one block")
         negative = [block for block in blocks if block < 0]
         if negative:
-            raise ValueError(f"schedule {name!r}: block {negative[0]} out of range: block indices count from 0")
+            raise InputError(f"schedule {name!r}: block {negative[0]} out of range: block indices count from 0")
         object.__setattr__(self, "blocks", blocks)
         object.__setattr__(self, "name", name)
 
@@ -89,7 +89,7 @@ class Schedule:
         n_layers = _n_layers(model)
         outside = [block for block in self.blocks if block >= n_layers]
         if outside:
-            raise ValueError(f"schedule {self.name!r}: block {outside[0]} out of range: "
+            raise InputError(f"schedule {self.name!r}: block {outside[0]} out of range: "
                              f"the model has {n_layers} blocks (valid 0..{n_layers - 1})")
 
     def hooks(self, model: HookedTransformer) -> hooks.Hooks:
@@ -100,7 +100,7 @@ class Schedule:
         """
         self.validate(model)
         if not self.in_order:
-            raise ValueError(f"schedule {self.name!r} repeats or reorders blocks, which skip hooks cannot "
+            raise InputError(f"schedule {self.name!r} repeats or reorders blocks, which skip hooks cannot "
                              "express: run it with surgery.run or surgery.run_blocks")
         left_out = sorted(set(range(model.cfg.n_layers)) - set(self.blocks))
         return hooks.skip(model, left_out)
@@ -132,7 +132,7 @@ def skip_range(model: ModelOrLayers, start: int, stop: int) -> Schedule:
     """Leave out blocks start, ..., stop - 1 (a middle range, like a Python slice)."""
     n_layers = _n_layers(model)
     if not 0 <= start < stop <= n_layers:
-        raise ValueError(f"skip_range: start={start}, stop={stop} is not a range of blocks: "
+        raise InputError(f"skip_range: start={start}, stop={stop} is not a range of blocks: "
                          f"need 0 <= start < stop <= {n_layers} (the model has {n_layers} blocks)")
     _check_count("skip_range", stop - start, n_layers)
     kept = tuple(block for block in range(n_layers) if not start <= block < stop)
@@ -143,10 +143,10 @@ def repeat(model: ModelOrLayers, layer: int, times: int = 2) -> Schedule:
     """Every block in order, with block `layer` run `times` times in a row."""
     n_layers = _n_layers(model)
     if not 0 <= layer < n_layers:
-        raise ValueError(f"repeat: block {layer} out of range: the model has {n_layers} blocks "
+        raise InputError(f"repeat: block {layer} out of range: the model has {n_layers} blocks "
                          f"(valid 0..{n_layers - 1})")
     if times < 1:
-        raise ValueError(f"repeat: times must be at least 1, not {times}")
+        raise InputError(f"repeat: times must be at least 1, not {times}")
     blocks = (*range(layer), *[layer] * times, *range(layer + 1, n_layers))
     return Schedule(blocks, f"repeat {layer} x{times}")
 
@@ -166,7 +166,7 @@ def as_schedule(schedule: Schedule | Sequence[int]) -> Schedule:
 
 def run(
     model: HookedTransformer,
-    tokens: Tokens,
+    tokens: Prompts,
     schedule: Schedule | Sequence[int],
     attention_mask: Int[Tensor, "batch pos"] | None = None,
 ) -> Float[Tensor, "batch pos d_vocab"]:
@@ -184,7 +184,7 @@ def run(
 
 def run_blocks(
     model: HookedTransformer,
-    tokens: Tokens,
+    tokens: Prompts,
     schedule: Schedule | Sequence[int],
     attention_mask: Int[Tensor, "batch pos"] | None = None,
 ) -> Float[Tensor, "batch pos d_vocab"]:
@@ -200,15 +200,13 @@ def run_blocks(
     for block in schedule.blocks:
         residual = model.blocks[block](residual, shortformer_pos_embed=shortformer_pos_embed,
                                        attention_mask=attention_mask)
-    if model.cfg.normalization_type is not None:
-        residual = model.ln_final(residual)
-    return apply_softcap(model.unembed(residual), model.cfg.output_logits_soft_cap)
+    return Readout(model)(residual)
 
 
 @torch.no_grad()
 def generate(
     model: HookedTransformer,
-    tokens: Tokens,
+    tokens: Prompts,
     schedule: Schedule | Sequence[int],
     n_tokens: int = 20,
 ) -> Int[Tensor, "batch pos_plus_n"]:
@@ -221,9 +219,9 @@ def generate(
     schedule.validate(model)
     tokens = as_tokens(model, tokens)
     if n_tokens < 0:
-        raise ValueError(f"generate: n_tokens must be at least 0, not {n_tokens}")
+        raise InputError(f"generate: n_tokens must be at least 0, not {n_tokens}")
     if tokens.shape[-1] + n_tokens > model.cfg.n_ctx:
-        raise ValueError(f"generate: {tokens.shape[-1]} prompt tokens + {n_tokens} new ones exceed "
+        raise InputError(f"generate: {tokens.shape[-1]} prompt tokens + {n_tokens} new ones exceed "
                          f"the model's context of {model.cfg.n_ctx}")
     for _ in range(n_tokens):
         next_tokens = run(model, tokens, schedule)[:, -1].argmax(dim=-1, keepdim=True)
@@ -249,28 +247,28 @@ def evaluate(
         top{top_k}@{p}: for each position p of `positions` (default ``[-1]``, the last) of the
             first text, the `top_k` tokens the schedule predicts next there, most likely first.
         generation: the first text's greedy continuation, `generate_tokens` new tokens (decoded).
-    Each text is tokenized on its own (``model.to_tokens``), so nothing is padded; the first
+    Each text is tokenized on its own (``lenskit.tokens.as_tokens``), so nothing is padded; the first
     text is the prompt for the top tokens and the generation.
     """
     texts = [texts] if isinstance(texts, str) else list(texts)
     schedules = [as_schedule(schedule) for schedule in schedules]
     if not texts:
-        raise ValueError("evaluate: texts is empty; give at least one text")
+        raise InputError("evaluate: texts is empty; give at least one text")
     if not schedules:
-        raise ValueError("evaluate: schedules is empty; give at least one schedule")
+        raise InputError("evaluate: schedules is empty; give at least one schedule")
     for schedule in schedules:
         schedule.validate(model)
     if not 1 <= top_k <= model.cfg.d_vocab:
-        raise ValueError(f"evaluate: top_k={top_k} out of range: 1..{model.cfg.d_vocab} (the vocabulary size)")
-    token_rows = [model.to_tokens(text) for text in texts]
+        raise InputError(f"evaluate: top_k={top_k} out of range: 1..{model.cfg.d_vocab} (the vocabulary size)")
+    token_rows = [as_tokens(model, text, "texts") for text in texts]
     for text, row in zip(texts, token_rows):
         if row.shape[-1] < 2:
-            raise ValueError(f"evaluate: text {text!r} is {row.shape[-1]} token long; the loss needs at least 2")
+            raise InputError(f"evaluate: text {text!r} is {row.shape[-1]} token long; the loss needs at least 2")
     positions = [-1] if positions is None else list(positions)
     prompt_length = token_rows[0].shape[-1]
     for pos in positions:
         if not -prompt_length <= pos < prompt_length:
-            raise ValueError(f"evaluate: position {pos} out of range: the first text has {prompt_length} "
+            raise InputError(f"evaluate: position {pos} out of range: the first text has {prompt_length} "
                              f"tokens (valid 0..{prompt_length - 1}, or negative from the end)")
 
     rows = []
@@ -296,5 +294,5 @@ def _n_layers(model: ModelOrLayers) -> int:
 def _check_count(who: str, n: int, n_layers: int) -> None:
     """`n` blocks may be left out of `n_layers` when at least one block still runs."""
     if not 0 <= n < n_layers:
-        raise ValueError(f"{who}: cannot leave out {n} blocks: the model has {n_layers} blocks, so 0..{n_layers - 1} "
+        raise InputError(f"{who}: cannot leave out {n} blocks: the model has {n_layers} blocks, so 0..{n_layers - 1} "
                          "may be left out (at least one must run)")

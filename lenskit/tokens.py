@@ -76,9 +76,10 @@ def token_ids(model: HookedTransformer, tokens: TokenLike | Sequence[TokenLike] 
     return torch.tensor([token_id(model, t, what) for t in tokens], dtype=torch.long)
 
 
-def as_tokens(model: HookedTransformer, tokens: Prompts, what: str = "tokens") -> Int[Tensor, "batch pos"]:
-    """Token ids [batch, pos] on the model's device from a text (BOS prepended as the model does), a
-    list of texts, or integer ids [pos] / [batch, pos]; a `lenskit.Run` gives its own tokens."""
+def as_tokens(model: HookedTransformer, tokens: Prompts, what: str = "tokens",
+              prepend_bos: bool | None = None) -> Int[Tensor, "batch pos"]:
+    """Token ids [batch, pos] on the model's device from a text (BOS prepended as the model does, or as
+    `prepend_bos` says), a list of texts, or integer ids [pos] / [batch, pos]; a `lenskit.Run` gives its own."""
     run_tokens = getattr(tokens, "tokens", None)
     if isinstance(run_tokens, Tensor):  # a Run
         return run_tokens
@@ -86,7 +87,7 @@ def as_tokens(model: HookedTransformer, tokens: Prompts, what: str = "tokens") -
                                    and all(isinstance(t, str) for t in tokens)):
         if model.tokenizer is None:
             raise InputError(f"{what}: this model has no tokenizer, so give token ids rather than text")
-        ids = model.to_tokens(tokens, truncate=False)
+        ids = model.to_tokens(tokens, prepend_bos=prepend_bos, truncate=False)
         check_context(model, ids.shape[1], what)
         return ids
     if isinstance(tokens, Sequence) and not tokens:
@@ -105,13 +106,20 @@ def as_tokens(model: HookedTransformer, tokens: Prompts, what: str = "tokens") -
                          f"{tuple(ids.shape)}")
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise InputError(f"{what} must be a text, a list of texts or integer token ids [batch, pos] or [pos], "
-                         f"not a {ids.dtype} tensor of shape {tuple(ids.shape)} (cast with .long() if you mean it)")
-    low, high = ids.min().item(), ids.max().item()
-    if low < 0 or high >= model.cfg.d_vocab:
-        raise InputError(f"{what}: token ids must lie in 0..{model.cfg.d_vocab - 1} (the vocabulary), "
-                         f"got ids from {low} to {high}")
+                         f"not a {ids.dtype} tensor of shape {tuple(ids.shape)}: token ids must be integer ids "
+                         "(cast with .long() if you mean it)")
+    outside = ids[(ids < 0) | (ids >= model.cfg.d_vocab)].unique()
+    if len(outside):
+        raise InputError(f"{what}: token ids {outside[:10].tolist()} are outside the vocabulary; token ids must "
+                         f"lie in 0..{model.cfg.d_vocab - 1}")
     check_context(model, ids.shape[1], what)
     return ids.long().to(model.cfg.device)
+
+
+def knows_every_word(model: HookedTransformer, text: str) -> bool:
+    """Whether the tokenizer reads `text` without its unknown token."""
+    unk = getattr(model.tokenizer, "unk_token_id", None)
+    return unk is None or unk not in model.to_tokens(text, prepend_bos=False, truncate=False)[0]
 
 
 def check_context(model: HookedTransformer, n_pos: int, what: str = "tokens") -> None:

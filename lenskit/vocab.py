@@ -38,12 +38,14 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
-from transformer_lens.components import LayerNorm, LayerNormPre
 
-from lenskit import hooks
+from lenskit import sites
+from lenskit.errors import InputError
 from lenskit.labelled import LabelledTensor
+from lenskit.readout import Readout
+from lenskit.run import Run, as_run
+from lenskit.tokens import Prompts, as_tokens
 
-Prompts = str | Sequence[str] | Int[Tensor, "batch pos"] | Int[Tensor, "pos"]
 HeadKind = Literal["previous_token", "duplicate_token", "induction"]
 HEAD_KINDS = ("previous_token", "duplicate_token", "induction")
 ERROR_MEASURES = ("mul", "abs")
@@ -57,10 +59,11 @@ def project(model: HookedTransformer, direction: Float[Tensor, "d_model"], k: in
     """The k tokens a residual direction promotes most and the k it suppresses most."""
     if not isinstance(direction, Tensor) or tuple(direction.shape) != (model.cfg.d_model,):
         shape = tuple(direction.shape) if isinstance(direction, Tensor) else type(direction).__name__
-        raise ValueError(f"project: direction must be a tensor of shape (d_model,) = ({model.cfg.d_model},), "
+        raise InputError(f"project: direction must be a tensor of shape (d_model,) = ({model.cfg.d_model},), "
                          f"got {shape}")
-    vector = direction.to(model.W_U.device, model.W_U.dtype)
-    return top_tokens(model, unembed(model, vector, normalize=normalize), k, source="direction")
+    readout = Readout(model)
+    vector = direction.to(readout.W_U.device, readout.W_U.dtype)
+    return top_tokens(model, readout.contributions(vector, normalize=normalize), k, source="direction")
 
 
 def neuron(model: HookedTransformer, layer: int, neuron: int, k: int = 10, normalize: bool = True) -> pd.DataFrame:
@@ -71,9 +74,9 @@ def neuron(model: HookedTransformer, layer: int, neuron: int, k: int = 10, norma
     layer = _check_index("layer", layer, model.cfg.n_layers)
     mlp = getattr(model.blocks[layer], "mlp", None)
     if getattr(mlp, "W_out", None) is None:
-        raise ValueError(f"neuron: block {layer} has no MLP with output weights W_out")
+        raise InputError(f"neuron: block {layer} has no MLP with output weights W_out")
     neuron = _check_index("neuron", neuron, mlp.W_out.shape[0])
-    logits = unembed(model, mlp.W_out[neuron].detach(), normalize=normalize)
+    logits = Readout(model).contributions(mlp.W_out[neuron].detach(), normalize=normalize)
     return top_tokens(model, logits, k, source=f"L{layer}N{neuron}")
 
 
@@ -92,42 +95,24 @@ def head_output(model: HookedTransformer, tokens: Prompts, layer: int, head: int
     """
     layer = _check_index("layer", layer, model.cfg.n_layers)
     head = _check_index("head", head, model.cfg.n_heads)
-    names = [f"blocks.{layer}.attn.hook_z"]
-    scale_name = "ln_final.hook_scale"
-    with_scale = normalize and scale_name in model.hook_dict
-    names += [scale_name] if with_scale else []
+    readout = Readout(model)
     W_O = model.blocks[layer].attn.W_O[head].detach()  # [d_head, d_model]
     total, count = 0.0, 0
-    for batch, store in _cached_runs(model, tokens, names, progress):
-        index = _check_index("pos", pos, batch.shape[1])
-        output = store[names[0]][:, index, head] @ W_O  # [batch, d_model]
-        scale = store[scale_name][:, index] if with_scale else None  # [batch, 1]
-        total = total + unembed(model, output, scale, normalize).sum(0)
-        count += len(batch)
+    for run in _runs(model, tokens, progress):
+        index = _check_index("pos", pos, run.shape[1])
+        with torch.no_grad():
+            final = run[sites.final_residual(model)][:, index]  # [batch, d_model]
+            output = run[sites.act_name("z", layer)][:, index, head] @ W_O  # [batch, d_model]
+            scale = readout.normalize_with_scale(final)[1] if normalize else None  # [batch, 1]
+        total = total + readout.contributions(output, scale, normalize).sum(0)
+        count += run.shape[0]
     return top_tokens(model, total / count, k, source=f"L{layer}H{head} at pos {pos}")
-
-
-def unembed(model: HookedTransformer, vectors: Float[Tensor, "... d_model"],
-            scale: Float[Tensor, "... 1"] | None = None, normalize: bool = True) -> Float[Tensor, "... d_vocab"]:
-    """Logits [..., d_vocab] that residual vectors contribute, without b_U.
-
-    With `normalize`: centred (LayerNorm), divided by `scale` if given, times ``ln_final.w`` if any.
-    """
-    ln_final = getattr(model, "ln_final", None)
-    if normalize and ln_final is not None:
-        if isinstance(ln_final, (LayerNorm, LayerNormPre)):
-            vectors = vectors - vectors.mean(-1, keepdim=True)
-        if scale is not None:
-            vectors = vectors / scale
-        if getattr(ln_final, "w", None) is not None:
-            vectors = vectors * ln_final.w.detach()
-    return vectors @ model.W_U.detach()
 
 
 def top_tokens(model: HookedTransformer, logits: Float[Tensor, "d_vocab"], k: int, source: str = "") -> pd.DataFrame:
     """A frame of the k largest (promoted) and k most negative (suppressed) entries of `logits`."""
     if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+        raise InputError(f"k must be at least 1, got {k}")
     k = min(k, logits.shape[-1])
     promoted = logits.topk(k)
     suppressed = (-logits).topk(k)
@@ -175,12 +160,13 @@ def head_scores(
             TransformerLens; prompts of equal length share one forward pass (no padding).
     """
     if kind not in HEAD_KINDS:
-        raise ValueError(f"head_scores: unknown kind {kind!r}; choose one of {HEAD_KINDS}")
+        raise InputError(f"head_scores: unknown kind {kind!r}; choose one of {HEAD_KINDS}")
     if error_measure not in ERROR_MEASURES:
-        raise ValueError(f"head_scores: unknown error_measure {error_measure!r}; choose one of {ERROR_MEASURES}")
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
+        raise InputError(f"head_scores: unknown error_measure {error_measure!r}; choose one of {ERROR_MEASURES}")
+    names = [sites.act_name("pattern", layer) for layer in range(model.cfg.n_layers)]
     total, count = 0.0, 0
-    for batch, store in _cached_runs(model, tokens, names, progress, min_length=2):
+    for run in _runs(model, tokens, progress, min_length=2):
+        batch, store = run.tokens.cpu(), run.require(names)
         target = detection_pattern(batch, kind)[:, None]  # [batch, 1, q, k]
         keep = torch.ones(batch.shape[1], batch.shape[1])  # [q, k]: the query-key pairs compared
         if exclude_bos:
@@ -210,7 +196,7 @@ def detection_pattern(tokens: Int[Tensor, "batch pos"], kind: HeadKind) -> Float
     induction: a key whose previous token is the query's token.
     """
     if kind not in HEAD_KINDS:
-        raise ValueError(f"detection_pattern: unknown kind {kind!r}; choose one of {HEAD_KINDS}")
+        raise InputError(f"detection_pattern: unknown kind {kind!r}; choose one of {HEAD_KINDS}")
     batch, n = tokens.shape
     same = tokens[:, :, None] == tokens[:, None, :]  # [batch, q, k]: token q == token k
     if kind == "previous_token":
@@ -227,40 +213,28 @@ def detection_pattern(tokens: Int[Tensor, "batch pos"], kind: HeadKind) -> Float
 # --- running prompts ------------------------------------------------------------------------
 
 
-def _cached_runs(model: HookedTransformer, tokens: Prompts, names: list[str], progress: bool,
-                 min_length: int = 1) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
-    """(tokens [batch, pos], cached activations) for each group of equal-length prompts, one forward each."""
-    groups = _equal_length_batches(model, tokens)
-    for batch in groups:
-        if not min_length <= batch.shape[1] <= model.cfg.n_ctx:
-            raise ValueError(f"prompts must have {min_length}..{model.cfg.n_ctx} tokens (the model's n_ctx); "
-                             f"got one with {batch.shape[1]}")
-    for batch in tqdm(groups, desc="prompt lengths", disable=not progress or len(groups) == 1):
-        cached = hooks.cache(names)
-        with torch.no_grad():
-            cached.run(model, batch.to(model.cfg.device), return_type=None)
-        yield batch, cached.store
-
-
-def _equal_length_batches(model: HookedTransformer, tokens: Prompts) -> list[Int[Tensor, "batch pos"]]:
-    """Prompts as token batches, one per distinct length, so that nothing is padded."""
-    if isinstance(tokens, Tensor):
-        if tokens.ndim not in (1, 2) or tokens.dtype.is_floating_point or tokens.numel() == 0:
-            raise ValueError(f"tokens must be non-empty integer ids of shape [pos] or [batch, pos], "
-                             f"got dtype {tokens.dtype} and shape {tuple(tokens.shape)}")
-        return [tokens.reshape(-1, tokens.shape[-1]).cpu()]
-    prompts = [tokens] if isinstance(tokens, str) else list(tokens)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("tokens must be a string, a non-empty list of strings, or a tensor of token ids")
-    by_length: dict[int, list[Tensor]] = {}
-    for prompt in prompts:
-        ids = model.to_tokens(prompt)[0].cpu()
-        by_length.setdefault(len(ids), []).append(ids)
-    return [torch.stack(rows) for rows in by_length.values()]
+def _runs(model: HookedTransformer, tokens: "Prompts | Run", progress: bool, min_length: int = 1) -> Iterator[Run]:
+    """A run of each group of equal-length prompts (nothing padded); a given Run is the only group."""
+    if isinstance(tokens, Run) or isinstance(tokens, Tensor):
+        groups = [as_run(model, tokens)]
+    else:
+        prompts = [tokens] if isinstance(tokens, str) else list(tokens)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise InputError("tokens must be a string, a non-empty list of strings, or a tensor of token ids")
+        by_length: dict[int, list[Tensor]] = {}
+        for prompt in prompts:
+            ids = as_tokens(model, prompt)[0]
+            by_length.setdefault(len(ids), []).append(ids)
+        groups = [Run(model, torch.stack(rows)) for rows in by_length.values()]
+    for run in groups:
+        if run.shape[1] < min_length:
+            raise InputError(f"prompts must have {min_length}..{model.cfg.n_ctx} tokens (the model's n_ctx); "
+                             f"got one with {run.shape[1]}")
+    yield from tqdm(groups, desc="prompt lengths", disable=not progress or len(groups) == 1)
 
 
 def _check_index(what: str, index: int, size: int) -> int:
     """`index` made non-negative, or ValueError naming the valid range."""
     if not -size <= int(index) < size:
-        raise ValueError(f"{what} {index} out of range: valid 0..{size - 1} (or negative from the end)")
+        raise InputError(f"{what} {index} out of range: valid 0..{size - 1} (or negative from the end)")
     return int(index) % size

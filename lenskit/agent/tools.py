@@ -28,6 +28,7 @@ import torch
 from lenskit import metrics, surgery as surgery_module, viz
 from lenskit.models import ZOO_PREFIX, describe, load, zoo_names
 from lenskit.packaged import PACKAGED
+from lenskit.tokens import as_tokens
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ def generate(lab: Lab, model: str, prompt: str, max_new_tokens: int = 20) -> Fin
     """Greedy continuation of `prompt` (at most 200 new tokens): the prompt's tokens and the text generated."""
     _check_range("max_new_tokens", max_new_tokens, 1, 200)
     m = lab.model(model)
-    tokens = m.to_tokens(prompt)
+    tokens = as_tokens(m, prompt, "prompt")
     generated = surgery_module.generate(m, tokens, surgery_module.full(m), max_new_tokens)
     text = (f"prompt tokens ({tokens.shape[1]}): {m.to_str_tokens(tokens[0])}\n"
             f"continuation: {m.to_string(generated[0, tokens.shape[1]:])!r}")
@@ -232,7 +233,7 @@ def surgery(lab: Lab, model: str, prompt: str, blocks: list[int], positions: lis
     schedules = [surgery_module.full(m), surgery_module.sequence(blocks)]
     table = surgery_module.evaluate(m, schedules, prompt, positions=positions, generate_tokens=generate_tokens,
                                     progress=False)
-    tokens = m.to_tokens(prompt)
+    tokens = as_tokens(m, prompt, "prompt")
     with torch.no_grad():
         changed = [surgery_module.run(m, tokens, s)[0, -1].softmax(-1) for s in schedules]
     delta = changed[1] - changed[0]

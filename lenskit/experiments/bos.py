@@ -18,8 +18,9 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from lenskit.experiments import ioi
-from lenskit.experiments.reproduction import Reproduction, knows_every_word, model_label, resolve_model
-from lenskit.tokens import token_id, token_ids
+from lenskit.experiments.reproduction import Reproduction, model_label, resolve_model
+from lenskit.readout import Readout
+from lenskit.tokens import as_tokens, knows_every_word, token_id, token_ids
 from lenskit.zoo import DEFAULT_MODEL
 from lenskit.zoo.data import ioi_dataset
 from lenskit.zoo.evaluate import ioi_logit_diffs
@@ -39,7 +40,7 @@ def bos_id(model: HookedTransformer) -> int:
 
 def tokens_with(model: HookedTransformer, prompts: list[str], prepend_bos: bool) -> Tensor:
     """The prompts' own tokens [batch, pos] (all of one length), with the BOS token put in front if asked."""
-    tokens = model.to_tokens(prompts, prepend_bos=False)
+    tokens = as_tokens(model, prompts, "prompts", prepend_bos=False)
     if prepend_bos:
         tokens = torch.cat([torch.full_like(tokens[:, :1], bos_id(model)), tokens], dim=1)
     return tokens
@@ -49,7 +50,7 @@ def last_logits(model: HookedTransformer, tokens: Tensor) -> Tensor:
     """The logits at the last position [batch, d_vocab] (the vocabulary projected at that position only)."""
     with torch.no_grad():
         resid = model(tokens, stop_at_layer=model.cfg.n_layers)[:, -1:]
-        return model.unembed(model.ln_final(resid))[:, 0]
+        return Readout(model)(resid)[:, 0]
 
 
 def logit_diff(model: HookedTransformer, prompt: str, answer: str, wrong: str, prepend_bos: bool) -> float:
@@ -63,7 +64,7 @@ def mean_logit_diff(model: HookedTransformer, prompts: list[str], answers: list[
     """The mean over prompts of logit(answer) - logit(wrong), prompts run in batches of one length."""
     by_length: dict[int, list[int]] = {}
     for i, prompt in enumerate(prompts):
-        by_length.setdefault(len(model.to_tokens(prompt, prepend_bos=False)[0]), []).append(i)
+        by_length.setdefault(as_tokens(model, prompt, "prompts", prepend_bos=False).shape[1], []).append(i)
     total = 0.0
     for members in by_length.values():
         logits = last_logits(model, tokens_with(model, [prompts[i] for i in members], prepend_bos))

@@ -13,7 +13,8 @@ import torch
 from transformer_lens import HookedTransformer
 
 from lenskit.cache import residual_stream
-from lenskit.experiments.reproduction import Reproduction, knows_every_word, resolve_model
+from lenskit.experiments.reproduction import Reproduction, resolve_model
+from lenskit.tokens import knows_every_word
 from lenskit.labelled import LabelledTensor
 from lenskit.zoo import DEFAULT_MODEL
 

@@ -32,12 +32,13 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
-from transformer_lens.utilities.activation_functions import apply_softcap
 
-from lenskit import surgery
+from lenskit import sites, surgery
 from lenskit.experiments.bos import ZOO
 from lenskit.experiments.corpus import NAME, passages
-from lenskit.experiments.reproduction import Reproduction, knows_every_word, resolve_model
+from lenskit.experiments.reproduction import Reproduction, resolve_model
+from lenskit.readout import Readout
+from lenskit.tokens import as_tokens, knows_every_word
 from lenskit.viz import heatmap
 from lenskit.zoo import DEFAULT_MODEL
 from lenskit.zoo.data import ioi_dataset, story
@@ -149,8 +150,7 @@ def residual_stack(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -
 
     x_l is the input of block l (``blocks.l.hook_resid_pre``), x_L the output of the last block.
     """
-    n_layers = model.cfg.n_layers
-    names = [f"blocks.{l}.hook_resid_pre" for l in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
+    names = sites.residual_names(model, "pre")
     logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
     return logits, torch.stack([cache[name] for name in names])
 
@@ -173,9 +173,7 @@ def run_schedule_from(model: HookedTransformer, stack: Tensor, blocks: Sequence[
     residual = stack[start]
     for block in blocks[start:]:
         residual = model.blocks[block](residual, shortformer_pos_embed=shortformer, attention_mask=mask)
-    if model.cfg.normalization_type is not None:
-        residual = model.ln_final(residual)
-    return apply_softcap(model.unembed(residual), model.cfg.output_logits_soft_cap)
+    return Readout(model)(residual)
 
 
 def angular_distances(stack: Tensor) -> Float[Tensor, "n l"]:
@@ -204,7 +202,7 @@ def measures(logits: Tensor, tokens: Tensor, intact_top: Tensor) -> dict[str, fl
 @torch.no_grad()
 def greedy(model: HookedTransformer, prompt: str, blocks: Sequence[int], n_tokens: int) -> str:
     """The greedy continuation of `prompt` (`n_tokens` new tokens, decoded) with only `blocks` running."""
-    tokens = model.to_tokens(prompt)
+    tokens = as_tokens(model, prompt, "prompt")
     for _ in range(n_tokens):
         next_token = surgery.run_blocks(model, tokens, blocks)[:, -1].argmax(-1, keepdim=True)
         tokens = torch.cat([tokens, next_token], dim=-1)

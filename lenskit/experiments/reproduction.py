@@ -80,9 +80,3 @@ def model_label(model: HookedTransformer, name: str | None = None) -> str:
 def resolve_model(model: HookedTransformer | str | None, default: str) -> HookedTransformer:
     """`model` itself, or loaded by name (`default` when None)."""
     return model if isinstance(model, HookedTransformer) else load(model or default)
-
-
-def knows_every_word(model: HookedTransformer, text: str) -> bool:
-    """Whether the tokenizer reads `text` without an unknown token."""
-    unk = getattr(model.tokenizer, "unk_token_id", None)
-    return unk is None or unk not in model.to_tokens(text, prepend_bos=False)[0]

@@ -6,10 +6,12 @@
     graph.show()                             # interactive, offline picture
 
     proximity.py   the contribution measure (proximity shares), dense and for attention's parts
-    routes.py      flow(), FlowGraph: the forward pass, the shares, threshold, pruning, views
+    shares.py      the forward pass (a lenskit.Run) and each block's update split into weighed parts
+    graph.py       flow(), FlowGraph: threshold, pruning, tidy views, the page
 """
 
-from lenskit.flow.proximity import head_source_proximity, proximity, shares
-from lenskit.flow.routes import Decomposition, FlowGraph, Routes, flow
+from lenskit.flow.graph import Decomposition, FlowGraph, flow
+from lenskit.flow.proximity import head_source_proximity, proximity
+from lenskit.flow.shares import Routes
 
-__all__ = ["flow", "FlowGraph", "Decomposition", "Routes", "proximity", "head_source_proximity", "shares"]
+__all__ = ["flow", "FlowGraph", "Decomposition", "Routes", "proximity", "head_source_proximity"]

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from lenskit import hooks
 from lenskit.labelled import LabelledTensor
+from lenskit.readout import Readout
 from lenskit.viz import Figure, heatmap
 from lenskit.whisper.audio import AudioLike, model_input
 from lenskit.whisper.model import HookedWhisper
@@ -75,13 +76,12 @@ def decoder_logit_attribution(model: HookedWhisper, audio: AudioLike, tokens: To
                          "decoder.blocks.*.hook_mlp_out"])
     logits = cache.run(model, mel, ids)
     store = cache.store
-    ln = model.decoder.ln_final
-    direction = ln.w * model.W_U[:, target]  # [d_model]
+    direction, constant = Readout(model).direction(torch.tensor([target], device=model.device))  # [1, d_model], [1]
     scale = store["decoder.ln_final.hook_scale"][0, pos]
 
     def share(writes: Tensor) -> Tensor:
-        """Shares of residual writes [..., d_model] through the frozen final layer norm."""
-        return ((writes - writes.mean(-1, keepdim=True)) / scale) @ direction
+        """Shares of residual writes [..., d_model] through the frozen final layer norm (direction is centred)."""
+        return (writes / scale) @ direction[0]
 
     labels, parts = ["embed", "pos_embed"], [share(store["decoder.hook_embed"][0, pos]),
                                             share(store["decoder.hook_pos_embed"][0, pos])]
@@ -96,7 +96,7 @@ def decoder_logit_attribution(model: HookedWhisper, audio: AudioLike, tokens: To
         labels.append(f"L{layer} mlp")
         parts.append(share(store[f"decoder.blocks.{layer}.hook_mlp_out"][0, pos]))
     labels.append("ln_final bias")
-    parts.append(ln.b @ model.W_U[:, target])
+    parts.append(constant[0])
     components = LabelledTensor(torch.stack([torch.as_tensor(p) for p in parts]).cpu(), ("component",),
                                 {"component": labels})
     heads_labelled = LabelledTensor(heads.cpu(), ("attn", "layer", "head"), {"attn": list(ATTENTION_KINDS)})

@@ -1,18 +1,7 @@
 """`flow` and `FlowGraph`: the information-flow routes of one prompt (the LM Transparency Tool's graph).
 
-One forward pass caches, with `hooks.cache`, the residual streams, values, attention patterns and
-MLP activations of the prompt. Each block's update is then split into parts that sum exactly to
-the stream they update, and each part gets its proximity share (`lenskit.flow.proximity`):
-
-- Attention in layer l at position i. The whole is the stream after attention, resid_mid[i]
-  (resid_post[i] where attention and MLP run in parallel, or there is no MLP). The parts are
-  resid_pre[i] and, for each source position j and head h, pattern[h, i, j] * (v[j, h] @ W_O[h]
-  + b_O / n_heads): v holds b_V once, and b_O is split equally over the heads and within a head by
-  attention weight (a pattern row sums to 1), so the parts sum to the whole exactly.
-- The MLP in layer l at position i: mlp_out[i] and resid_mid[i], the parts of resid_post[i] (in
-  a parallel block mlp_out[i] is one more part of the attention's whole). Per neuron, on request
-  (`FlowGraph.decompose(..., neurons=True)`, `FlowGraph.top_neurons`): post[i, n] * W_out[n] +
-  b_out / d_mlp in place of mlp_out[i].
+The shares of every edge come from `lenskit.flow.shares` (one forward pass, each block's update
+split into exact parts with their proximity shares); this module is the graph over them.
 
 Nodes are residual streams at (layer, position): the embeddings (resid_pre of block 0), and
 resid_mid and resid_post of each block. Edges run from the block's input stream to its attention
@@ -22,11 +11,9 @@ whose share is below `threshold` are dropped; with `renormalize`, the surviving 
 node, at each layer and position separately, are rescaled to sum to 1. The graph is then pruned
 to what the target position's final residual stream reaches, down to the embeddings.
 
-Where the LM Transparency Tool's code differs: it adds b_V to hook_v (which holds it already) and
-drops b_O, so its parts do not sum to resid_mid; it floors every proximity at 1e-5 (future tokens
-included) where lenskit keeps 0; it thresholds each (head, source) part before summing the heads,
-where lenskit thresholds edges; it merges a position's attention to itself with its residual edge;
-and it reads batch index 0 only.
+Where the LM Transparency Tool's code differs here: it thresholds each (head, source) part before
+summing the heads, where lenskit thresholds edges; it merges a position's attention to itself with
+its residual edge; and it reads batch index 0 only.
 
     graph = lenskit.flow(model, "When Mary and John went to the store, John gave a drink to")
     graph.edges                              # tidy DataFrame of the routes into the last token
@@ -39,13 +26,11 @@ and it reads batch index 0 only.
 from __future__ import annotations
 
 import html
-
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
 import pandas as pd
 import torch
@@ -53,22 +38,23 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
-from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
-from lenskit import hooks, vocab
-from lenskit.flow.proximity import head_source_proximity, proximity, shares
+from lenskit import sites, vocab
+from lenskit.errors import InputError
+from lenskit.flow.proximity import proximity, shares
+from lenskit.flow.shares import (EDGE_KINDS, NodeKind, Routes, attention_kind, check_index, check_supported,
+                                 head_sources, node_rows, route_shares, row_activations, values)
 from lenskit.labelled import LabelledTensor
+from lenskit.readout import Readout
+from lenskit.run import Run
+from lenskit.tokens import Prompts, token_labels
 from lenskit.viz.figure import Figure
 from lenskit.viz.graph import route_graph
-
-Tokens = Union[str, Sequence[str], Int[Tensor, "batch pos"], Int[Tensor, "pos"]]
-NodeKind = Literal["resid_pre", "resid_mid", "resid_post"]
-EDGE_KINDS = ("attention", "residual", "mlp")
 
 
 def flow(
     model: HookedTransformer,
-    tokens: Tokens,
+    tokens: "Prompts | Run",
     threshold: float = 0.04,
     renormalize: bool = True,
     target_pos: int = -1,
@@ -78,30 +64,19 @@ def flow(
     """The information-flow routes graph of one prompt, traced from the final stream at `target_pos`.
 
     Args:
-        tokens: a prompt (a string, or token ids [pos]) or several (strings, or ids [batch, pos]);
-            `batch` picks the prompt to trace (only that row is run).
+        tokens: a prompt (a string, or token ids [pos]) or several (strings, or ids [batch, pos]),
+            or a `lenskit.Run` (its cached activations are used, what it lacks is computed on the
+            whole run and kept); `batch` picks the prompt to trace (given tokens, only that row is run).
         threshold: edges whose share is below it are dropped (0 keeps every edge with a share).
             A node whose parts all have proximity 0 (a zero stream) has all shares 0: no edge in.
         renormalize: rescale the surviving shares into each node to sum to 1.
         target_pos: the position whose final residual stream the graph is traced from
             (`FlowGraph.trace` re-traces from another position at no cost).
     """
-    _check_supported(model)
-    row = _token_row(model, tokens, batch)
-    activations = _run(model, row)
-    head_shares, routes = _shares(model, activations, len(row), progress)
+    check_supported(model)
+    row, activations = row_activations(model, tokens, batch)
+    head_shares, routes = route_shares(model, activations, len(row), progress)
     return FlowGraph(model, row, activations, head_shares, routes, threshold, renormalize, target_pos)
-
-
-@dataclass
-class Routes:
-    """Every edge with a non-zero share, grouped by target row: tensors [edge]."""
-
-    layer: Int[Tensor, "edge"]
-    kind: Int[Tensor, "edge"]  # index into EDGE_KINDS
-    source: Int[Tensor, "edge"]  # node id: row * n_pos + position
-    target: Int[Tensor, "edge"]
-    share: Float[Tensor, "edge"]  # proximity share in the target node, before threshold
 
 
 @dataclass
@@ -144,8 +119,8 @@ class FlowGraph:
 
     def __post_init__(self) -> None:
         if not 0 <= self.threshold < 1:
-            raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
-        self.target_pos = _index("target_pos", self.target_pos, self.n_pos)
+            raise InputError(f"threshold must be in [0, 1), got {self.threshold}")
+        self.target_pos = check_index("target_pos", self.target_pos, self.n_pos)
 
     # --- layout ---------------------------------------------------------------------------
 
@@ -155,14 +130,12 @@ class FlowGraph:
 
     @cached_property
     def str_tokens(self) -> list[str]:
-        if self.model.tokenizer is None:
-            return [str(t) for t in self.tokens.tolist()]
-        return list(self.model.to_str_tokens(self.tokens))
+        return token_labels(self.model, self.tokens)
 
     @cached_property
     def rows(self) -> list[tuple[NodeKind, int]]:
         """(kind, layer) of each row of nodes, from the embeddings up to the final stream."""
-        return _rows(self.model.cfg)
+        return node_rows(self.model.cfg)
 
     def row(self, kind: NodeKind, layer: int) -> int:
         """The row of a node kind at a layer (resid_pre of layer l > 0 is resid_post of l - 1)."""
@@ -171,7 +144,7 @@ class FlowGraph:
         if (kind, layer) not in self.rows:
             have = sorted({k for k, _ in self.rows})
             why = " (attention and MLP run in parallel, or there is no MLP)" if kind == "resid_mid" else ""
-            raise ValueError(f"no {kind} node at layer {layer}{why}; node kinds here: {have}")
+            raise InputError(f"no {kind} node at layer {layer}{why}; node kinds here: {have}")
         return self.rows.index((kind, layer))
 
     # --- threshold, renormalisation, pruning --------------------------------------------
@@ -235,7 +208,7 @@ class FlowGraph:
         positions = (ids % self.n_pos).tolist()
         return pd.DataFrame({
             "layer": list(layers), "position": positions, "token": [self.str_tokens[p] for p in positions],
-            "kind": list(kinds), "hook": [f"blocks.{l}.hook_{k}" for k, l in zip(kinds, layers)],
+            "kind": list(kinds), "hook": [sites.act_name(k, l) for k, l in zip(kinds, layers)],
             "weight": carried[ids].numpy(),
         })
 
@@ -264,6 +237,10 @@ class FlowGraph:
         frame |= {"weight": weight.numpy(), "flow": (carried[target] * weight).numpy()}
         return pd.DataFrame(frame)
 
+    def to_frame(self) -> pd.DataFrame:
+        """The edges the target reaches (`edges`)."""
+        return self.edges
+
     # --- inside an edge or a node ---------------------------------------------------------
 
     def heads_for(self, edge: pd.Series | tuple[int, int, int]) -> pd.DataFrame:
@@ -275,14 +252,14 @@ class FlowGraph:
         """
         if isinstance(edge, pd.Series):
             if edge["kind"] != "attention":
-                raise ValueError(f"heads_for: a {edge['kind']!r} edge has no heads; only attention edges do")
+                raise InputError(f"heads_for: a {edge['kind']!r} edge has no heads; only attention edges do")
             layer, source, target = int(edge["layer"]), int(edge["source_position"]), int(edge["target_position"])
         else:
             layer, source, target = edge
-        layer = _index("layer", layer, self.model.cfg.n_layers)
-        source, target = _index("source_position", source, self.n_pos), _index("target_position", target, self.n_pos)
+        layer = check_index("layer", layer, self.model.cfg.n_layers)
+        source, target = check_index("source_position", source, self.n_pos), check_index("target_position", target, self.n_pos)
         head_shares = self.head_shares[layer, target, source]
-        node = self.row(_attention_kind(self.model.cfg), layer) * self.n_pos + target
+        node = self.row(attention_kind(self.model.cfg), layer) * self.n_pos + target
         kept = (head_shares.sum() >= self.threshold) & (head_shares.sum() > 0)
         frame = pd.DataFrame({"head": range(len(head_shares)), "share": head_shares.numpy(),
                               "weight": (head_shares * self._scale[node] * kept).numpy()})
@@ -296,34 +273,34 @@ class FlowGraph:
         parallel one. `neurons` replaces mlp_out by one part per neuron (b_out split equally).
         """
         cfg = self.model.cfg
-        layer, pos = _index("layer", layer, cfg.n_layers), _index("pos", pos, self.n_pos)
+        layer, pos = check_index("layer", layer, cfg.n_layers), check_index("pos", pos, self.n_pos)
         if kind == "resid_pre":
-            raise ValueError("resid_pre is not a sum of parts here: it is the previous block's resid_post "
+            raise InputError("resid_pre is not a sum of parts here: it is the previous block's resid_post "
                              "(or the embeddings); decompose that block's resid_post instead")
         self.row(kind, layer)  # checks the kind exists at this layer
         labels, parts = [], []
-        if kind == _attention_kind(cfg):
-            pattern = self.activations[f"blocks.{layer}.attn.hook_pattern"][:, pos]  # [head, src]
+        if kind == attention_kind(cfg):
+            pattern = self.activations[sites.act_name("pattern", layer)][:, pos]  # [head, src]
             n_src = int((pattern > 0).any(0).nonzero().max()) + 1  # up to the last attended source
             labels += ["resid_pre"] + [f"head {h} <- {j}" for j in range(n_src) for h in range(cfg.n_heads)]
-            head_parts = pattern[:, :n_src].T[..., None] * _head_sources(self.model, self.activations, layer)[:n_src]
-            parts += [self.activations[_input_hook(layer)][pos, None], head_parts.reshape(-1, cfg.d_model)]
+            head_parts = pattern[:, :n_src].T[..., None] * head_sources(self.model, self.activations, layer)[:n_src]
+            parts += [self.activations[sites.block_input(layer)][pos, None], head_parts.reshape(-1, cfg.d_model)]
         if kind == "resid_post" and not cfg.attn_only:
-            if kind != _attention_kind(cfg):
+            if kind != attention_kind(cfg):
                 labels.append("resid_mid")
-                parts.append(self.activations[f"blocks.{layer}.hook_resid_mid"][pos, None])
+                parts.append(self.activations[sites.act_name("resid_mid", layer)][pos, None])
             if neurons:
-                post = self.activations[f"blocks.{layer}.mlp.hook_post"][pos]
+                post = self.activations[sites.act_name("post", layer)][pos]
                 mlp = self.model.blocks[layer].mlp
                 labels += [f"neuron {n}" for n in range(len(post))]
                 parts.append(post[:, None] * mlp.W_out.detach().to(post.dtype) + mlp.b_out.detach().to(post.dtype) / len(post))
             else:
                 labels.append("mlp_out")
-                parts.append(self.activations[f"blocks.{layer}.hook_mlp_out"][pos, None])
+                parts.append(self.activations[sites.act_name("mlp_out", layer)][pos, None])
         elif neurons:
-            raise ValueError("neurons=True needs an MLP part: decompose kind='resid_post' of a block with an MLP")
+            raise InputError("neurons=True needs an MLP part: decompose kind='resid_post' of a block with an MLP")
         stacked = torch.cat(parts)
-        whole = self.activations[f"blocks.{layer}.hook_{kind}"][pos]
+        whole = self.activations[sites.act_name(kind, layer)][pos]
         prox = proximity(stacked, whole)
         return Decomposition(LabelledTensor(stacked, ("part", "d_model"), {"part": labels}), whole,
                              shares(prox, prox.sum()))
@@ -335,11 +312,11 @@ class FlowGraph:
         decomposition of resid_post, see `decompose`).
         """
         if self.model.cfg.attn_only:
-            raise ValueError("top_neurons: this model is attention-only; it has no MLP neurons")
-        layer, pos = _index("layer", layer, self.model.cfg.n_layers), _index("pos", pos, self.n_pos)
+            raise InputError("top_neurons: this model is attention-only; it has no MLP neurons")
+        layer, pos = check_index("layer", layer, self.model.cfg.n_layers), check_index("pos", pos, self.n_pos)
         parts = self.decompose(layer, pos, "resid_post", neurons=True)
         first = parts.parts.labels["part"].index("neuron 0")
-        post = self.activations[f"blocks.{layer}.mlp.hook_post"][pos]
+        post = self.activations[sites.act_name("post", layer)][pos]
         frame = pd.DataFrame({"neuron": range(len(post)), "activation": post.numpy(),
                               "share": parts.shares[first:].numpy()})
         return frame.sort_values("share", ascending=False, kind="stable").head(k).reset_index(drop=True)
@@ -355,45 +332,54 @@ class FlowGraph:
         """Vocabulary projection of a node, a block's output, or one head's output, at (layer, pos).
 
         A node (kind resid_pre / resid_mid / resid_post) is read like the model reads its final
-        stream, final normalisation and unembedding with their biases (the logit lens): for the
-        last layer's resid_post these are the model's logits. A block's output (attn_out, or
-        mlp_out) or a head's output (attn_out with `head`: pattern @ v @ W_O[head], without b_O)
-        is a direction added to the stream; it goes through `vocab.unembed` with the final
-        normalisation's scale at `pos`, so its values are its direct effect on the logits there.
+        stream, final normalisation and unembedding with their biases and the soft-cap, if any
+        (the logit lens, `lenskit.readout.Readout`): for the last layer's resid_post these are
+        the model's logits. A block's output (attn_out, or mlp_out) or a head's output (attn_out
+        with `head`: pattern @ v @ W_O[head], without b_O) is a direction added to the stream; it
+        goes through `Readout.contributions` with the final normalisation's scale at `pos`, so
+        its values are its direct effect on the logits there (before any soft-cap).
         Returns `vocab.top_tokens`' frame: kind (promoted / suppressed), rank, token, token_id, value.
         """
         cfg = self.model.cfg
-        layer, pos = _index("layer", layer, cfg.n_layers), _index("pos", pos, self.n_pos)
+        layer, pos = check_index("layer", layer, cfg.n_layers), check_index("pos", pos, self.n_pos)
         if head is not None and kind != "attn_out":
-            raise ValueError(f"head= applies to kind='attn_out' only, not {kind!r}")
+            raise InputError(f"head= applies to kind='attn_out' only, not {kind!r}")
         with torch.no_grad():
             if kind in ("resid_pre", "resid_mid", "resid_post"):
-                stream = self.activations[_node_hook(*self.rows[self.row(kind, layer)])][pos]
-                logits = _logit_lens(self.model, stream[None])[0]
-                return vocab.top_tokens(self.model, logits, k, source=f"blocks.{layer}.hook_{kind}[{pos}]")
+                stream = self.activations[sites.act_name(*self.rows[self.row(kind, layer)])][pos]
+                logits = self._logit_lens(stream[None])[0]
+                return vocab.top_tokens(self.model, logits, k, source=f"{sites.act_name(kind, layer)}[{pos}]")
             if kind == "mlp_out" and cfg.attn_only:
-                raise ValueError("kind='mlp_out': this model is attention-only")
+                raise InputError("kind='mlp_out': this model is attention-only")
             if kind not in ("attn_out", "mlp_out"):
-                raise ValueError(f"unknown kind {kind!r}: use resid_pre, resid_mid, resid_post, attn_out or mlp_out")
-            output = self.activations[f"blocks.{layer}.hook_{kind}"][pos]
+                raise InputError(f"unknown kind {kind!r}: use resid_pre, resid_mid, resid_post, attn_out or mlp_out")
+            output = self.activations[sites.act_name(kind, layer)][pos]
             if head is not None:
-                head = _index("head", head, cfg.n_heads)
-                pattern = self.activations[f"blocks.{layer}.attn.hook_pattern"][head, pos]
-                output = pattern @ _values(self.model, self.activations, layer)[:, head] @ self.model.blocks[layer].attn.W_O[head].to(pattern.dtype)
-            logits = vocab.unembed(self.model, output.to(self.model.W_U), self._final_scale[pos].to(self.model.W_U))
-        name = f"blocks.{layer}.hook_{kind}[{pos}]" + ("" if head is None else f" head {head}")
+                head = check_index("head", head, cfg.n_heads)
+                pattern = self.activations[sites.act_name("pattern", layer)][head, pos]
+                W_O = self.model.blocks[layer].attn.W_O[head].to(pattern.dtype)
+                output = pattern @ values(self.model, self.activations, layer)[:, head] @ W_O
+            logits = self._readout.contributions(self._on_model(output), self._on_model(self._final_scale[pos]))
+        name = f"{sites.act_name(kind, layer)}[{pos}]" + ("" if head is None else f" head {head}")
         return vocab.top_tokens(self.model, logits, k, source=name)
 
     @cached_property
+    def _readout(self) -> Readout:
+        return Readout(self.model)
+
+    @cached_property
     def _final_scale(self) -> Float[Tensor, "pos 1"]:
-        """The final normalisation's scale at each position (ln_final.hook_scale; 1 without one)."""
-        if "ln_final.hook_scale" not in self.model.hook_dict:
-            return torch.ones(self.n_pos, 1)
-        final = self.activations[f"blocks.{self.model.cfg.n_layers - 1}.hook_resid_post"]
-        scale = hooks.cache("ln_final.hook_scale")
-        with torch.no_grad(), scale.on(self.model):
-            self.model.ln_final(final[None].to(self.model.cfg.device, self.model.cfg.dtype))
-        return scale.store["ln_final.hook_scale"][0].float()
+        """The final normalisation's scale at each position (1 without one)."""
+        with torch.no_grad():
+            _, scale = self._readout.normalize_with_scale(self._on_model(self.activations[sites.final_residual(self.model)]))
+        return scale.float().cpu()
+
+    def _logit_lens(self, streams: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_vocab"]:
+        """Logits read off residual streams as the model reads its final one (final norm, unembedding, soft-cap)."""
+        return self._readout(self._on_model(streams)).float().cpu()
+
+    def _on_model(self, tensor: Tensor) -> Tensor:
+        return tensor.to(self.model.cfg.device, self.model.cfg.dtype)
 
     # --- pictures ---------------------------------------------------------------------------
 
@@ -403,7 +389,7 @@ class FlowGraph:
         A selector picks the traced position among `positions` (default: every position);
         clicking an attention edge lists its heads' weights, clicking a node its top `k` tokens.
         """
-        positions = list(range(self.n_pos)) if positions is None else [_index("position", p, self.n_pos) for p in positions]
+        positions = list(range(self.n_pos)) if positions is None else [check_index("position", p, self.n_pos) for p in positions]
         reached = torch.zeros(len(self.rows) * self.n_pos, dtype=torch.bool)
         for position in positions:
             reached |= self.trace(position)._traced[0]
@@ -436,16 +422,16 @@ class FlowGraph:
 
     def _node_top_tokens(self, ids: Tensor, k: int, progress: bool, chunk: int = 256) -> dict[tuple[int, int], list]:
         """{(row, position): [(token, logit), ...]}: the logit lens' top k for each node in `ids`."""
-        streams = torch.stack([self.activations[_node_hook(*self.rows[r])] for r in range(len(self.rows))])
+        streams = torch.stack([self.activations[sites.act_name(*row)] for row in self.rows])
         flat = streams.reshape(-1, streams.shape[-1])
         found = {}
         with torch.no_grad():
             for start in tqdm(range(0, len(ids), chunk), desc="top tokens", disable=not progress):
                 batch = ids[start:start + chunk]
-                top = _logit_lens(self.model, flat[batch]).topk(min(k, self.model.cfg.d_vocab))
-                for node, values, tokens in zip(batch.tolist(), top.values.tolist(), top.indices.tolist()):
-                    words = self.model.to_str_tokens(torch.tensor(tokens)) if self.model.tokenizer else [str(t) for t in tokens]
-                    found[divmod(node, self.n_pos)] = [(w, round(v, 3)) for w, v in zip(words, values)]
+                top = self._logit_lens(flat[batch]).topk(min(k, self.model.cfg.d_vocab))
+                for node, logits, tokens in zip(batch.tolist(), top.values.tolist(), top.indices.tolist()):
+                    words = token_labels(self.model, torch.tensor(tokens))
+                    found[divmod(node, self.n_pos)] = [(w, round(v, 3)) for w, v in zip(words, logits)]
         return found
 
     def __repr__(self) -> str:
@@ -457,159 +443,3 @@ class FlowGraph:
         edges = self.edges.sort_values("flow", ascending=False).head(20)
         return (f"<p><code>{html.escape(repr(self))}</code></p><p>edges carrying the most flow:</p>"
                 + edges.to_html(index=False))
-
-
-# --- the forward pass and the shares ----------------------------------------------------------
-
-
-def _check_supported(model: HookedTransformer) -> None:
-    """Raise ValueError for blocks whose update is not a sum of head, MLP and residual parts."""
-    cfg = model.cfg
-    reasons = {
-        "it normalises attention and MLP outputs inside the block (use_normalization_before_and_after)":
-            cfg.use_normalization_before_and_after,
-        f"it is a post-norm architecture ({cfg.original_architecture})": cfg.original_architecture in POST_NORM_ARCHITECTURES,
-        "its attention sinks make pattern rows sum to less than 1": cfg.use_attention_sinks,
-        "its MLPs are mixtures of experts": bool(cfg.num_experts),
-        "its weights are 4-bit quantised": cfg.load_in_4bit,
-    }
-    for reason, applies in reasons.items():
-        if applies:
-            raise ValueError(f"flow does not support this model: {reason}")
-
-
-def _token_row(model: HookedTransformer, tokens: Tokens, batch: int) -> Int[Tensor, "pos"]:
-    if isinstance(tokens, str) or (isinstance(tokens, Sequence) and tokens and isinstance(tokens[0], str)):
-        tokens = model.to_tokens(tokens)
-    tokens = torch.as_tensor(tokens)
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    if tokens.ndim != 2 or tokens.shape[1] == 0:
-        raise ValueError(f"tokens must be a string, strings, or token ids [pos] or [batch, pos]; got shape {tuple(tokens.shape)}")
-    row = tokens[_index("batch", batch, len(tokens))].cpu()
-    outside = row[(row < 0) | (row >= model.cfg.d_vocab)]
-    if len(outside):
-        raise ValueError(f"token ids {outside.tolist()} are outside the vocabulary (0..{model.cfg.d_vocab - 1})")
-    return row
-
-
-def _rows(cfg) -> list[tuple[NodeKind, int]]:
-    rows = [("resid_pre", 0)]
-    for layer in range(cfg.n_layers):
-        if _attention_kind(cfg) == "resid_mid":
-            rows.append(("resid_mid", layer))
-        rows.append(("resid_post", layer))
-    return rows
-
-
-def _attention_kind(cfg) -> NodeKind:
-    """The node that attention's update lands in: resid_mid when an MLP follows it, else resid_post."""
-    return "resid_post" if cfg.attn_only or cfg.parallel_attn_mlp else "resid_mid"
-
-
-def _input_hook(layer: int) -> str:
-    return "blocks.0.hook_resid_pre" if layer == 0 else f"blocks.{layer - 1}.hook_resid_post"
-
-
-def _node_hook(kind: NodeKind, layer: int) -> str:
-    return f"blocks.{layer}.hook_{kind}"
-
-
-def _run(model: HookedTransformer, tokens: Int[Tensor, "pos"]) -> dict[str, Tensor]:
-    """One forward pass (no unembedding) caching what the shares need, as float32 or wider."""
-    cfg = model.cfg
-    names = ["blocks.0.hook_resid_pre"]
-    for layer in range(cfg.n_layers):
-        block = f"blocks.{layer}"
-        names += [f"{block}.attn.hook_v", f"{block}.attn.hook_pattern", f"{block}.hook_attn_out", f"{block}.hook_resid_post"]
-        if _attention_kind(cfg) == "resid_mid":
-            names.append(f"{block}.hook_resid_mid")
-        if not cfg.attn_only:
-            names += [f"{block}.hook_mlp_out", f"{block}.mlp.hook_post"]
-    cache = hooks.cache(names, device="cpu", dtype=torch.promote_types(cfg.dtype, torch.float32))
-    with torch.no_grad(), cache.on(model):
-        model(tokens[None].to(cfg.device), stop_at_layer=cfg.n_layers)
-    return {name: activation[0] for name, activation in cache.store.items()}
-
-
-def _values(model: HookedTransformer, activations: dict[str, Tensor], layer: int) -> Float[Tensor, "src head d_head"]:
-    """hook_v with grouped key/value heads repeated to one per query head, as the model does."""
-    values = activations[f"blocks.{layer}.attn.hook_v"]
-    return values.repeat_interleave(model.cfg.n_heads // values.shape[1], dim=1)
-
-
-def _head_sources(model: HookedTransformer, activations: dict[str, Tensor], layer: int) -> Float[Tensor, "src head d_model"]:
-    """What each head writes per unit of attention to each source: v[j, h] @ W_O[h] + b_O / n_heads."""
-    attn = model.blocks[layer].attn
-    values = _values(model, activations, layer)
-    W_O, b_O = attn.W_O.detach().to("cpu", values.dtype), attn.b_O.detach().to("cpu", values.dtype)
-    return torch.einsum("jhe,hed->jhd", values, W_O) + b_O / model.cfg.n_heads
-
-
-def _shares(model: HookedTransformer, activations: dict[str, Tensor], n_pos: int, progress: bool) -> tuple[Tensor, Routes]:
-    """Head shares [layer, pos, src_pos, head] and every edge with a non-zero share."""
-    cfg = model.cfg
-    rows = _rows(cfg)
-    positions = torch.arange(n_pos)
-    head_shares, groups = [], []
-
-    def per_position(layer, kind, source_row, target_row, share):
-        groups.append((layer, kind, source_row * n_pos + positions, target_row * n_pos + positions, share))
-
-    for layer in tqdm(range(cfg.n_layers), desc="flow", disable=not progress):
-        block = f"blocks.{layer}"
-        input_row = 0 if layer == 0 else rows.index(("resid_post", layer - 1))
-        attention_row = rows.index((_attention_kind(cfg), layer))
-        whole = activations[f"{block}.hook_{_attention_kind(cfg)}"]
-        others = [activations[_input_hook(layer)]]
-        if cfg.parallel_attn_mlp and not cfg.attn_only:
-            others.append(activations[f"{block}.hook_mlp_out"])
-        head_prox = head_source_proximity(whole, _head_sources(model, activations, layer),
-                                          activations[f"{block}.attn.hook_pattern"])
-        other_prox = proximity(torch.stack(others), whole)
-        total = head_prox.sum((1, 2)) + other_prox.sum(0)
-        heads = shares(head_prox, total[:, None, None])
-        other = shares(other_prox, total)
-        head_shares.append(heads)
-
-        edge_shares = heads.sum(-1)  # [pos, src]
-        target_pos, source_pos = edge_shares.nonzero().T
-        groups.append((layer, "attention", input_row * n_pos + source_pos, attention_row * n_pos + target_pos,
-                       edge_shares[target_pos, source_pos]))
-        per_position(layer, "residual", input_row, attention_row, other[0])
-        if len(others) == 2:
-            per_position(layer, "mlp", input_row, attention_row, other[1])
-        elif not cfg.attn_only:
-            mid_row, post_row = attention_row, rows.index(("resid_post", layer))
-            post = activations[f"{block}.hook_resid_post"]
-            mlp_prox = proximity(torch.stack([activations[f"{block}.hook_mlp_out"], activations[f"{block}.hook_resid_mid"]]), post)
-            mlp = shares(mlp_prox, mlp_prox.sum(0))
-            per_position(layer, "mlp", mid_row, post_row, mlp[0])
-            per_position(layer, "residual", mid_row, post_row, mlp[1])
-
-    columns = zip(*((torch.full_like(source, layer), torch.full_like(source, EDGE_KINDS.index(kind)), source, target, share)
-                    for layer, kind, source, target, share in groups))  # groups come in order of target row
-    routes = Routes(*(torch.cat(column) for column in columns))
-    nonzero = routes.share > 0
-    routes = Routes(routes.layer[nonzero], routes.kind[nonzero], routes.source[nonzero], routes.target[nonzero],
-                    routes.share[nonzero])
-    return torch.stack(head_shares), routes
-
-
-def _logit_lens(model: HookedTransformer, streams: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_vocab"]:
-    """Logits read off residual streams as the model reads its final one: ln_final, then unembed."""
-    streams = streams.to(model.cfg.device, model.cfg.dtype)[None]
-    normalised = model.ln_final(streams) if hasattr(model, "ln_final") else streams
-    return model.unembed(normalised)[0].float().cpu()
-
-
-def _index(what: str, index: int, size: int) -> int:
-    """`index` (negative counts from the end) checked against `size`, as a non-negative int."""
-    if isinstance(index, Tensor) and index.numel() == 1 and not index.is_floating_point():
-        index = int(index)
-    if not isinstance(index, numbers.Integral) or isinstance(index, bool):
-        raise ValueError(f"{what} must be an integer, got {index!r}")
-    index = int(index)
-    if not -size <= index < size:
-        raise ValueError(f"{what} {index} out of range: there are {size} (valid 0..{size - 1}, or negative from the end)")
-    return index % size

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import numbers
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, Literal, Mapping, Sequence, Union
 
@@ -50,6 +51,7 @@ from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from lenskit import sites
+from lenskit.errors import InputError
 from lenskit.sites import n_key_value_heads  # noqa: F401 (part of the hook vocabulary: hooks.n_key_value_heads)
 
 HookFn = Callable[[Tensor, HookPoint], Union[Tensor, None]]
@@ -117,10 +119,10 @@ def check_hook_name(model: HookedRootModule, name: NameOrFilter) -> None:
         if name not in model.hook_dict:
             close = difflib.get_close_matches(name, valid, n=5, cutoff=0.6)
             hint = f"; did you mean: {', '.join(close)}" if close else f"; hooks look like {valid[:3]}"
-            raise ValueError(f"unknown hook name {name!r} for this model{hint}")
+            raise InputError(f"unknown hook name {name!r} for this model{hint}")
         return
     if not any(name(n) for n in valid):
-        raise ValueError(f"hook filter {_describe(name)} matches no hook of this model")
+        raise InputError(f"hook filter {_describe(name)} matches no hook of this model")
 
 
 def hook_names(model: HookedRootModule, names: NameOrFilter | Sequence[str]) -> list[str]:
@@ -172,9 +174,9 @@ def ablate(
     and scores are only ever averaged over the batch).
     """
     if how not in ("zero", "mean"):
-        raise ValueError(f"ablate: how must be 'zero' or 'mean', not {how!r}")
+        raise InputError(f"ablate: how must be 'zero' or 'mean', not {how!r}")
     if mean_over not in ("batch", "batch_pos"):
-        raise ValueError(f"ablate: mean_over must be 'batch' or 'batch_pos', not {mean_over!r}")
+        raise InputError(f"ablate: mean_over must be 'batch' or 'batch_pos', not {mean_over!r}")
 
     def replacement(activation: Tensor, hook: HookPoint) -> Tensor:
         if how == "zero":
@@ -213,12 +215,12 @@ def patch(name: NameOrFilter, source: Source, head: Index = None, pos: Index = N
     from which the hook's own name is read (so one cache can patch many hooks via a glob).
     """
     if isinstance(source, Tensor) and not (isinstance(name, str) and not _is_glob(name)):
-        raise ValueError("patch: a tensor source needs one exact hook name; pass a cache to patch many")
+        raise InputError("patch: a tensor source needs one exact hook name; pass a cache to patch many")
 
     def replacement(activation: Tensor, hook: HookPoint) -> Tensor:
         donor = _source_for(source, hook, "patch")
         if donor.shape != activation.shape and not (donor.shape[0] == 1 and donor.shape[1:] == activation.shape[1:]):
-            raise ValueError(
+            raise InputError(
                 f"patch {hook.name}: source shape {tuple(donor.shape)} does not match the "
                 f"activation shape {tuple(activation.shape)}"
             )
@@ -239,7 +241,7 @@ def add(name: NameOrFilter, vector: Tensor, pos: Index = None, scale: float = 1.
         try:
             return activation + scale * steer
         except RuntimeError:
-            raise ValueError(
+            raise InputError(
                 f"add {hook.name}: vector of shape {tuple(vector.shape)} does not broadcast "
                 f"against the activation shape {tuple(activation.shape)}"
             ) from None
@@ -262,17 +264,17 @@ def skip(
     """
     parts = {"block": ("attn", "cross_attn", "mlp"), "attn": ("attn",), "cross_attn": ("cross_attn",), "mlp": ("mlp",)}
     if part not in parts:
-        raise ValueError(f"skip: part must be one of {sorted(parts)}, not {part!r}")
+        raise InputError(f"skip: part must be one of {sorted(parts)}, not {part!r}")
     n_layers = count_layers(model, stack)
     chosen = [layers] if isinstance(layers, int) else list(layers)
     pairs = []
     for layer in chosen:
         if not -n_layers <= layer < n_layers:
-            raise ValueError(f"skip: layer {layer} out of range: {stack} has {n_layers} layers (valid 0..{n_layers - 1})")
+            raise InputError(f"skip: layer {layer} out of range: {stack} has {n_layers} layers (valid 0..{n_layers - 1})")
         outputs = [f"{stack}.{layer % n_layers}.hook_{p}_out" for p in parts[part]]
         present = [n for n in outputs if n in model.hook_dict]
         if not present:
-            raise ValueError(f"skip: {stack}.{layer} has no {part} output hook ({', '.join(outputs)})")
+            raise InputError(f"skip: {stack}.{layer} has no {part} output hook ({', '.join(outputs)})")
         pairs += [(n, _zero) for n in present]
     return Hooks(pairs)
 
@@ -286,7 +288,7 @@ def query_heads(model: HookedRootModule, kv_head: int) -> list[int]:
     """
     n_kv = n_key_value_heads(model)
     if not -n_kv <= kv_head < n_kv:
-        raise ValueError(f"query_heads: kv_head {kv_head} out of range: the model has {n_kv} key/value heads "
+        raise InputError(f"query_heads: kv_head {kv_head} out of range: the model has {n_kv} key/value heads "
                          f"(valid 0..{n_kv - 1})")
     group = model.cfg.n_heads // n_kv
     return list(range((kv_head % n_kv) * group, (kv_head % n_kv + 1) * group))
@@ -298,7 +300,7 @@ def count_layers(model: HookedRootModule, stack: str = "blocks") -> int:
     layers = {int(n[len(prefix):].split(".")[0]) for n in model.hook_dict if n.startswith(prefix)
               and n[len(prefix):].split(".")[0].isdigit()}
     if not layers:
-        raise ValueError(f"model has no block stack named {stack!r}")
+        raise InputError(f"model has no block stack named {stack!r}")
     return max(layers) + 1
 
 
@@ -317,6 +319,9 @@ def _replace(
     neuron: Index,
 ) -> Hooks:
     """A hook writing ``replacement(activation, hook)`` into the selected entries only."""
+    for what, index in (("head", head), ("pos", pos), ("neuron", neuron)):
+        if index is not None:
+            _indices(what, index, _describe(name) if not isinstance(name, (list, tuple)) else str(name))
 
     def hook_fn(activation: Tensor, hook: HookPoint) -> Tensor:
         mask = selection_mask(activation, hook.name, head=head, pos=pos, neuron=neuron)
@@ -336,28 +341,28 @@ def selection_mask(activation: Tensor, name: str, head: Index = None, pos: Index
     wanted = []
     if head is not None:
         if head_dim is None:
-            raise ValueError(f"{name} has no head dimension; head= applies to per-head hooks such as attn.hook_z")
+            raise InputError(f"{name} has no head dimension; head= applies to per-head hooks such as attn.hook_z")
         wanted.append(("head", head_dim, head))
     if pos is not None:
         wanted.append(("pos", pos_dim, pos))
     if neuron is not None:
         if sites.is_pair(name):
-            raise ValueError(f"{name} is an attention pattern; neuron= does not apply to it")
+            raise InputError(f"{name} is an attention pattern; neuron= does not apply to it")
         wanted.append(("neuron", activation.ndim - 1, neuron))
     if not wanted:
         return None
     mask = torch.ones([1] * activation.ndim, dtype=torch.bool, device=activation.device)
     for what, dim, index in wanted:
         size = activation.shape[dim]
-        indices = [index] if isinstance(index, int) else [int(i) for i in index]
+        indices = _indices(what, index, name)
         bad = [i for i in indices if not -size <= i < size]
         if bad and what == "head" and sites.is_key_value(name):
-            raise ValueError(f"{name}: head {bad[0]} out of range: keys and values here have {size} key/value "
+            raise InputError(f"{name}: head {bad[0]} out of range: keys and values here have {size} key/value "
                              f"heads along dim {dim} (valid 0..{size - 1}, or negative from the end); under "
                              f"grouped-query attention head= on k/v names a key/value head, shared by a group "
                              f"of query heads (lenskit.hooks.query_heads)")
         if bad:
-            raise ValueError(f"{name}: {what} {bad[0]} out of range: the activation has {size} "
+            raise InputError(f"{name}: {what} {bad[0]} out of range: the activation has {size} "
                              f"{what}s along dim {dim} (valid 0..{size - 1}, or negative from the end)")
         axis = torch.zeros(size, dtype=torch.bool, device=activation.device)
         axis[indices] = True
@@ -367,20 +372,31 @@ def selection_mask(activation: Tensor, name: str, head: Index = None, pos: Index
     return mask
 
 
+def _indices(what: str, index: Index, name: str) -> list[int]:
+    """An int or a sequence (list, tuple, tensor) of ints as a list; InputError for anything else
+    (a string such as "10" would otherwise select heads 1 and 0; a float or bool a wrong index)."""
+    items = index.tolist() if isinstance(index, Tensor) else index
+    items = [items] if not isinstance(items, (list, tuple, range)) else list(items)
+    bad = [i for i in items if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
+    if bad or not items:
+        raise InputError(f"{name}: {what}= must be an int or a non-empty list of ints, got {index!r}")
+    return [int(i) for i in items]
+
+
 def _source_for(source: Source, hook: HookPoint, who: str) -> Tensor:
     if isinstance(source, Tensor):
         return source
     try:
         return source[hook.name]
     except KeyError:
-        raise ValueError(f"{who}: the source cache has no activation for {hook.name}") from None
+        raise InputError(f"{who}: the source cache has no activation for {hook.name}") from None
 
 
 def _check_trailing_shape(reference: Tensor, activation: Tensor, reduced: tuple[int, ...], name: str, what: str) -> None:
     """Shapes must agree except along the `reduced` dims."""
     same_rank = reference.ndim == activation.ndim
     if not same_rank or any(r != a for d, (r, a) in enumerate(zip(reference.shape, activation.shape)) if d not in reduced):
-        raise ValueError(f"{name}: {what} has shape {tuple(reference.shape)}, which does not fit the "
+        raise InputError(f"{name}: {what} has shape {tuple(reference.shape)}, which does not fit the "
                          f"activation shape {tuple(activation.shape)}")
 
 
@@ -396,7 +412,7 @@ def _selector(names: NameOrFilter | Sequence[str]) -> list[NameOrFilter]:
         return [NameFilter([names])] if _is_glob(names) else [names]
     selected = list(names)
     if not selected:
-        raise ValueError("no hook names given")
+        raise InputError("no hook names given")
     return [sel for name in selected for sel in _selector(name)]
 
 

@@ -152,6 +152,8 @@ def patch(
     Returns:
         PatchResult [layer, *cell dims] of metric values (equal to transformer_lens.patching's).
     """
+    if max_cells is not None and (isinstance(max_cells, bool) or not isinstance(max_cells, int) or max_cells < 1):
+        raise InputError(f"max_cells must be None (fit the memory budget) or an int of at least 1, not {max_cells!r}")
     clean_run = as_run(model, clean)
     grid = _Grid.build(model, site, by, clean_run.tokens, corrupted, layers, heads, positions)
     clean_store, clean_logits = _clean_activations(clean_run, grid)
@@ -160,7 +162,7 @@ def patch(
         clean_value = scalar(metric, clean_logits)
         corrupted_run = _CorruptedRun(model, grid)
         corrupted_value = scalar(metric, corrupted_run.logits)
-        values = torch.full(grid.shape, corrupted_value)
+        values = torch.full(grid.shape, corrupted_value, dtype=torch.float32)
         plan = grid.plan(clean_store, corrupted_run.site)
         reader = MetricReader(model, metric, corrupted_run.logits)
         chunks = [(start, chunk) for start, cells in plan.items()
@@ -193,9 +195,18 @@ def attribution_patch(
     Each cell holds ``corrupted_value + sum((clean_act - corrupted_act) * grad)`` over the cell's
     entries and the batch, the gradient being that of the metric on the corrupted run with respect
     to the site's activation. Same arguments and layout as `patch`; the metric must be differentiable.
+
+    Works inside ``torch.inference_mode()`` too: the backward pass needs gradients, so this function
+    turns inference mode off for itself (and copies tokens made under it).
     """
+    with torch.inference_mode(False):
+        return _attribution_patch(model, clean, corrupted, metric, site, by, layers, heads, positions)
+
+
+def _attribution_patch(model, clean, corrupted, metric, site, by, layers, heads, positions) -> PatchResult:
     clean_run = as_run(model, clean)
-    grid = _Grid.build(model, site, by, clean_run.tokens, corrupted, layers, heads, positions)
+    grid = _Grid.build(model, site, by, clean_run.tokens.clone(), corrupted, layers, heads, positions)
+    grid.corrupted = grid.corrupted.clone()  # an inference-mode tensor cannot be saved for backward
     clean_store, clean_logits = _clean_activations(clean_run, grid)
     metric = bind(metric, model, grid.clean, clean_logits)
     if not getattr(metric, "differentiable", True):

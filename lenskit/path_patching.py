@@ -99,7 +99,7 @@ def path_patch(
         metric = bind(metric, model, clean_tokens, clean_logits)
         clean_value, corrupted_value = scalar(metric, clean_logits), scalar(metric, corrupted_logits)
         reader = MetricReader(model, metric, corrupted_logits)
-        values = torch.full((len(sender_list),), float("nan"))
+        values = torch.full((len(sender_list),), float("nan"), dtype=torch.float32)
         reaching = [i for i, s in enumerate(sender_list)
                     if receiver_list is None or any(r[0] > s[0] for r in receiver_list)]
         size = max_senders or _senders_per_batch(model, corrupted_tokens, reader, receiver_list)

@@ -6,6 +6,10 @@
 The page holds the tokens, the logit lens, attribution per layer and per head, the attention patterns
 of the top heads, the residual-stream patching grid (clean prompt into the corrupted one) and the
 information-flow graph. It inlines everything it shows (circuitsvis' bundle once), so it opens offline.
+
+One `Run` of the prompt (every hook cached in one forward pass) serves the lens, attribution, the
+attention pictures, the flow graph and the clean side of patching; patching adds one forward pass of
+the corrupted prompt and re-runs only the layers and positions each patch changes.
 """
 
 from __future__ import annotations
@@ -14,16 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import torch
 from transformer_lens import HookedTransformer
 
-from lenskit.flow import flow
 from lenskit import metrics, viz
 from lenskit.attribution import attribute
+from lenskit.errors import InputError
+from lenskit.flow import flow
 from lenskit.lens import logit_lens
 from lenskit.models import load
 from lenskit.patching import patch
-from lenskit.tokens import token_id
+from lenskit.run import Run
+from lenskit.tokens import as_tokens, token_id
 from lenskit.zoo import DEFAULT_MODEL
 
 DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
@@ -70,50 +75,34 @@ def build_report(
     progress: bool = True,
 ) -> Report:
     """Run every analysis on `prompt` and collect the figures."""
-    tokens = model.to_tokens(prompt)
-    corrupted_tokens = model.to_tokens(corrupted)
-    if corrupted_tokens.shape != tokens.shape:
-        raise ValueError(f"the corrupted prompt must have as many tokens as the prompt "
-                         f"({corrupted_tokens.shape[1]} vs {tokens.shape[1]}): {model.to_str_tokens(corrupted)}")
-    answer_id, wrong_id = token_id(model, answer), token_id(model, wrong)
-    str_tokens = model.to_str_tokens(prompt)
+    run = Run.everything(model, as_tokens(model, prompt, "prompt"))
+    corrupted_tokens = as_tokens(model, corrupted, "corrupted")
+    if corrupted_tokens.shape != run.tokens.shape:
+        raise InputError(f"the corrupted prompt must have as many tokens as the prompt "
+                         f"({corrupted_tokens.shape[1]} vs {run.tokens.shape[1]}): {model.to_str_tokens(corrupted)}")
+    answer_id, wrong_id = token_id(model, answer, "answer"), token_id(model, wrong, "wrong")
+    str_tokens = run.str_tokens()
 
-    by_layer = attribute(model, tokens, answer_id, wrong_id, by="layer")
-    by_head = attribute(model, tokens, answer_id, wrong_id, by="head")
-    heads = by_head[by_head.component == "head"]
-    head_grid = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
-    head_grid[heads["layer"].to_numpy(dtype=int), heads["head"].to_numpy(dtype=int)] = torch.tensor(heads.value.to_numpy(dtype=float)).float()
-    top_heads = heads.head(TOP_HEADS)[["layer", "head", "value"]].reset_index(drop=True)
-    metric = metrics.logit_diff(answer_id, wrong_id)
-    patching = patch(model, tokens, corrupted_tokens, metric, site="resid_pre", by="layer_pos", progress=progress)
-    with torch.no_grad():
-        corrupted_logits = model(corrupted_tokens)[0, -1]
-        surprise = [0.0, *model(tokens, return_type="loss", loss_per_token=True)[0].tolist()]  # -log p(token | prefix)
-    corrupted_diff = (corrupted_logits[answer_id] - corrupted_logits[wrong_id]).item()
+    by_layer = attribute(model, run, answer_id, wrong_id, by="layer")
+    by_head = attribute(model, run, answer_id, wrong_id, by="head")
+    top_heads = by_head[by_head.component == "head"].head(TOP_HEADS)[["layer", "head", "value"]].reset_index(drop=True)
+    patching = patch(model, run, corrupted_tokens, metrics.logit_diff(answer_id, wrong_id), site="resid_pre",
+                     by="layer_pos", progress=progress)
+    surprise = [0.0, *model.loss_fn(run.logits, run.tokens, per_token=True)[0].tolist()]  # -log p(token | prefix)
 
+    title = f"logit({answer!r}) - logit({wrong!r})"
     figures = [
         viz.colored_tokens(str_tokens, surprise, title=f"prompt ({len(str_tokens)} tokens), coloured by -log p(token | prefix)"),
-        logit_lens(model, tokens, targets=[answer_id, wrong_id], progress=progress).plot(title="logit lens: top token by layer"),
-        _layer_attribution_figure(by_layer, model.cfg.n_layers, f"attribution of logit({answer!r}) - logit({wrong!r}) per layer"),
-        viz.heatmap(head_grid, [f"L{layer}" for layer in range(model.cfg.n_layers)], [f"H{h}" for h in range(model.cfg.n_heads)],
-                    title="attribution per head", row_title="layer", col_title="head"),
-        *[viz.attention_patterns(model, tokens, layer) for layer in sorted(set(top_heads.layer.astype(int)))],
+        logit_lens(model, run, targets=[answer_id, wrong_id], progress=progress).plot(title="logit lens: top token by layer"),
+        by_layer.plot(title=f"attribution per layer of {title}"),
+        by_head.plot(title=f"attribution per head of {title}"),
+        *[run.attention_patterns(layer) for layer in sorted(set(top_heads.layer.astype(int)))],
         patching.normalised().plot(title=f"residual stream patching: clean {prompt!r} into corrupted {corrupted!r} "
                                          "(0 = corrupted, 1 = clean)"),
-        flow(model, tokens).plot(),
+        flow(model, run, progress=progress).plot(),
     ]
-    return Report(model_name, prompt, answer, wrong, corrupted, by_layer.attrs["logit_diff"], corrupted_diff, top_heads, figures)
-
-
-def _layer_attribution_figure(frame: pd.DataFrame, n_layers: int, title: str) -> viz.Figure:
-    """Attention and MLP contributions as a [2, layer] heatmap (embeddings and biases in the title)."""
-    grid = torch.zeros(2, n_layers)
-    for row, component in enumerate(("attn", "mlp")):
-        part = frame[frame.component == component]
-        grid[row, part.layer.to_numpy(dtype=int)] = torch.tensor(part.value.to_numpy(dtype=float)).float()
-    rest = frame[~frame.component.isin(["attn", "mlp"])].groupby("component").value.sum()
-    others = ", ".join(f"{name} {value:+.2f}" for name, value in rest.items())
-    return viz.heatmap(grid, ["attn", "mlp"], [f"L{layer}" for layer in range(n_layers)], title=f"{title} ({others})")
+    return Report(model_name, prompt, answer, wrong, corrupted, by_layer.attrs["logit_diff"], patching.corrupted_value,
+                  top_heads, figures)
 
 
 def main(model_name: str | None, out: str | Path, **options) -> Report:

@@ -23,7 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from lenskit import hooks, sites
+from lenskit import hooks, sites, viz
 from lenskit.errors import InputError
 from lenskit.readout import Readout
 from lenskit.tokens import Prompts, as_tokens, str_tokens
@@ -103,6 +103,27 @@ class Run:
             with torch.no_grad():
                 self._logits = Readout(self.model)(final)
         return self._logits
+
+    def attention_patterns(self, layer: int, batch: int = 0, title: str | None = None) -> viz.Figure:
+        """Every head's attention pattern in block `layer` for prompt `batch`, read from the run
+        (``blocks.{layer}.attn.hook_pattern``, computed if missing) and drawn by `lenskit.viz.attention_patterns`."""
+        n_layers, (n_batch, n_pos) = self.model.cfg.n_layers, self.shape
+        if not -n_layers <= layer < n_layers:
+            raise InputError(f"layer {layer} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+        if not -n_batch <= batch < n_batch:
+            raise InputError(f"batch {batch} out of range: the tokens have {n_batch} batch rows (0..{n_batch - 1})")
+        layer %= n_layers
+        name = sites.act_name("pattern", layer)
+        if name not in self and not self.extend:
+            raise InputError(f"the cache holds no {name!r}; cache it (model.run_with_cache) or build the Run with extend=True")
+        pattern = self[name]
+        expected = (n_batch, sites.n_heads_at(self.model, name), n_pos, n_pos)
+        if tuple(pattern.shape) != expected:
+            raise InputError(f"{name} in this run has shape {tuple(pattern.shape)}, but these tokens need {expected} "
+                             "[batch, head, query_pos, key_pos]")
+        return viz.attention_patterns(pattern[batch], self.str_tokens(batch),
+                                      [f"L{layer}H{head}" for head in range(expected[1])],
+                                      title=f"attention patterns, layer {layer}" if title is None else title)
 
     def str_tokens(self, row: int = 0) -> list[str]:
         """The string of each token of prompt `row` (the ids themselves without a tokenizer)."""

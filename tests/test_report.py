@@ -50,3 +50,17 @@ def test_the_page_opens_offline_without_errors(report_page):
 def test_a_corrupted_prompt_of_another_length_is_refused(tmp_path, capsys):
     assert cli.main(["report", "--corrupted", "When Mary went to the store", "--out", str(tmp_path / "r.html")]) == 2
     assert "as many tokens as the prompt" in capsys.readouterr().err
+
+
+def test_the_report_runs_few_full_forward_passes(tmp_path):
+    """One run of the prompt serves every analysis; patching adds the corrupted run (its cells re-run only
+    the blocks after their layer, without the embedding). A full forward pass is counted where it embeds."""
+    model = lenskit.load(DEFAULT_MODEL)
+    embeddings = []
+    model.hook_dict["hook_embed"].add_hook(lambda activation, hook: embeddings.append(activation.shape))
+    try:
+        from lenskit.report import build_report
+        build_report(model, DEFAULT_MODEL, progress=False).save(tmp_path / "r.html")
+    finally:
+        model.reset_hooks()
+    assert 1 <= len(embeddings) <= 6, embeddings

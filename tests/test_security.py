@@ -11,7 +11,8 @@ from tokenizers import Tokenizer, models as tokenizer_models, pre_tokenizers
 
 import lenskit
 from lenskit import viz
-from lenskit.cache import load_cache, stream_cache
+from lenskit.run import Run
+from lenskit.shards import load_cache, stream_cache
 from conftest import make_model
 from headless_chromium import CHROMIUM, Chromium
 
@@ -146,9 +147,9 @@ def test_nothing_in_the_tokens_runs_in_a_browser(payload_model, tmp_path):
     prompt = payload_tokens()
     lens = lenskit.logit_lens(payload_model, prompt, targets=[6], progress=False)
     graph = lenskit.flow(payload_model, prompt, progress=False)
-    figures = [lens.plot(), viz.attention_patterns(payload_model, prompt, layer=0),
+    figures = [lens.plot(), Run(payload_model, prompt).attention_patterns(layer=0),
                viz.colored_tokens(payload_model.to_str_tokens(prompt[0]), list(range(prompt.shape[1]))),
-               viz.lens_topk(payload_model, prompt, progress=False), graph.plot()]
+               lens.plot_topk(), graph.plot()]
     path = viz.save_page(figures, tmp_path / "page.html")
     fragments = tmp_path / "fragments.html"  # what a notebook shows
     fragments.write_text("<html><body>" + lens._repr_html_() + graph._repr_html_()

@@ -1,11 +1,13 @@
 """circuitsvis pictures and the offline page: the values drawn equal TransformerLens' own, and the page
 renders in headless Chromium with the network blocked."""
 
+import ast
 import html
 import json
 import math
 import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +15,11 @@ import torch
 import lenskit
 from conftest import STORIES_DIR, make_model
 from headless_chromium import CHROMIUM, Chromium
-from lenskit.viz import (Figure, attention_patterns, colored_tokens, forget_sent_scripts, heatmap, lens_topk, page,
-                         save_page)
+from lenskit import viz
+from lenskit.lens import logit_lens
+from lenskit.run import Run
+from lenskit.viz import (Figure, attention_patterns, colored_tokens, forget_sent_scripts, heatmap, page, save_page,
+                         top_k_tokens)
 from lenskit.viz.circuits import BUNDLE_PATH, NOT_LOADED, bundle_script
 
 KINDS = ["gpt2", "llama", "neox"]
@@ -36,7 +41,7 @@ def model(request):
 
 def test_attention_patterns_draw_the_cached_pattern_of_every_head(model, tokens):
     _, cache = model.run_with_cache(tokens)
-    [(component, props)] = rendered_props(attention_patterns(model, tokens, layer=1, batch=2))
+    [(component, props)] = rendered_props(Run(model, tokens).attention_patterns(layer=1, batch=2))
     assert component == "AttentionHeads"
     torch.testing.assert_close(torch.tensor(props["attention"]), cache["pattern", 1][2], atol=1e-6, rtol=0)
     assert props["tokens"] == [str(i) for i in tokens[2].tolist()]  # no tokenizer: ids as labels
@@ -50,7 +55,7 @@ def test_attention_patterns_from_a_cache_do_not_run_the_model(model, tokens):
         raise AssertionError("the model ran")
 
     with model.hooks(fwd_hooks=[("hook_embed", no_forward_pass)]):
-        figure = attention_patterns(model, tokens, layer=-1, cache=cache, batch=0)
+        figure = Run(model, tokens, activations=cache, extend=False).attention_patterns(layer=-1, batch=0)
     [(_, props)] = rendered_props(figure)
     last = model.cfg.n_layers - 1
     torch.testing.assert_close(torch.tensor(props["attention"]), cache["pattern", last][0], atol=1e-6, rtol=0)
@@ -58,22 +63,47 @@ def test_attention_patterns_from_a_cache_do_not_run_the_model(model, tokens):
 
 
 def test_attention_patterns_label_tokens_with_the_tokenizer(word_model):
-    [(_, props)] = rendered_props(attention_patterns(word_model, "the cat sat on a mat", layer=0))
+    [(_, props)] = rendered_props(Run(word_model, "the cat sat on a mat").attention_patterns(layer=0))
     assert props["tokens"] == ["<bos>", "the", "cat", "sat", "on", "a", "mat"]
 
 
 def test_attention_patterns_reject_bad_layer_batch_and_cache(tokens):
     model = make_model("gpt2")
     with pytest.raises(ValueError, match=r"layer 3 out of range: the model has 3 layers \(0..2\)"):
-        attention_patterns(model, tokens, layer=3)
+        Run(model, tokens).attention_patterns(layer=3)
     with pytest.raises(ValueError, match=r"batch 3 out of range: the tokens have 3 batch rows"):
-        attention_patterns(model, tokens, layer=0, batch=3)
+        Run(model, tokens).attention_patterns(layer=0, batch=3)
     with pytest.raises(ValueError, match=r"the cache holds no 'blocks.0.attn.hook_pattern'"):
-        attention_patterns(model, tokens, layer=0, cache={})
+        Run(model, tokens, activations={}, extend=False).attention_patterns(layer=0)
     _, short = model.run_with_cache(tokens[:, :4])
+    short = {"blocks.0.attn.hook_pattern": short["pattern", 0]}  # a whole cache of a shorter run is refused at once
     with pytest.raises(ValueError, match=r"shape \(3, 4, 4, 4\), but these tokens need \(3, 4, 10, 10\)"):
-        attention_patterns(model, tokens, layer=0, cache=short)
+        Run(model, tokens, activations=short, extend=False).attention_patterns(layer=0)
     assert not any(hook._forward_hooks for hook in model.hook_dict.values())
+
+
+def test_attention_patterns_draw_the_pattern_they_are_given_and_check_its_shape():
+    pattern = torch.rand(2, 3, 3)
+    [(_, props)] = rendered_props(attention_patterns(pattern, ["a", "<b>", "c"], title="two heads"))
+    torch.testing.assert_close(torch.tensor(props["attention"]), pattern)
+    assert props["tokens"] == ["a", "<b>", "c"] and props["attentionHeadNames"] == ["H0", "H1"]
+    with pytest.raises(ValueError, match=r"pattern of shape \(2, 3, 3\) for 2 tokens"):
+        attention_patterns(pattern, ["a", "b"])
+    with pytest.raises(ValueError, match="1 head names for 2 heads"):
+        attention_patterns(pattern, ["a", "b", "c"], head_names=["L0H0"])
+
+
+def test_viz_imports_no_analysis():
+    """viz draws what it is given: none of its modules imports a model runner or an analysis."""
+    imported = set()
+    for path in Path(viz.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+    ours = {name for name in imported if name.split(".")[0] == "lenskit"}
+    assert {name for name in ours if not name.startswith("lenskit.viz")} <= {"lenskit.errors"}, ours
 
 
 # --- coloured tokens ---------------------------------------------------------------------------
@@ -108,8 +138,8 @@ def lens_by_hand(model, tokens, k):
     return rows
 
 
-def test_lens_topk_shows_each_layers_top_tokens_and_the_rank_of_the_next_token(model, tokens):
-    figure = lens_topk(model, tokens, k=4, batch=1, progress=False)
+def test_plot_topk_shows_each_layers_top_tokens_and_the_rank_of_the_next_token(model, tokens):
+    figure = logit_lens(model, tokens, top_k=4, progress=False).plot_topk(batch=1)
     rendered = rendered_props(figure)
     by_hand = lens_by_hand(model, tokens[1:2], k=4)
     assert [component for component, _ in rendered] == ["TokenLogProbs"] * (model.cfg.n_layers + 1)
@@ -122,25 +152,36 @@ def test_lens_topk_shows_each_layers_top_tokens_and_the_rank_of_the_next_token(m
     assert f"blocks.{model.cfg.n_layers - 1}.hook_resid_post" in figure.html
 
 
-def test_lens_topk_on_chosen_layers_and_its_errors(tokens):
+def test_plot_topk_on_chosen_layers_and_its_errors(tokens):
     model = make_model("gpt2")
-    assert len(rendered_props(lens_topk(model, tokens, k=2, layers=[0, 3], progress=False))) == 2
+    assert len(rendered_props(logit_lens(model, tokens, top_k=2, layers=[0, 3], progress=False).plot_topk())) == 2
     with pytest.raises(ValueError, match="at least two tokens"):
-        lens_topk(model, tokens[:, :1], progress=False)
+        logit_lens(model, tokens[:, :1], progress=False).plot_topk()
     with pytest.raises(ValueError, match=r"batch -4 out of range"):
-        lens_topk(model, tokens, batch=-4, progress=False)
+        logit_lens(model, tokens, progress=False).plot_topk(batch=-4)
 
 
-def test_lens_topk_on_stories260k_agrees_with_the_models_own_prediction():
+def test_plot_topk_on_stories260k_agrees_with_the_models_own_prediction():
     if not STORIES_DIR.exists():
         pytest.skip(f"stories260K is not present at {STORIES_DIR}")
     model = lenskit.load(STORIES_DIR)
     text = "Once upon a time there was a little girl"
-    props = rendered_props(lens_topk(model, text, k=3, progress=False))[-1][1]
+    props = rendered_props(logit_lens(model, text, top_k=3, progress=False).plot_topk())[-1][1]
     predicted = model(text)[0, :-1].argmax(-1)
     escaped = lambda strings: [html.escape(s, quote=False) for s in strings]  # noqa: E731  ("<s>" is a token)
     assert props["prompt"] == escaped(model.to_str_tokens(text))
     assert [row[0] for row in props["topKTokens"]] == escaped(model.to_str_tokens(predicted))
+
+
+def test_top_k_tokens_checks_its_shapes():
+    probs, ranks = torch.full((1, 2), 0.5), torch.zeros(1, 2, dtype=torch.long)
+    figure = top_k_tokens(["a", "b", "c"], [[["x"], ["y"]]], torch.ones(1, 2, 1), probs, ranks, rows=["<L0>"])
+    [(component, props)] = rendered_props(figure)
+    assert component == "TokenLogProbs" and props["topKTokens"] == [["x"], ["y"]] and "&lt;L0&gt;" in figure.html
+    with pytest.raises(ValueError, match="at least two tokens"):
+        top_k_tokens(["a"], [[]], torch.ones(1, 0, 1), probs[:, :0], ranks[:, :0], rows=["L0"])
+    with pytest.raises(ValueError, match=r"next_ranks has shape \(1, 1\), but 1 rows and a prompt of 3 tokens"):
+        top_k_tokens(["a", "b", "c"], [[["x"], ["y"]]], torch.ones(1, 2, 1), probs, ranks[:, :1], rows=["L0"])
 
 
 # --- pages and notebooks -----------------------------------------------------------------------
@@ -155,8 +196,9 @@ def test_the_bundle_is_the_packaged_circuitsvis_script_safe_to_inline():
 
 def test_a_page_inlines_the_bundle_once_and_references_nothing_outside(tokens, tmp_path):
     model = make_model("gpt2")
-    figures = [attention_patterns(model, tokens, 0), heatmap(torch.ones(1, 1), ["r"], ["c"]),
-               attention_patterns(model, tokens, 1), lens_topk(model, tokens, k=2, progress=False)]
+    run = Run(model, tokens)
+    figures = [run.attention_patterns(0), heatmap(torch.ones(1, 1), ["r"], ["c"]),
+               run.attention_patterns(1), logit_lens(model, run, top_k=2, progress=False).plot_topk()]
     html = page(figures, title="two <patterns>")
     head, body = html.split("</head>")
     assert head.count(bundle_script()) == 1 and bundle_script() not in body
@@ -171,7 +213,7 @@ def test_a_page_inlines_the_bundle_once_and_references_nothing_outside(tokens, t
 
 def test_notebook_figures_send_the_bundle_once_per_session(tokens, monkeypatch):
     model = make_model("gpt2")
-    first, second = attention_patterns(model, tokens, 0), colored_tokens(["a"], [1.0])
+    first, second = Run(model, tokens).attention_patterns(0), colored_tokens(["a"], [1.0])
     forget_sent_scripts()
     assert first._repr_html_() == bundle_script() + first.html
     assert second._repr_html_() == second.html
@@ -195,10 +237,11 @@ ALL_RENDERED = """(() => {
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install chromium)")
 def test_the_page_renders_in_headless_chromium_without_network_or_errors(word_model, tmp_path):
     text = "the cat sat on a mat and the dog ran"
-    figures = [attention_patterns(word_model, text, 0), attention_patterns(word_model, text, 1),
+    run = Run(word_model, text)
+    figures = [run.attention_patterns(0), run.attention_patterns(1),
                colored_tokens(word_model.to_str_tokens(text), torch.linspace(-1, 1, 11)),
                heatmap(torch.randn(3, 4), ["L0", "L1", "L2"], ["a", "b", "c", "d"], title="grid"),
-               lens_topk(word_model, text, k=3, progress=False)]
+               logit_lens(word_model, run, top_k=3, progress=False).plot_topk()]
     path = save_page(figures, tmp_path / "page.html")
     with Chromium() as browser:
         tab = browser.open(path)

@@ -6,8 +6,8 @@ import torch
 
 from lenskit import hooks
 from lenskit.viz import Figure
-from lenskit.whisper import (HookedWhisper, cross_attention, get_tokenizer, decoder_logit_attribution, decoder_logit_lens,
-                             encoder_lens, layer_removal, remove_final_layers, word_error_rate)
+from lenskit.whisper import (HookedWhisper, WhisperLensResult, cross_attention, get_tokenizer, decoder_logit_attribution,
+                             decoder_logit_lens, encoder_lens, layer_removal, remove_final_layers, word_error_rate)
 from test_whisper_support import SPEECH, SPEECH_TEXT, one_torch_thread, randomize_  # noqa: F401  (fixture)
 
 TOL = 1e-4
@@ -62,6 +62,14 @@ def test_lens_result_frame_and_plot(model, mel):
     assert last.top_token == str(int(probs[-1, -2].argmax()))
     assert last.next_token_prob == pytest.approx(probs[-1, -2, TOKENS[0, -1]].item(), rel=1e-5)
     assert isinstance(lens.plot(), Figure) and "<table" in lens.plot().html
+
+
+def test_lens_result_saves_and_shows_its_plot(model, mel, tmp_path):
+    lens = decoder_logit_lens(model, mel, TOKENS)
+    assert isinstance(lens, WhisperLensResult)
+    assert lens.save_html(tmp_path / "lens.html").read_text().startswith("<!DOCTYPE html>")
+    shown = lens._repr_html_()
+    assert f"WhisperLensResult(layers={SPEECH.n_text_layer + 1}, pos={TOKENS.shape[1]})" in shown and "<table" in shown
 
 
 @torch.no_grad()

@@ -38,11 +38,12 @@ from transformer_lens import HookedTransformer
 
 from lenskit import hooks, metrics
 from lenskit.attribution import attribute
-from lenskit.experiments.reproduction import Reproduction, knows_every_word, resolve_model
+from lenskit.experiments.reproduction import Reproduction, resolve_model
 from lenskit.patching import PatchResult, patch
 from lenskit.path_patching import path_patch
-from lenskit.tokens import token_ids
-from lenskit.viz import attention_patterns, heatmap
+from lenskit.run import Run
+from lenskit.tokens import knows_every_word, token_ids
+from lenskit.viz import heatmap
 from lenskit.zoo import DEFAULT_MODEL
 from lenskit.zoo.data import EVAL_NAMES, EVAL_TEMPLATES, OBJECTS, PAPER_TEMPLATES, PLACES, IOIExample
 
@@ -488,8 +489,8 @@ def run(model: HookedTransformer | str | None = None, progress: bool = True, n_f
         heads.plot(title="head output (z) patching at all positions (0 = corrupted, 1 = clean)") if heads is not None
         else heatmap(circuit.to_logits.tensor, *labels, row_title="layer", col_title="head",
                      title="path patching from each head to the logits (0 = corrupted, 1 = clean)"),
-        attention_patterns(model, clean[0].prompt, top_layer,
-                           title=f"attention patterns of layer {top_layer} ({top_head} tops the direct logit attribution)"),
+        Run(model, clean[0].prompt).attention_patterns(
+            top_layer, title=f"attention patterns of layer {top_layer} ({top_head} tops the direct logit attribution)"),
     ]
     if circuit.to_queries is not None:
         figures.append(heatmap(circuit.to_queries.tensor.nan_to_num(0), *labels, row_title="layer", col_title="head",

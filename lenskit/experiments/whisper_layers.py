@@ -28,7 +28,7 @@ from lenskit.whisper.convert import load
 from lenskit.whisper.cross_attention import cross_attention
 from lenskit.whisper.decoding import Transcript, transcribe
 from lenskit.whisper.layers import layer_removal, layer_removal_batch, remove_final_layers
-from lenskit.whisper.lens import LensResult, decoder_logit_lens
+from lenskit.whisper.lens import WhisperLensResult, decoder_logit_lens
 from lenskit.whisper.model import HookedWhisper
 from lenskit.whisper.tokenizer import get_tokenizer
 from lenskit.whisper.wer import corpus_word_error_rate
@@ -165,7 +165,7 @@ def real_study(model: HookedWhisper, progress: bool = True, n_utterances: int = 
                                                      "repeats"]]})
 
 
-def lens_by_layer(lens: LensResult, prompt_length: int) -> pd.DataFrame:
+def lens_by_layer(lens: WhisperLensResult, prompt_length: int) -> pd.DataFrame:
     """Per lens layer, over the positions that predict the transcript's tokens (from the prompt's last one):
     the mean logit of the token the model emitted there, the mean largest logit, the emitted token's mean
     probability, and the share of positions where it is already the top token."""

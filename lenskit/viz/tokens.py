@@ -1,4 +1,4 @@
-"""Token-level pictures (circuitsvis, offline): tokens coloured by a value, and the lens' top-k per position.
+"""Token-level pictures (circuitsvis, offline): tokens coloured by a value, and top-k next tokens per position.
 
 circuitsvis writes token strings into the page as HTML, so they are HTML-escaped here: a token "<b>"
 shows as "<b>" (not as markup), though the hover box of a coloured token spells it "&lt;b&gt;".
@@ -9,12 +9,12 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
-from lenskit.tokens import as_tokens
+from lenskit.errors import InputError
 from lenskit.viz.circuits import bundle_script, circuitsvis_figure, rendered
 from lenskit.viz.figure import Figure
 
@@ -35,10 +35,10 @@ def colored_tokens(
     """
     values = torch.as_tensor(values, dtype=torch.float32).detach().cpu()
     if values.shape != (len(tokens),):
-        raise ValueError(f"colored_tokens: {len(tokens)} tokens but values of shape {tuple(values.shape)}; "
+        raise InputError(f"colored_tokens: {len(tokens)} tokens but values of shape {tuple(values.shape)}; "
                          "give one value per token")
     if not values.isfinite().all():
-        raise ValueError(f"colored_tokens: values must be finite, got {values.tolist()}")
+        raise InputError(f"colored_tokens: values must be finite, got {values.tolist()}")
     return circuitsvis_figure(
         "ColoredTokens",
         {"tokens": _escaped(tokens), "values": values, "minValue": min_value, "maxValue": max_value},
@@ -46,51 +46,52 @@ def colored_tokens(
     )
 
 
-def lens_topk(
-    model: HookedTransformer,
-    tokens: str | Sequence[str] | Int[Tensor, "batch pos"] | Int[Tensor, "pos"],
-    k: int = 10,
-    layers: int | Sequence[int] | None = None,
-    batch: int = 0,
-    title: str = "logit lens: top tokens per position",
-    progress: bool = True,
+def top_k_tokens(
+    prompt: Sequence[str],
+    top_strings: Sequence[Sequence[Sequence[str]]] | np.ndarray,
+    top_probs: Float[Tensor, "row pos-1 k"],
+    next_probs: Float[Tensor, "row pos-1"],
+    next_ranks: Int[Tensor, "row pos-1"],
+    rows: Sequence[str],
+    row_notes: Sequence[str] | None = None,
+    title: str = "",
 ) -> Figure:
-    """The logit lens' top-k next tokens at every position, one row per layer (circuitsvis TokenLogProbs).
+    """Guesses of the next token at every position, one row of guesses per reader (circuitsvis TokenLogProbs).
 
-    Each row shows the input tokens from the second on, coloured by the probability the lens gives
-    them at that layer; hovering a token shows the lens' top-k guesses for it (probability, log
-    probability) and its rank. Layers are `lenskit.logit_lens` layers: l in 0..L-1 reads
-    ``blocks.{l}.hook_resid_pre``, L the final residual stream.
-
-    progress: show `logit_lens`' progress bar over layers.
+    Each row shows `prompt` [pos] from its second token on, each token coloured by the probability
+    the row gave it (`next_probs`, with its rank from 0 in `next_ranks`, both [row, pos - 1]);
+    hovering a token shows the row's top-k guesses for it: `top_strings` and `top_probs`
+    [row, pos - 1, k], most probable first. `rows` label the rows, `row_notes` add a small second line.
     """
-    from lenskit.lens import logit_lens  # lenskit.lens draws with lenskit.viz: imported here, not at the top
-
-    tokens = as_tokens(model, tokens)
-    if not -len(tokens) <= batch < len(tokens):
-        raise ValueError(f"batch {batch} out of range: the tokens have {len(tokens)} batch rows (0..{len(tokens) - 1})")
-    row = tokens[batch][None]
-    if row.shape[1] < 2:
-        raise ValueError("lens_topk needs at least two tokens: each position is scored on the token that follows it")
-    following, which = row[0, 1:].cpu().unique(return_inverse=True)
-    lens = logit_lens(model, row, targets=following, top_k=k, layers=layers, progress=progress)
-    positions = torch.arange(row.shape[1] - 1)
-    rows = []
-    for i, name in enumerate(lens.layer_names):
+    if len(prompt) < 2:
+        raise InputError(f"top_k_tokens: the prompt has {len(prompt)} tokens; it needs at least two tokens, "
+                         "each position being scored on the token that follows it")
+    top_probs, next_probs, next_ranks = (torch.as_tensor(v).detach().cpu() for v in (top_probs, next_probs, next_ranks))
+    expected = (len(rows), len(prompt) - 1)
+    values = {"top_strings": top_strings, "top_probs": top_probs, "next_probs": next_probs, "next_ranks": next_ranks}
+    for name, value in values.items():
+        if tuple(np.shape(value)[:2]) != expected:
+            raise InputError(f"top_k_tokens: {name} has shape {tuple(np.shape(value))}, but {len(rows)} rows and a prompt "
+                             f"of {len(prompt)} tokens need [{expected[0]}, {expected[1]}, ...]")
+    if row_notes is not None and len(row_notes) != len(rows):
+        raise InputError(f"top_k_tokens: {len(row_notes)} row notes for {len(rows)} rows")
+    lines = []
+    for i, label in enumerate(rows):
+        note = "" if row_notes is None else f"<br><small>{html.escape(row_notes[i])}</small>"
         props = {
-            "prompt": _escaped(lens.input_strings[0]),
-            "topKLogProbs": _log(lens.top_probs[i, 0, :-1]),
-            "topKTokens": [_escaped(strings) for strings in lens.top_strings[i, 0, :-1]],
-            "correctTokenRank": lens.target_ranks[i, 0, positions, which],
-            "correctTokenLogProb": _log(lens.target_probs[i, 0, positions, which]),
+            "prompt": _escaped(prompt),
+            "topKLogProbs": _log(top_probs[i]),
+            "topKTokens": [_escaped(strings) for strings in top_strings[i]],
+            "correctTokenRank": next_ranks[i],
+            "correctTokenLogProb": _log(next_probs[i]),
         }
-        rows.append(f'<tr><th style="{LABEL_STYLE}">layer {lens.layers[i]}<br><small>{name}</small></th>'
-                    f"<td>{rendered('TokenLogProbs', props)}</td></tr>")
+        lines.append(f'<tr><th style="{LABEL_STYLE}">{html.escape(label)}{note}</th>'
+                     f"<td>{rendered('TokenLogProbs', props)}</td></tr>")
     # TokenLogProbs pads itself by 350 px for its hover box; one padding under the last row is enough.
     style = "<style>.lenskit-lens-topk [id^=lenskit-cv-] > div { padding-bottom: 0 !important; }</style>"
     heading = f'<h4 style="margin:4px 0">{html.escape(title)}</h4>' if title else ""
     fragment = (f'<div class="lenskit-lens-topk" style="padding-bottom:360px">{style}{heading}'
-                f'<table style="border-collapse:collapse">{"".join(rows)}</table></div>')
+                f'<table style="border-collapse:collapse">{"".join(lines)}</table></div>')
     return Figure(fragment, title, scripts=(bundle_script(),))
 
 

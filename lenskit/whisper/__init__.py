@@ -18,7 +18,7 @@ from lenskit.whisper.convert import from_ctranslate2, from_hf, from_openai, load
 from lenskit.whisper.cross_attention import cross_attention
 from lenskit.whisper.decoding import Transcript, transcribe
 from lenskit.whisper.layers import layer_removal, layer_removal_batch, remove_final_layers
-from lenskit.whisper.lens import LensResult, decoder_logit_lens, encoder_lens
+from lenskit.whisper.lens import WhisperLensResult, decoder_logit_lens, encoder_lens
 from lenskit.whisper.model import HookedWhisper, WhisperConfig
 from lenskit.whisper.tokenizer import SubsetTokenizer, get_tokenizer
 from lenskit.whisper.wer import corpus_word_error_rate, word_error_rate
@@ -27,7 +27,7 @@ __all__ = [
     "HookedWhisper", "WhisperConfig", "load", "save", "from_hf", "from_openai", "from_ctranslate2",
     "read_wav", "load_audio", "resample_audio", "pad_or_trim", "mel_filters", "log_mel_spectrogram", "log_mel",
     "model_input", "get_tokenizer", "SubsetTokenizer", "transcribe", "Transcript",
-    "decoder_logit_lens", "encoder_lens", "LensResult", "decoder_logit_attribution", "LogitAttribution",
+    "decoder_logit_lens", "encoder_lens", "WhisperLensResult", "decoder_logit_attribution", "LogitAttribution",
     "layer_removal", "layer_removal_batch", "remove_final_layers", "word_error_rate", "corpus_word_error_rate",
     "cross_attention",
 ]

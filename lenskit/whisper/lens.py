@@ -9,21 +9,25 @@
     >>> lens = decoder_logit_lens(model, "speech.wav", transcript.sequence, tokenizer)
     >>> lens.to_frame()          # layer, pos, token, top token, its probability
     >>> lens.plot()              # top token per (layer, position), shaded by its probability
+    >>> lens.save_html("lens.html")
 """
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from lenskit import hooks
 from lenskit.labelled import LabelledTensor
+from lenskit.readout import Readout
+from lenskit.sites import act_name
 from lenskit.viz import Figure, heatmap
 from lenskit.whisper.audio import AudioLike, model_input
 from lenskit.whisper.model import HookedWhisper
@@ -31,7 +35,7 @@ from lenskit.whisper.tokenizer import TokensLike, str_tokens, token_batch
 
 
 @dataclass
-class LensResult:
+class WhisperLensResult:
     """Logits [layer, pos, d_vocab] read at each layer, for one token sequence.
 
     Attributes:
@@ -75,35 +79,46 @@ class LensResult:
         return heatmap(probs, self.logits.labels["layer"], self.logits.labels["pos"], text=text, title=title,
                        row_title="layer", col_title="input token", limit=1.0)
 
+    def save_html(self, path: str | Path, **kwargs) -> Path:
+        """Write `plot(**kwargs)` as a standalone HTML page that works offline; returns the path."""
+        return self.plot(**kwargs).save(path)
+
+    def __repr__(self) -> str:
+        n_layers, n_pos, _ = self.logits.shape
+        return f"WhisperLensResult(layers={n_layers}, pos={n_pos})"
+
+    def _repr_html_(self) -> str:
+        return f"<p><code>{html.escape(repr(self))}</code></p>" + self.plot().html
+
 
 @torch.no_grad()
-def decoder_logit_lens(model: HookedWhisper, audio: AudioLike, tokens: TokensLike, tokenizer=None) -> LensResult:
+def decoder_logit_lens(model: HookedWhisper, audio: AudioLike, tokens: TokensLike, tokenizer=None) -> WhisperLensResult:
     """The decoder's residual stream before block 0 and after each block, as logits.
 
     The last row equals the model's logits. `tokens` is one decoder input sequence (e.g.
     ``transcript.sequence``); `tokenizer` (optional) labels tokens with their text.
     """
     mel, ids = model_input(audio, model.cfg.n_mels, n_frames=model.cfg.n_frames).to(model.device), token_batch(tokens).to(model.device)
-    names = ["decoder.blocks.0.hook_resid_pre"] + [f"decoder.blocks.{l}.hook_resid_post" for l in range(model.cfg.n_text_layer)]
+    names = [f"decoder.{act_name('resid_pre', 0)}",
+             *(f"decoder.{act_name('resid_post', l)}" for l in range(model.cfg.n_text_layer))]
     cache = hooks.cache(names)
     cache.run(model, mel, ids)
     resid = torch.stack([cache.store[name][0] for name in names])  # [layer, pos, d_model]
-    ln = model.decoder.ln_final
-    logits = F.layer_norm(resid, (resid.shape[-1],), ln.w, ln.b, ln.eps) @ model.W_U
+    logits = Readout(model)(resid)
     layers = ["embed"] + [f"block {l}" for l in range(model.cfg.n_text_layer)]
     return _result(logits, layers, ids[0], tokenizer)
 
 
 @torch.no_grad()
 def encoder_lens(model: HookedWhisper, audio: AudioLike, tokens: TokensLike, tokenizer=None,
-                 progress: bool = True) -> LensResult:
+                 progress: bool = True) -> WhisperLensResult:
     """Decoder logits when the encoder stops after each block (``ln_post`` applied to that block's output).
 
     Row l equals running the model with encoder blocks l+1.. skipped (``hooks.skip(model, ...,
     stack="encoder.blocks")``); the last row equals the model's logits.
     """
     mel, ids = model_input(audio, model.cfg.n_mels, n_frames=model.cfg.n_frames).to(model.device), token_batch(tokens).to(model.device)
-    names = [f"encoder.blocks.{l}.hook_resid_post" for l in range(model.cfg.n_audio_layer)]
+    names = [f"encoder.{act_name('resid_post', l)}" for l in range(model.cfg.n_audio_layer)]
     cache = hooks.cache(names)
     cache.run(model, mel, ids)
     rows = [model.decode(ids, model.encoder.ln_post(cache.store[name]))[0]
@@ -112,7 +127,7 @@ def encoder_lens(model: HookedWhisper, audio: AudioLike, tokens: TokensLike, tok
     return _result(torch.stack(rows), layers, ids[0], tokenizer)
 
 
-def _result(logits: Float[Tensor, "layer pos vocab"], layers: list[str], ids: Tensor, tokenizer) -> LensResult:
+def _result(logits: Float[Tensor, "layer pos vocab"], layers: list[str], ids: Tensor, tokenizer) -> WhisperLensResult:
     labelled = LabelledTensor(logits.cpu(), ("layer", "pos", "vocab"),
                               {"layer": layers, "pos": str_tokens(ids, tokenizer)})
-    return LensResult(labelled, ids.cpu(), tokenizer)
+    return WhisperLensResult(labelled, ids.cpu(), tokenizer)

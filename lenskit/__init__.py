@@ -13,14 +13,16 @@ from lenskit.flow import FlowGraph, flow
 from lenskit.lens import LensResult, logit_lens
 from lenskit.patching import attribution_patch, patch
 from lenskit.path_patching import path_patch
-from lenskit.cache import decompose_residual, load_cache, residual_stream, stream_cache
+from lenskit.cache import decompose_residual, residual_stream
+from lenskit.shards import load_cache, stream_cache
 from lenskit.hooks import Hooks
 from lenskit.labelled import LabelledTensor
 from lenskit.models import load, save, zoo_names
+from lenskit.run import Run
 
 __all__ = [
     "hooks", "Hooks", "LabelledTensor", "load", "save", "zoo_names",
     "residual_stream", "decompose_residual", "stream_cache", "load_cache",
     "attribute", "logit_lens", "LensResult", "patch", "attribution_patch", "path_patch", "metrics", "flow", "FlowGraph",
-    "surgery", "vocab",
+    "surgery", "vocab", "Run",
 ]

@@ -1,7 +1,8 @@
 """The ``lenskit`` command: ``lenskit info MODEL``, ``lenskit cache MODEL ...``, ``lenskit report``, ``lenskit reproduce NAME``.
 
-Bad input (an unknown model, a missing file, an unknown hook name) ends with a one-line
-``lenskit: error: ...`` on stderr and exit status 2, never a traceback.
+Bad input (an unknown model, a missing file, an unknown hook name: any `lenskit.errors.LenskitError`)
+ends with a one-line ``lenskit: error: ...`` on stderr and exit status 2; anything else is a bug in
+lenskit and keeps its traceback. Numeric options are checked by argparse (exit status 2 as well).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from lenskit.errors import InputError, LenskitError, MissingFileError
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -20,11 +23,32 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, KeyError, ConnectionError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"lenskit: error: {message}", file=sys.stderr)
+    except LenskitError as error:
+        print(f"lenskit: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="hook name or glob, e.g. 'blocks.*.hook_resid_post'; comma-separate several")
     cache.add_argument("--out", required=True, type=Path, help="output folder (shards + manifest.json)")
     cache.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="stored dtype (default float16)")
-    cache.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
-    cache.add_argument("--max-len", type=int, default=None,
+    cache.add_argument("--batch-size", type=positive_int, default=8, help="rows per forward pass (default 8)")
+    cache.add_argument("--max-len", type=positive_int, default=None,
                        help="tokens per row (default: 128, or the model's context if shorter)")
     cache.set_defaults(run=run_cache)
 
@@ -88,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "is recorded in an SQLite experiment log. Tools read and write only inside the workspace "
                     "and the model roots.")
     _add_lab_arguments(mcp)
-    mcp.add_argument("--max-chars", type=int, default=4000, help="longest tool result in characters (default 4000)")
+    mcp.add_argument("--max-chars", type=positive_int, default=4000, help="longest tool result in characters (default 4000)")
     mcp.set_defaults(run=run_mcp)
 
     log = commands.add_parser("log", help="read an experiment log: list, show ID, export --markdown FILE",
@@ -109,9 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--base-url", required=True, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1")
     agent.add_argument("--model", required=True, help="the chat model's name at that endpoint")
     agent.add_argument("--goal", required=True, help="what to find out")
-    agent.add_argument("--max-steps", type=int, default=10, help="chat turns before the summary (default 10)")
+    agent.add_argument("--max-steps", type=positive_int, default=10, help="chat turns before the summary (default 10)")
     agent.add_argument("--api-key", default=None, help="default: $OPENAI_API_KEY, else a placeholder")
-    agent.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each reply (default 120)")
+    agent.add_argument("--timeout", type=positive_float, default=120.0, help="seconds to wait for each reply (default 120)")
     _add_lab_arguments(agent)
     agent.set_defaults(run=run_agent)
     return parser
@@ -123,7 +147,7 @@ def _add_lab_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", type=Path, default=None, help="experiment log (default WORKSPACE/experiments.db)")
     parser.add_argument("--model-root", type=Path, action="append", default=[],
                         help="a folder whose model files the tools may load (repeat for several)")
-    parser.add_argument("--max-models", type=int, default=2, help="models kept in memory (default 2)")
+    parser.add_argument("--max-models", type=positive_int, default=2, help="models kept in memory (default 2)")
 
 
 def run_info(args: argparse.Namespace) -> None:
@@ -133,17 +157,17 @@ def run_info(args: argparse.Namespace) -> None:
 
 
 def run_cache(args: argparse.Namespace) -> None:
-    from lenskit.cache import stream_cache
+    from lenskit.shards import stream_cache
     from lenskit.models import load
 
     if not args.text_file.is_file():
-        raise FileNotFoundError(f"text file not found: {args.text_file}")
+        raise MissingFileError(f"--text-file: text file not found: {args.text_file}")
     texts = [line for line in args.text_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not texts:
-        raise ValueError(f"text file {args.text_file} holds no text")
+        raise InputError(f"--text-file: {args.text_file} holds no text")
     model = load(args.model)
     if model.tokenizer is None:
-        raise ValueError(f"model {args.model} has no tokenizer, so it cannot read text")
+        raise InputError(f"model {args.model} has no tokenizer, so it cannot read text")
     names = [n.strip() for n in args.names.split(",") if n.strip()]
     out = stream_cache(model, texts, names, args.out, dtype=DTYPES[args.dtype],
                        batch_size=args.batch_size, max_len=args.max_len or min(128, model.cfg.n_ctx))
@@ -183,7 +207,7 @@ def run_log(args: argparse.Namespace) -> None:
     from lenskit.agent.log import ExperimentLog
 
     if not args.db.is_file():
-        raise FileNotFoundError(f"no experiment log at {args.db}")
+        raise MissingFileError(f"--db: no experiment log at {args.db}")
     log = ExperimentLog(args.db)
     if args.action == "list":
         for e in log.experiments():

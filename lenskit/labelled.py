@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
+from lenskit.errors import InputError
+
 
 @dataclass
 class LabelledTensor:
@@ -38,16 +40,16 @@ class LabelledTensor:
     def __post_init__(self) -> None:
         self.dims = tuple(self.dims)
         if len(self.dims) != self.tensor.ndim:
-            raise ValueError(
+            raise InputError(
                 f"LabelledTensor: {len(self.dims)} dim names {self.dims} for a tensor of shape "
                 f"{tuple(self.tensor.shape)}"
             )
         for dim, labels in self.labels.items():
             if dim not in self.dims:
-                raise ValueError(f"LabelledTensor: labels given for unknown dim {dim!r}; dims are {self.dims}")
+                raise InputError(f"LabelledTensor: labels given for unknown dim {dim!r}; dims are {self.dims}")
             size = self.tensor.shape[self.dims.index(dim)]
             if len(labels) != size:
-                raise ValueError(
+                raise InputError(
                     f"LabelledTensor: {len(labels)} labels for dim {dim!r} of size {size}"
                 )
 
@@ -91,7 +93,7 @@ class LabelledTensor:
         from lenskit.viz import heatmap
 
         if self.tensor.ndim != 2:
-            raise ValueError(f"plot needs a 2-D LabelledTensor, this one has dims {self.dims}; select a slice first")
+            raise InputError(f"plot needs a 2-D LabelledTensor, this one has dims {self.dims}; select a slice first")
         rows, cols = (self.labels.get(d, [f"{d} {i}" for i in range(n)]) for d, n in zip(self.dims, self.tensor.shape))
         return heatmap(self.tensor, rows, cols, title=title, row_title=self.dims[0], col_title=self.dims[1])
 

@@ -32,13 +32,13 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from lenskit.errors import InputError
 from lenskit.readout import Readout
 from lenskit.tokens import TokenLike, token_ids
 
 Answers = TokenLike | Sequence[TokenLike] | Tensor
 """Answer or target tokens: one token (a string or id) for every prompt, or one per prompt."""
 Positions = int | Sequence[int] | None
-MetricLike = "Metric | Callable[[Tensor], Tensor]"
 
 
 class Metric:
@@ -80,6 +80,10 @@ class Metric:
     def __call__(self, logits: Tensor) -> Tensor:
         """The metric on full logits [batch, pos, d_vocab]: a scalar tensor (mean over the batch)."""
         return self.per_prompt(self.select(logits)).mean(-1)
+
+
+MetricLike = Metric | Callable[[Tensor], Tensor]
+"""What the patching functions take as a metric: a spec, or any callable on logits returning a scalar."""
 
 
 @dataclass(frozen=True)
@@ -150,7 +154,7 @@ class Loss(Metric):
     def positions(self, n_pos: int) -> list[int]:
         chosen = _positions(self.pos, n_pos - 1) if self.pos is None else _positions(self.pos, n_pos)
         if n_pos - 1 in chosen:
-            raise ValueError(f"loss: position {n_pos - 1} is the last one and has no next token to predict")
+            raise InputError(f"loss: position {n_pos - 1} is the last one and has no next token to predict")
         return chosen
 
     def per_prompt(self, selected: Tensor) -> Tensor:
@@ -182,7 +186,7 @@ class KLTo(Metric):
     def per_prompt(self, selected: Tensor) -> Tensor:
         reference = _required(self.reference, "kl_to", "reference logits [batch, pos, d_vocab]")
         if not reference.is_floating_point() or reference.ndim != 3:
-            raise ValueError(f"kl_to: the reference must be logits [batch, pos, d_vocab], got a "
+            raise InputError(f"kl_to: the reference must be logits [batch, pos, d_vocab], got a "
                              f"{reference.dtype} tensor of shape {tuple(reference.shape)}")
         reference = self.select(reference.to(selected.device)).log_softmax(-1)
         _check_batch(reference[..., 0], selected, "kl_to reference")
@@ -218,25 +222,25 @@ def kl_to(reference: Tensor | None = None, pos: Positions = -1) -> KLTo:
 # --- evaluating a metric ----------------------------------------------------------------------
 
 
-def bind(metric: "MetricLike", model: HookedTransformer, tokens: Tensor, logits: Tensor) -> "MetricLike":
+def bind(metric: MetricLike, model: HookedTransformer, tokens: Tensor, logits: Tensor) -> MetricLike:
     """A spec bound to the run on `tokens` with `logits` (see `Metric.bind`); any other callable as it is."""
     if isinstance(metric, Metric):
         return metric.bind(model, tokens, logits)
     if not callable(metric):
-        raise ValueError(f"metric must be a lenskit.metrics spec or a callable on logits, got {metric!r}")
+        raise InputError(f"metric must be a lenskit.metrics spec or a callable on logits, got {metric!r}")
     return metric
 
 
-def scalar_tensor(metric: "MetricLike", logits: Tensor) -> Tensor:
+def scalar_tensor(metric: MetricLike, logits: Tensor) -> Tensor:
     """metric(logits) as a 0-d tensor; ValueError unless the metric returns one number for the batch."""
     value = metric(logits)
     if not isinstance(value, Tensor) or value.numel() != 1:
         shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-        raise ValueError(f"the metric must return a scalar tensor (one number for the batch), got {shape}")
+        raise InputError(f"the metric must return a scalar tensor (one number for the batch), got {shape}")
     return value.reshape(())
 
 
-def scalar(metric: "MetricLike", logits: Tensor) -> float:
+def scalar(metric: MetricLike, logits: Tensor) -> float:
     """metric(logits) as a float."""
     return scalar_tensor(metric, logits).item()
 
@@ -248,7 +252,7 @@ class MetricReader:
     Positions before a run's first changed position are taken from the reference (corrupted) run.
     """
 
-    def __init__(self, model: HookedTransformer, metric: "MetricLike", reference_logits: Tensor):
+    def __init__(self, model: HookedTransformer, metric: MetricLike, reference_logits: Tensor):
         self.model, self.metric, self.readout = model, metric, Readout(model)
         n_pos = reference_logits.shape[1]
         if isinstance(metric, Metric):
@@ -283,7 +287,7 @@ def _positions(pos: Positions, n_pos: int) -> list[int]:
     chosen = [pos] if isinstance(pos, int) else [int(p) for p in pos]
     bad = [p for p in chosen if not -n_pos <= p < n_pos]
     if bad:
-        raise ValueError(f"metric position {bad[0]} out of range for {n_pos} positions "
+        raise InputError(f"metric position {bad[0]} out of range for {n_pos} positions "
                          f"(valid 0..{n_pos - 1}, or negative from the end)")
     return [p % n_pos for p in chosen]
 
@@ -294,7 +298,7 @@ def _ids(tokens: Answers, who: str) -> Tensor:
         return tokens.reshape(-1).long()
     items = [tokens] if isinstance(tokens, (str, int)) else list(tokens)
     if any(not isinstance(t, int) for t in items):
-        raise ValueError(f"{who}: tokens {tokens!r} must be bound to a model first: metric.bind(model)")
+        raise InputError(f"{who}: tokens {tokens!r} must be bound to a model first: metric.bind(model)")
     return torch.tensor(items, dtype=torch.long)
 
 
@@ -307,18 +311,18 @@ def _pick(values: Tensor, ids: Tensor) -> Tensor:
     """values[..., b, p, ids[b]] -> [..., batch, n_positions]; `ids` holds one id or one per prompt."""
     batch = values.shape[-3]
     if len(ids) not in (1, batch):
-        raise ValueError(f"metric: {len(ids)} tokens given for a batch of {batch} prompts (give 1 or {batch})")
+        raise InputError(f"metric: {len(ids)} tokens given for a batch of {batch} prompts (give 1 or {batch})")
     index = ids.to(values.device).view(-1, 1, 1).expand(*values.shape[:-1], 1)
     return values.gather(-1, index).squeeze(-1)
 
 
 def _required(value: Tensor | None, who: str, what: str) -> Tensor:
     if value is None:
-        raise ValueError(f"{who}: no {what} given; pass them, or bind the metric to a run "
+        raise InputError(f"{who}: no {what} given; pass them, or bind the metric to a run "
                          f"(lenskit.patch does this with the clean run)")
     return value
 
 
 def _check_batch(per_prompt: Tensor, selected: Tensor, what: str) -> None:
     if per_prompt.shape[0] != selected.shape[-3]:
-        raise ValueError(f"metric: {what} cover {per_prompt.shape[0]} prompts, the logits {selected.shape[-3]}")
+        raise InputError(f"metric: {what} cover {per_prompt.shape[0]} prompts, the logits {selected.shape[-3]}")

@@ -39,6 +39,9 @@ leave the other query heads out.)
 
 `attribution_patch` estimates the same grid to first order, with two forward passes and one
 backward pass: ``(clean - corrupted activation) * d metric / d activation``, summed over each cell.
+
+(This module is long because exact and attribution patching share one idea, the grid of cells: its
+layouts, selections and reductions serve both; running blocks part way lives in `lenskit.resume`.)
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ from lenskit.errors import InputError
 from lenskit.metrics import MetricLike, MetricReader, bind, scalar
 from lenskit.patching import PatchResult
 from lenskit.resume import MEMORY_BUDGET, run_blocks
-from lenskit.run import Run, as_run
+from lenskit.run import as_run
 from lenskit.tokens import Prompts, as_tokens
 
 Receiver = tuple[int, int, str]
@@ -88,7 +88,6 @@ def path_patch(
     if max_senders is not None and max_senders < 1:
         raise InputError(f"path_patch: max_senders must be at least 1, not {max_senders}")
     names = sorted({_output_hook(sender) for sender in sender_list})
-    n_layers = model.cfg.n_layers
     resid_names = ([sites.final_residual(model)] if receiver_list is None
                    else [sites.act_name("resid_pre", layer) for layer in sorted({r[0] for r in receiver_list})])
     clean_store = clean_run.require([*names, sites.final_residual(model)])

@@ -9,11 +9,14 @@
 Checks, each an `InputError` naming the argument, the value and what is valid: ids are integers
 (not floats or bools) inside 0..d_vocab-1; a prompt fits the model's context (no silent
 truncation: TransformerLens' ``to_tokens`` would cut it to n_ctx); a single token is one token of
-the vocabulary, never a string the tokenizer reads as its unknown token.
+the vocabulary, never a string the tokenizer reads as its unknown token. A prompt the tokenizer
+reads with its unknown token is allowed (models meet unknown words) but warned about
+(`UnknownTokenWarning`, naming the words).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,6 +28,11 @@ from transformer_lens import HookedTransformer
 from lenskit.errors import InputError
 
 TokenLike = str | int
+
+
+class UnknownTokenWarning(UserWarning):
+    """A prompt holds words the tokenizer reads as its unknown token."""
+
 Prompts = str | Sequence[str] | Int[Tensor, "batch pos"] | Int[Tensor, "pos"]
 
 
@@ -66,7 +74,9 @@ def token_id(model: HookedTransformer, token: TokenLike, what: str = "token") ->
 
 def token_ids(model: HookedTransformer, tokens: TokenLike | Sequence[TokenLike] | Tensor, what: str = "token") -> Tensor:
     """Token ids [n] for one token or a sequence of them (strings or ids), each checked by `token_id`."""
-    if isinstance(tokens, (str, int, np.integer)) or (isinstance(tokens, Tensor) and tokens.ndim == 0):
+    if not isinstance(tokens, (Sequence, Tensor, np.ndarray)) or (isinstance(tokens, Tensor) and tokens.ndim == 0):
+        tokens = [tokens]  # one token: token_id checks what it is
+    if isinstance(tokens, str):
         tokens = [tokens]
     if isinstance(tokens, Tensor) and tokens.ndim != 1:
         raise InputError(f"{what}: expected one token or a list of them, got a tensor of shape {tuple(tokens.shape)}")
@@ -89,6 +99,7 @@ def as_tokens(model: HookedTransformer, tokens: Prompts, what: str = "tokens",
             raise InputError(f"{what}: this model has no tokenizer, so give token ids rather than text")
         ids = model.to_tokens(tokens, prepend_bos=prepend_bos, truncate=False)
         check_context(model, ids.shape[1], what)
+        _warn_unknown(model, [tokens] if isinstance(tokens, str) else list(tokens), what)
         return ids
     if isinstance(tokens, Sequence) and not tokens:
         raise InputError(f"{what}: no prompts given (an empty list)")
@@ -114,6 +125,26 @@ def as_tokens(model: HookedTransformer, tokens: Prompts, what: str = "tokens",
                          f"lie in 0..{model.cfg.d_vocab - 1}")
     check_context(model, ids.shape[1], what)
     return ids.long().to(model.cfg.device)
+
+
+def _warn_unknown(model: HookedTransformer, texts: list[str], what: str) -> None:
+    """A warning (not silence, not an error: a prompt may hold words the model never saw) when the
+    tokenizer reads a text with its unknown token, naming the words."""
+    unk = getattr(model.tokenizer, "unk_token", None)
+    for text in texts:
+        if unk is not None and unk not in text and not knows_every_word(model, text):
+            warnings.warn(f"{what}: the tokenizer does not know {_unknown_words(model, text)} in {text!r} and "
+                          f"reads {unk!r} there", UnknownTokenWarning, stacklevel=3)
+
+
+def _unknown_words(model: HookedTransformer, text: str) -> list[str] | str:
+    """The parts of `text` the tokenizer reads as its unknown token (the whole text if it cannot say)."""
+    try:
+        encoded = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError):
+        return text
+    return [text[start:end] for id_, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"])
+            if id_ == model.tokenizer.unk_token_id]
 
 
 def knows_every_word(model: HookedTransformer, text: str) -> bool:

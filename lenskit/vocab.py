@@ -29,7 +29,7 @@ duplicate-token or induction head would show, exactly as TransformerLens' ``dete
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Literal
 
 import pandas as pd

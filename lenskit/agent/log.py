@@ -21,6 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from lenskit.errors import InputError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS experiments (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -98,7 +100,7 @@ class ExperimentLog:
         """Add a note linked to `experiments` (ids that must exist); returns the note's id."""
         unknown = sorted(set(experiments) - {row[0] for row in self._db.execute("SELECT id FROM experiments")})
         if unknown:
-            raise ValueError(f"note: experiments {unknown} are not in the log; valid ids: 1..{self.last_experiment_id()}")
+            raise InputError(f"note: experiments {unknown} are not in the log; valid ids: 1..{self.last_experiment_id()}")
         with self._db:
             cursor = self._db.execute("INSERT INTO notes (time, hypothesis, observation, next_step) VALUES (?, ?, ?, ?)",
                                       (_now(), hypothesis, observation, next_step))
@@ -117,7 +119,7 @@ class ExperimentLog:
     def experiment(self, experiment_id: int) -> Experiment:
         found = [e for e in self.experiments() if e.id == experiment_id]
         if not found:
-            raise ValueError(f"experiment {experiment_id} is not in {self.path}; valid ids: 1..{self.last_experiment_id()}")
+            raise InputError(f"experiment {experiment_id} is not in {self.path}; valid ids: 1..{self.last_experiment_id()}")
         return found[0]
 
     def notes(self) -> list[Note]:

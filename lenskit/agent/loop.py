@@ -24,6 +24,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
 from lenskit.agent.log import ExperimentLog
+from lenskit.errors import LenskitError
 
 SYSTEM_PROMPT = (
     "You are an interpretability researcher with lenskit's experiment tools. Work towards the goal "
@@ -34,7 +35,7 @@ SYSTEM_PROMPT = (
 SUMMARY_REQUEST = "Stop experimenting now and write your final summary (no more tool calls)."
 
 
-class AgentError(ConnectionError):
+class AgentError(LenskitError, ConnectionError):
     """The chat endpoint failed (unreachable, timed out, or answered with an error)."""
 
 

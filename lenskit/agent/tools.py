@@ -25,6 +25,7 @@ from typing import Literal
 
 import torch
 
+from lenskit.errors import InputError, MissingFileError
 from lenskit import metrics, surgery as surgery_module, viz
 from lenskit.models import ZOO_PREFIX, describe, load, zoo_names
 from lenskit.packaged import PACKAGED
@@ -45,7 +46,7 @@ class Lab:
 
     def __init__(self, workspace: str | os.PathLike, model_roots: list[str | os.PathLike] = (), max_models: int = 2):
         if max_models < 1:
-            raise ValueError(f"max_models must be at least 1, not {max_models}")
+            raise InputError(f"max_models must be at least 1, not {max_models}")
         self.workspace = Path(workspace).resolve()
         self.workspace.mkdir(parents=True, exist_ok=True)
         self.model_roots = [Path(root).resolve() for root in model_roots]
@@ -79,10 +80,10 @@ class Lab:
         resolved = (self.workspace / Path(path).expanduser()).resolve()
         allowed = [self.workspace, *self.model_roots]
         if not any(resolved == root or root in resolved.parents for root in allowed):
-            raise ValueError(f"{what} {path!r} is outside the folders this server may read: "
+            raise InputError(f"{what} {path!r} is outside the folders this server may read: "
                              f"{', '.join(str(root) for root in allowed)}")
         if not resolved.exists():
-            raise FileNotFoundError(f"{what} {path!r} does not exist (resolved to {resolved})")
+            raise MissingFileError(f"{what} {path!r} does not exist (resolved to {resolved})")
         return resolved
 
     def picture_path(self, tool: str) -> Path:
@@ -310,4 +311,4 @@ def _compact(frame):
 
 def _check_range(name: str, value: int, low: int, high: int) -> None:
     if not low <= value <= high:
-        raise ValueError(f"{name}={value} is out of range: {low}..{high}")
+        raise InputError(f"{name}={value} is out of range: {low}..{high}")

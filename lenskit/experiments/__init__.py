@@ -6,6 +6,7 @@ the zoo's default model (whisper-layers: the zoo's speech model). `EXPERIMENTS` 
 
 from importlib import import_module
 
+from lenskit.errors import InputError
 from lenskit.experiments.reproduction import Reproduction
 
 EXPERIMENTS = {
@@ -22,7 +23,7 @@ def run(name: str, model=None, progress: bool = True, **options) -> Reproduction
     """Run the reproduction `name` on `model` (a HookedTransformer, a name for lenskit.load, or None for its
     default); `options` go to its module's run (e.g. ioi's and bos's ``n_frames``: a smaller IOI set)."""
     if name not in EXPERIMENTS:
-        raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
+        raise InputError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
     return import_module(EXPERIMENTS[name]).run(model, progress=progress, **options)
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from lenskit.errors import InputError
 from lenskit.experiments import ioi
 from lenskit.experiments.reproduction import Reproduction, model_label, resolve_model
 from lenskit.readout import Readout
@@ -34,7 +35,7 @@ def bos_id(model: HookedTransformer) -> int:
     """The tokenizer's BOS token id; a lenskit error when it has none."""
     bos = getattr(model.tokenizer, "bos_token_id", None)
     if bos is None:
-        raise ValueError("the BOS experiment needs a tokenizer with a BOS token; this one has none")
+        raise InputError("the BOS experiment needs a tokenizer with a BOS token; this one has none")
     return bos
 
 

@@ -20,12 +20,14 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from lenskit.errors import InputError, MissingFileError
+
 DEVIL_PATH = Path("/usr/share/dictd/devil.dict.dz")
 DEBIAN_PACKAGE = "dict-devil"
 NAME = "The Devil's Dictionary (Ambrose Bierce, 1911, public domain; Debian package dict-devil)"
 
 
-class CorpusMissing(FileNotFoundError):
+class CorpusMissing(MissingFileError):
     """The corpus file is not installed; the message says which package installs it."""
 
 
@@ -39,10 +41,10 @@ def devils_dictionary(path: str | Path = DEVIL_PATH) -> str:
     try:
         raw = gzip.decompress(path.read_bytes()).decode("utf-8", errors="replace")
     except (OSError, EOFError) as error:
-        raise ValueError(f"{path} is not a gzip/dictzip file ({error})") from None
+        raise InputError(f"{path} is not a gzip/dictzip file ({error})") from None
     start = raw.find("PREFACE")
     if start < 0:
-        raise ValueError(f"{path} does not look like The Devil's Dictionary (no PREFACE)")
+        raise InputError(f"{path} does not look like The Devil's Dictionary (no PREFACE)")
     paragraphs = []
     for block in re.split(r"\n\s*\n", raw[start + len("PREFACE"):]):
         lines = [line for line in block.split("\n") if line.strip()]
@@ -68,17 +70,17 @@ def passages(model: HookedTransformer, n: int, length: int, text: str | None = N
     starting with the model's BOS when the model prepends one by default (``cfg.default_prepend_bos``).
     """
     if model.tokenizer is None:
-        raise ValueError("passages: the model has no tokenizer to read the corpus with")
+        raise InputError("passages: the model has no tokenizer to read the corpus with")
     if n < 1 or length < 2:
-        raise ValueError(f"passages: need n >= 1 passages of length >= 2 tokens, not n={n}, length={length}")
+        raise InputError(f"passages: need n >= 1 passages of length >= 2 tokens, not n={n}, length={length}")
     if length > model.cfg.n_ctx:
-        raise ValueError(f"passages: length {length} exceeds the model's context of {model.cfg.n_ctx}")
+        raise InputError(f"passages: length {length} exceeds the model's context of {model.cfg.n_ctx}")
     text = devils_dictionary() if text is None else text
     ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = [model.tokenizer.bos_token_id] if model.cfg.default_prepend_bos and model.tokenizer.bos_token_id is not None else []
     body = length - len(bos)
     if len(ids) < n * body:
-        raise ValueError(f"passages: the text has {len(ids)} tokens, fewer than {n} passages x {body}")
+        raise InputError(f"passages: the text has {len(ids)} tokens, fewer than {n} passages x {body}")
     stride = len(ids) // n
     rows = [bos + ids[i * stride:i * stride + body] for i in range(n)]
     return torch.tensor(rows, dtype=torch.long, device=model.cfg.device)

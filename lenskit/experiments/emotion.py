@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from transformer_lens import HookedTransformer
 
+from lenskit.errors import InputError
 from lenskit.cache import residual_stream
 from lenskit.experiments.reproduction import Reproduction, resolve_model
 from lenskit.tokens import knows_every_word
@@ -34,7 +35,7 @@ def aligned_positions(first: list[str], second: list[str]) -> tuple[list[int], l
     while suffix < min(len(first), len(second)) - prefix and first[-1 - suffix] == second[-1 - suffix]:
         suffix += 1
     if prefix == len(first) == len(second):
-        raise ValueError(f"the two texts tokenize identically: {first}")
+        raise InputError(f"the two texts tokenize identically: {first}")
     span = "".join(first[prefix:len(first) - suffix]) + "/" + "".join(second[prefix:len(second) - suffix])
     first_positions = [*range(prefix), *range(len(first) - suffix - 1, len(first))]
     second_positions = [*range(prefix), *range(len(second) - suffix - 1, len(second))]
@@ -54,7 +55,7 @@ def run(model: HookedTransformer | str | None = None, progress: bool = True) -> 
     model = resolve_model(model, DEFAULT_MODEL)
     usable = [pair for pair in PAIRS if all(knows_every_word(model, text) for text in pair)]
     if not usable:
-        raise ValueError(f"none of the emotion sentence pairs suits this model's tokenizer: {PAIRS}")
+        raise InputError(f"none of the emotion sentence pairs suits this model's tokenizer: {PAIRS}")
     first, second = usable[0]
     difference = residual_difference(model, first, second)
     table = difference.to_frame().pivot(index="layer_label", columns="pos", values="value")

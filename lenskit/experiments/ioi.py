@@ -23,6 +23,9 @@ each grid is the mean over groups weighted by their size: the mean over all prom
 prompts independently. The circuit's heads are then classed by the rules in `CIRCUIT_RULES` (name
 movers, negative name movers, S-inhibition), and `comparison` says in words how the structure compares
 with GPT-2 small's published circuit.
+
+(This module is long because it is one paper's whole pipeline in the paper's terms: prompt sets,
+measurements, the circuit's classes and their table and pictures; each part is read with the others.)
 """
 
 from __future__ import annotations
@@ -36,13 +39,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from lenskit import hooks, metrics
-from lenskit.attribution import attribute
+from lenskit.errors import InputError
+from lenskit import metrics, sites
+from lenskit.attribution import attribute, needed_hooks
 from lenskit.experiments.reproduction import Reproduction, resolve_model
 from lenskit.patching import PatchResult, patch
 from lenskit.path_patching import path_patch
 from lenskit.run import Run
-from lenskit.tokens import knows_every_word, token_ids
+from lenskit.tokens import as_tokens, knows_every_word, token_ids
 from lenskit.viz import heatmap
 from lenskit.zoo import DEFAULT_MODEL
 from lenskit.zoo.data import EVAL_NAMES, EVAL_TEMPLATES, OBJECTS, PAPER_TEMPLATES, PLACES, IOIExample
@@ -110,7 +114,7 @@ def paper_frames(model: HookedTransformer, n_frames: int = PAPER_FRAMES, seed: i
     single-token names of the model and a random place and object. Raises when too few names are single tokens."""
     names = single_token_names(model)
     if len(names) < MIN_PAPER_NAMES:
-        raise ValueError(f"only {len(names)} of the paper's {len(PAPER_NAMES)} names are single tokens "
+        raise InputError(f"only {len(names)} of the paper's {len(PAPER_NAMES)} names are single tokens "
                          f"(at least {MIN_PAPER_NAMES} needed)")
     rng = random.Random(seed)
     frames = []
@@ -163,7 +167,7 @@ def choose_prompts(model: HookedTransformer, n_frames: int | None = None) -> tup
         if problem is None:
             return source, clean, corrupted
         problems.append(f"{source}: {problem}")
-    raise ValueError(f"no IOI prompt set suits this model's tokenizer ({'; '.join(problems)})")
+    raise InputError(f"no IOI prompt set suits this model's tokenizer ({'; '.join(problems)})")
 
 
 def role_positions(model: HookedTransformer, tokens: Tensor, example: IOIExample) -> tuple[int, ...]:
@@ -171,7 +175,7 @@ def role_positions(model: HookedTransformer, tokens: Tensor, example: IOIExample
     io, subject = token_ids(model, [" " + example.io, " " + example.subject]).tolist()
     io_at, subject_at = ((tokens == t).nonzero().flatten().tolist() for t in (io, subject))
     if len(io_at) != 1 or len(subject_at) != 2:
-        raise ValueError(f"an IOI prompt names the IO once and the subject twice: {example.prompt!r} reads "
+        raise InputError(f"an IOI prompt names the IO once and the subject twice: {example.prompt!r} reads "
                          f"{model.to_str_tokens(tokens)}")
     return io_at[0], subject_at[0], subject_at[0] + 1, subject_at[1], len(tokens) - 1
 
@@ -190,24 +194,24 @@ class Group:
         """Per-prompt logit differences [batch] (clean, corrupted), head attribution [layer, head], attention
         from END to the IO, S1 and S2 [layer, head, 3], and the patching grids (batch means): resid_pre by
         role, path patching from each head to the logits, and (`head_patching`) each head's output z."""
+        run = Run(model, self.clean)  # one clean pass serves the attention, attribution and the patching
+        patterns = [sites.act_name("pattern", layer) for layer in range(model.cfg.n_layers)]
+        store = run.require([*patterns, *needed_hooks(model, "head"), *sites.residual_names(model, "pre")])
         with torch.no_grad():
-            patterns = hooks.cache("blocks.*.attn.hook_pattern")
-            clean_logits = patterns.run(model, self.clean)
-            diffs = [logit_diffs(model, self.clean, self.io, self.subject, clean_logits),
+            diffs = [logit_diffs(model, self.clean, self.io, self.subject, run.logits),
                      logit_diffs(model, self.corrupted, self.io, self.subject)]
         io_at, s1_at, _, s2_at, end = self.positions
         attention = torch.stack([
-            torch.stack([patterns.store[f"blocks.{layer}.attn.hook_pattern"][:, :, end, at].mean(0) for at in (io_at, s1_at, s2_at)], -1)
-            for layer in range(model.cfg.n_layers)
+            torch.stack([store[name][:, :, end, at].mean(0) for at in (io_at, s1_at, s2_at)], -1) for name in patterns
         ]).float().cpu()  # [layer, head, (IO, S1, S2)]
-        heads = attribute(model, self.clean, self.io, self.subject, by="head").query("component == 'head'")
+        heads = attribute(model, run, self.io, self.subject, by="head").query("component == 'head'")
         attribution = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
         attribution[heads["layer"].to_numpy(int), heads["head"].to_numpy(int)] = torch.tensor(heads["value"].to_numpy()).float()
         metric = self.metric()
-        resid = patch(model, self.clean, self.corrupted, metric, site="resid_pre", by="layer_pos",
+        resid = patch(model, run, self.corrupted, metric, site="resid_pre", by="layer_pos",
                       positions=self.positions, progress=False)
-        to_logits = path_patch(model, self.clean, self.corrupted, metric, receivers="logits", progress=False)
-        head_outputs = (patch(model, self.clean, self.corrupted, metric, site="z", by="layer_head", progress=False)
+        to_logits = path_patch(model, run, self.corrupted, metric, receivers="logits", progress=False)
+        head_outputs = (patch(model, run, self.corrupted, metric, site="z", by="layer_head", progress=False)
                         if head_patching else None)
         return {"clean": diffs[0], "corrupted": diffs[1], "attribution": attribution, "attention": attention,
                 "resid": resid, "heads": head_outputs, "to_logits": to_logits}
@@ -227,11 +231,11 @@ def logit_diffs(model: HookedTransformer, tokens: Tensor, io: list[str], subject
 def groups(model: HookedTransformer, clean: list[IOIExample], corrupted: list[str]) -> list[Group]:
     """The prompts split into groups of one layout, in order of first appearance."""
     layouts: dict[tuple, list[int]] = {}
-    clean_tokens = [model.to_tokens(e.prompt)[0] for e in clean]
-    corrupted_tokens = [model.to_tokens(p)[0] for p in corrupted]
+    clean_tokens = [as_tokens(model, e.prompt, "prompts")[0] for e in clean]
+    corrupted_tokens = [as_tokens(model, p, "corrupted prompts")[0] for p in corrupted]
     for i, (example, tokens) in enumerate(zip(clean, clean_tokens)):
         if corrupted_tokens[i].shape != tokens.shape:
-            raise ValueError(f"{example.prompt!r} and its corrupted twin {corrupted[i]!r} differ in length")
+            raise InputError(f"{example.prompt!r} and its corrupted twin {corrupted[i]!r} differ in length")
         layouts.setdefault((len(tokens), role_positions(model, tokens, example)), []).append(i)
     return [
         Group(torch.stack([clean_tokens[i] for i in members]), torch.stack([corrupted_tokens[i] for i in members]),
@@ -276,7 +280,7 @@ def summary(model: HookedTransformer, clean: Tensor, corrupted: Tensor, attribut
              for i in top_indices(attribution)]
     for layer, values in zip(resid.labels["layer"], resid.tensor):
         best = int(values.argmax())
-        rows.append(("resid_pre patching (normalised)", f"blocks.{layer}.hook_resid_pre at {ROLES[best]}", values[best].item()))
+        rows.append(("resid_pre patching (normalised)", f"{sites.act_name('resid_pre', layer)} at {ROLES[best]}", values[best].item()))
     if heads is not None:
         rows += [("head output (z) patching (normalised)", head_name(i, model), heads.tensor.flatten()[i].item())
                  for i in top_indices(heads.tensor)]

@@ -33,6 +33,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from lenskit.errors import InputError
 from lenskit import sites, surgery
 from lenskit.experiments.bos import ZOO
 from lenskit.experiments.corpus import NAME, passages
@@ -67,7 +68,7 @@ def material(model: HookedTransformer) -> tuple[str, list[str]]:
     for prompt, texts in (STORY, zoo_material()):
         if all(knows_every_word(model, text) for text in [prompt, *texts]):
             return prompt, texts
-    raise ValueError(f"neither the story {STORY[1][0]!r} nor the zoo's IOI sentences suit this model's tokenizer")
+    raise InputError(f"neither the story {STORY[1][0]!r} nor the zoo's IOI sentences suit this model's tokenizer")
 
 
 def study_schedules(n_layers: int) -> list[surgery.Schedule]:
@@ -97,7 +98,7 @@ def run(model: HookedTransformer | str | None = None, progress: bool = True, **o
     if reads_english(model):
         return seed_study(model, progress=progress, **options)
     if options:
-        raise ValueError(f"options {sorted(options)} apply to the seed study only, which needs a pretrained English "
+        raise InputError(f"options {sorted(options)} apply to the seed study only, which needs a pretrained English "
                          f"model (vocabulary of at least {SEED_MIN_VOCAB} tokens)")
     return schedule_study(model, progress)
 
@@ -256,10 +257,10 @@ def seed_study(
     counts = list(range(1, n_layers) if counts is None else counts)
     for n in counts:
         if not 1 <= n < n_layers:
-            raise ValueError(f"counts: {n} out of range: 1..{n_layers - 1} layers may be skipped")
+            raise InputError(f"counts: {n} out of range: 1..{n_layers - 1} layers may be skipped")
     for layer in layers or ():
         if not 0 <= layer < n_layers:
-            raise ValueError(f"layers: {layer} out of range: the model has {n_layers} layers (valid 0..{n_layers - 1})")
+            raise InputError(f"layers: {layer} out of range: the model has {n_layers} layers (valid 0..{n_layers - 1})")
     tokens = passages(model, n_passages, passage_tokens, text)
     intact_logits, stack = residual_stack(model, tokens)
     intact_top = intact_logits.argmax(-1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pandas as pd
 from transformer_lens import HookedTransformer
 
+from lenskit.errors import InputError
 from lenskit.experiments.reproduction import Reproduction, model_label
 from lenskit.models import load
 
@@ -22,7 +23,7 @@ def gpt2_pieces(texts: list[str]) -> list[list[str]]:
     try:
         from whisper.tokenizer import get_encoding
     except ImportError as error:
-        raise ValueError("the offline GPT-2 tokenizer needs openai-whisper: pip install 'lenskit[whisper]'") from error
+        raise InputError("the offline GPT-2 tokenizer needs openai-whisper: pip install 'lenskit[whisper]'") from error
     encoding = get_encoding("gpt2")
     return [[encoding.decode([t]) for t in encoding.encode(text)] for text in texts]
 

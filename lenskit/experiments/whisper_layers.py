@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lenskit.errors import InputError
 from lenskit.experiments.reproduction import Reproduction
 from lenskit.viz import heatmap
 from lenskit.whisper.audio import SAMPLE_RATE
@@ -45,7 +46,7 @@ def run(model: HookedWhisper | str | None = None, progress: bool = True, n_utter
     if model.vocabulary is None:
         return real_study(model, progress, n_utterances or N_REAL_UTTERANCES, **options)
     if options:
-        raise ValueError(f"options {sorted(options)} apply to Whisper models with OpenAI's vocabulary only")
+        raise InputError(f"options {sorted(options)} apply to Whisper models with OpenAI's vocabulary only")
     return zoo_study(model, progress, n_utterances or N_UTTERANCES)
 
 
@@ -99,7 +100,7 @@ MAX_TOKENS = 96
 def harvard_speech(n: int, progress: bool = True) -> list[Utterance]:
     """The first `n` Harvard sentences, each spoken by the next voice of `VOICES` at `SPEED` words per minute."""
     if not 1 <= n <= len(HARVARD_SENTENCES):
-        raise ValueError(f"n_utterances={n} out of range: 1..{len(HARVARD_SENTENCES)} Harvard sentences")
+        raise InputError(f"n_utterances={n} out of range: 1..{len(HARVARD_SENTENCES)} Harvard sentences")
     made = []
     for i in tqdm(range(n), desc="synthesising speech", disable=not progress, leave=False):
         voice = Voice(VOICES[i % len(VOICES)], speed=SPEED, pitch=50)

@@ -17,6 +17,7 @@ import html
 import json
 from collections.abc import Mapping, Sequence
 
+from lenskit.errors import InputError
 from lenskit.viz.figure import Figure, safe_in_script
 
 EDGE_COLOURS = {"attention": (33, 102, 172), "mlp": (214, 96, 77), "residual": (120, 120, 120)}
@@ -150,15 +151,15 @@ def route_graph(
     """
     targets = list(range(len(tokens))) if targets is None else list(targets)
     if not targets:
-        raise ValueError("route_graph: no target positions to offer")
+        raise InputError("route_graph: no target positions to offer")
     selected = targets[-1] if selected is None else selected
     if selected not in targets:
-        raise ValueError(f"route_graph: selected position {selected} is not among the targets {targets}")
+        raise InputError(f"route_graph: selected position {selected} is not among the targets {targets}")
     for edge in edges:
         for end in ("source", "target"):
             row, pos = edge[end]
             if not (0 <= row < len(rows) and 0 <= pos < len(tokens)):
-                raise ValueError(f"route_graph: edge {end} {(row, pos)} is outside the {len(rows)} x {len(tokens)} grid")
+                raise InputError(f"route_graph: edge {end} {(row, pos)} is outside the {len(rows)} x {len(tokens)} grid")
     data = {
         "tokens": list(tokens), "rows": list(rows), "targets": targets, "selected": selected,
         "colours": EDGE_COLOURS,

@@ -10,9 +10,9 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
+from lenskit.errors import InputError
 from lenskit.viz.figure import Figure
 
 BLUE = (33, 102, 172)
@@ -64,7 +64,7 @@ def heatmap(
     """
     values = values.detach().float().cpu()
     if values.ndim != 2 or values.shape != (len(rows), len(cols)):
-        raise ValueError(
+        raise InputError(
             f"heatmap: values of shape {tuple(values.shape)} for {len(rows)} row and {len(cols)} column labels"
         )
     colours = cell_colours(values, limit)

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from lenskit.errors import InputError
 from lenskit import hooks
 from lenskit.labelled import LabelledTensor
 from lenskit.readout import Readout
@@ -67,9 +68,9 @@ def decoder_logit_attribution(model: HookedWhisper, audio: AudioLike, tokens: To
     if isinstance(target, str):
         target = single_token(get_tokenizer(model), target)
     if not 0 <= target < model.cfg.n_vocab:
-        raise ValueError(f"target token {target} is outside the vocabulary (0..{model.cfg.n_vocab - 1})")
+        raise InputError(f"target token {target} is outside the vocabulary (0..{model.cfg.n_vocab - 1})")
     if not -ids.shape[1] <= pos < ids.shape[1]:
-        raise ValueError(f"pos {pos} out of range for {ids.shape[1]} tokens")
+        raise InputError(f"pos {pos} out of range for {ids.shape[1]} tokens")
     n_layers = model.cfg.n_text_layer
     cache = hooks.cache(["decoder.hook_embed", "decoder.hook_pos_embed", "decoder.ln_final.hook_scale",
                          "decoder.blocks.*.attn.hook_z", "decoder.blocks.*.cross_attn.hook_z",

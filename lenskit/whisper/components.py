@@ -16,6 +16,8 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from lenskit.errors import InputError
+
 
 class LayerNorm(nn.Module):
     """LayerNorm with TransformerLens' ``hook_scale`` [batch, pos, 1] and ``hook_normalized`` [batch, pos, d_model].
@@ -69,7 +71,7 @@ class LayerCache:
         """Store this step's keys and values [batch, head, new_pos, d_head]; return all of them so far."""
         end = self.length + k.shape[2]
         if end > self.capacity:
-            raise ValueError(f"the key/value cache holds {self.capacity} positions; {end} were needed")
+            raise InputError(f"the key/value cache holds {self.capacity} positions; {end} were needed")
         if self.self_k is None:
             self.self_k = k.new_empty(*k.shape[:2], self.capacity, k.shape[3])
             self.self_v = v.new_empty(*v.shape[:2], self.capacity, v.shape[3])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from lenskit.errors import InputError
 from lenskit import hooks
 from lenskit.labelled import LabelledTensor
 from lenskit.whisper.audio import HOP_LENGTH, SAMPLE_RATE, AudioLike, model_input
@@ -26,11 +27,11 @@ def cross_attention(model: HookedWhisper, audio: AudioLike, tokens: TokensLike, 
     seconds. Rows sum to 1.
     """
     if not 0 <= layer < model.cfg.n_text_layer:
-        raise ValueError(f"layer {layer} out of range: the decoder has {model.cfg.n_text_layer} layers")
+        raise InputError(f"layer {layer} out of range: the decoder has {model.cfg.n_text_layer} layers")
     if not 0 <= head < model.cfg.n_text_head:
-        raise ValueError(f"head {head} out of range: decoder layers have {model.cfg.n_text_head} heads")
+        raise InputError(f"head {head} out of range: decoder layers have {model.cfg.n_text_head} heads")
     if frames_per_bin < 1:
-        raise ValueError(f"frames_per_bin must be at least 1, not {frames_per_bin}")
+        raise InputError(f"frames_per_bin must be at least 1, not {frames_per_bin}")
     mel, ids = model_input(audio, model.cfg.n_mels, n_frames=model.cfg.n_frames).to(model.device), token_batch(tokens).to(model.device)
     name = f"decoder.blocks.{layer}.cross_attn.hook_pattern"
     cache = hooks.cache(name)

@@ -20,6 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lenskit.errors import InputError
 from lenskit import hooks
 from lenskit.hooks import Hooks
 from lenskit.whisper.audio import AudioLike, model_input
@@ -35,7 +36,7 @@ def remove_final_layers(model: HookedWhisper, part: Part, count: int) -> Hooks:
     """Hooks that make the last `count` blocks of the encoder or decoder the identity."""
     n_layers = _n_layers(model, part)
     if not 0 <= count <= n_layers:
-        raise ValueError(f"cannot remove {count} layers: the {part} has {n_layers} (valid 0..{n_layers})")
+        raise InputError(f"cannot remove {count} layers: the {part} has {n_layers} (valid 0..{n_layers})")
     layers = list(range(n_layers - count, n_layers))
     return hooks.skip(model, layers, stack=f"{part}.blocks") if layers else Hooks()
 
@@ -153,7 +154,7 @@ def layer_removal_batch(
     (part, count) decodes all recordings as one batch (`greedy_batch`), at most `max_tokens` tokens each.
     """
     if len(audios) != len(references):
-        raise ValueError(f"{len(audios)} recordings for {len(references)} reference texts")
+        raise InputError(f"{len(audios)} recordings for {len(references)} reference texts")
     for part in parts:
         _n_layers(model, part)
     mels = [model_input(audio, model.cfg.n_mels, n_frames=model.cfg.n_frames) for audio in audios]
@@ -174,5 +175,5 @@ def layer_removal_batch(
 
 def _n_layers(model: HookedWhisper, part: str) -> int:
     if part not in ("encoder", "decoder"):
-        raise ValueError(f"part must be 'encoder' or 'decoder', not {part!r}")
+        raise InputError(f"part must be 'encoder' or 'decoder', not {part!r}")
     return model.cfg.n_audio_layer if part == "encoder" else model.cfg.n_text_layer

@@ -10,6 +10,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from lenskit.errors import InputError
+
 if TYPE_CHECKING:
     from whisper.tokenizer import Tokenizer
 
@@ -33,7 +35,7 @@ def get_tokenizer(model: "HookedWhisper", language: str | None = "en", task: str
         full = whisper_tokenizer(True, language=language or "en", task=task)
         return SubsetTokenizer(full, model.vocabulary)
     if model.cfg.n_vocab < 51864:
-        raise ValueError(f"this model's vocabulary ({model.cfg.n_vocab} tokens) is smaller than Whisper's "
+        raise InputError(f"this model's vocabulary ({model.cfg.n_vocab} tokens) is smaller than Whisper's "
                          "tokenizer (51864 or more): it has no text tokenizer")
     multilingual = model.is_multilingual
     return whisper_tokenizer(multilingual, num_languages=model.num_languages,
@@ -46,7 +48,7 @@ def token_batch(tokens: TokensLike) -> Int[Tensor, "1 pos"]:
     if ids.ndim == 1:
         ids = ids[None]
     if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
-        raise ValueError(f"expected the token ids of one sequence ([pos] or [1, pos]), got shape {tuple(ids.shape)}")
+        raise InputError(f"expected the token ids of one sequence ([pos] or [1, pos]), got shape {tuple(ids.shape)}")
     return ids
 
 
@@ -63,7 +65,7 @@ def single_token(tokenizer: "Tokenizer", text: str) -> int:
     ids = tokenizer.encode(text)
     if len(ids) != 1:
         pieces = [tokenizer.decode([i]) for i in ids]
-        raise ValueError(f"{text!r} is not a single token: it splits into {len(ids)} tokens {pieces}")
+        raise InputError(f"{text!r} is not a single token: it splits into {len(ids)} tokens {pieces}")
     return ids[0]
 
 
@@ -81,14 +83,14 @@ class SubsetTokenizer:
         self.vocabulary = [int(i) for i in vocabulary]
         self.index = {whisper_id: i for i, whisper_id in enumerate(self.vocabulary)}
         if len(self.index) != len(self.vocabulary):
-            raise ValueError("the vocabulary lists a Whisper token more than once")
+            raise InputError("the vocabulary lists a Whisper token more than once")
 
     def to_subset(self, whisper_ids: Sequence[int]) -> list[int]:
         """Whisper ids -> subset ids; ValueError naming the tokens the subset lacks."""
         missing = [i for i in whisper_ids if i not in self.index]
         if missing:
             pieces = [self.full.decode_with_timestamps([i]) for i in missing]
-            raise ValueError(f"tokens {pieces} are not in this model's {len(self.vocabulary)}-token vocabulary")
+            raise InputError(f"tokens {pieces} are not in this model's {len(self.vocabulary)}-token vocabulary")
         return [self.index[i] for i in whisper_ids]
 
     def to_whisper(self, ids: Sequence[int]) -> list[int]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from lenskit.errors import InputError
+
 
 def normalise(text: str) -> list[str]:
     """Lower-case words, punctuation dropped (apostrophes inside words kept)."""
@@ -22,13 +24,13 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
 def corpus_word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
     """Word errors over all pairs / reference words over all pairs, after `normalise` (``jiwer.wer`` on lists)."""
     if len(references) != len(hypotheses):
-        raise ValueError(f"{len(references)} references for {len(hypotheses)} transcripts: give one transcript each")
+        raise InputError(f"{len(references)} references for {len(hypotheses)} transcripts: give one transcript each")
     if not references:
-        raise ValueError("no references to compare against")
+        raise InputError("no references to compare against")
     refs = [" ".join(normalise(reference)) for reference in references]
     for reference, words in zip(references, refs):
         if not words:
-            raise ValueError(f"the reference {reference!r} has no words to compare against")
+            raise InputError(f"the reference {reference!r} has no words to compare against")
     try:
         import jiwer
     except ImportError:

@@ -32,6 +32,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lenskit.errors import InputError
 from lenskit.whisper.audio import SAMPLE_RATE, load_audio
 
 SUBJECTS = ["I", "you", "we", "they"]
@@ -94,7 +95,7 @@ def word_sequence(rng: random.Random, held_out: bool, max_words: int = MAX_WORDS
 def text(rng: random.Random, held_out: bool, kind: str = "sentences") -> str:
     """A template sentence (``kind="sentences"``) or a random word sequence (``kind="sequences"``)."""
     if kind not in KINDS:
-        raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
+        raise InputError(f"kind={kind!r}: expected one of {KINDS}")
     return sentence(rng, held_out) if kind == "sentences" else word_sequence(rng, held_out)
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lenskit.errors import InputError
 from lenskit.models import ZOO_ROOT
 from lenskit.whisper.audio import log_mel_spectrogram, pad_or_trim
 from lenskit.whisper.convert import save
@@ -114,7 +115,7 @@ def batch(data: list[Utterance], tokenizer: SubsetTokenizer, n_frames: int, n_te
         mels.append(mask_frequencies(mel, freq_mask, generator) if generator is not None and freq_mask else mel)
         ids = prompt + tokenizer.encode(" " + utterance.text) + [tokenizer.eot]
         if len(ids) > n_text_ctx:
-            raise ValueError(f"{utterance.text!r} needs {len(ids)} decoder positions; the model has {n_text_ctx}")
+            raise InputError(f"{utterance.text!r} needs {len(ids)} decoder positions; the model has {n_text_ctx}")
         tokens[row, :len(ids)] = torch.tensor(ids)
         mask[row, len(prompt) - 1:len(ids) - 1] = 1  # predict the text and the end of text
     return torch.stack(mels), tokens, mask

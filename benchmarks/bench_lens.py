@@ -2,8 +2,8 @@
 model (--model smollm2-135m).
 
 lenskit.logit_lens over every residual stream (13) and every position, keeping the top 5, against
-the naive full-vocabulary lens: run_with_cache, ActivationCache.accumulated_resid, ln_final and
-unembed into [layer, batch, pos, vocab] logits, softmax, top-k. Both in the same process,
+the naive full-vocabulary lens (tests/reference/logit_lens.py): run_with_cache, the final norm
+written out, W_U and b_U into [layer, batch, pos, vocab] logits, softmax, top-k. Both in the same process,
 interleaved: median wall and CPU time over repeats (CPU time, this process's over all threads,
 is steadier on a shared machine), peak memory above the starting point (CPU: peak RSS,
 /proc VmHWM reset through clear_refs, which sees torch's allocations; CUDA: max_memory_allocated)
@@ -21,38 +21,20 @@ Prints a table and writes benchmarks/results/bench_lens.json (bench_lens_<model>
 """
 
 import argparse
-import ctypes
-import gc
 import json
 import platform
 import statistics
-import subprocess
-import sys
 import time
-import warnings
-from pathlib import Path
 
 import torch
 from transformer_lens import HookedTransformer
 
+from common import SHAPE, add_model_argument, add_threads_argument, in_subprocess, memory_peak_mb, prompt_tokens, \
+    set_threads, start_memory_peak, worker_flags, write_results
+from reference.logit_lens import naive_lens
+
 import lenskit
 from lenskit.lens import logit_lens
-
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_cache import add_model_argument, prompt_tokens  # noqa: E402
-
-warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
-
-SHAPE = Path(__file__).parent / "gpt2_small_shape.json"
-RESULTS = Path(__file__).parent / "results" / "bench_lens.json"
-
-
-def naive_lens(model: HookedTransformer, tokens: torch.Tensor, top_k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k probabilities and ids [layer, batch, pos, k] from all the logits [layer, batch, pos, vocab] at once."""
-    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
-    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_resid_pre") or name == last)
-    probs = model.unembed(model.ln_final(cache.accumulated_resid())).softmax(dim=-1)
-    return probs.topk(top_k, dim=-1)
 
 
 def lens_benchmark(model: HookedTransformer, tokens: torch.Tensor, top_k: int = 5, repeats: int = 1) -> list[dict]:
@@ -90,30 +72,6 @@ def lens_benchmark(model: HookedTransformer, tokens: torch.Tensor, top_k: int = 
              "max_prob_diff": difference} for method, m in measured.items()]
 
 
-def start_memory_peak(device: torch.device) -> float:
-    """Free what can be freed, restart the peak counter, and return the memory now in use (MB)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device) / 2**20
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so RSS is what is in use
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM starts again from the current RSS
-    return _proc_status_mb("VmRSS")
-
-
-def memory_peak_mb(device: torch.device) -> float:
-    """The peak memory since `start_memory_peak` (MB): CUDA allocations, or this process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return _proc_status_mb("VmHWM")
-
-
-def _proc_status_mb(field: str) -> float:
-    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
-    return int(line.split()[1]) / 1024
-
-
 def worker(pos: int, repeats: int, device: str, model_name: str | None = None) -> list[dict]:
     model = lenskit.load(SHAPE, device=device) if model_name is None else lenskit.load(model_name, device=device).eval()
     tokens = prompt_tokens(model, pos, 0).to(device)
@@ -126,11 +84,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     add_model_argument(parser)
     parser.add_argument("--lengths", type=int, nargs="+", help="prompt lengths (default 128 1024; --quick: 16 64)")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    add_threads_argument(parser)
     parser.add_argument("--worker", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     if args.worker:
         print(json.dumps(worker(*args.worker, args.device, args.model)))
         return
@@ -139,12 +96,7 @@ def main() -> None:
     runs = [(pos, 1 if args.quick or pos > 512 else 3) for pos in lengths]
     rows = []
     for pos, repeats in runs:
-        command = [sys.executable, __file__, "--worker", str(pos), str(repeats), "--device", args.device]
-        command += (["--model", args.model] if args.model else []) + (["--threads", str(args.threads)] if args.threads else [])
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(done.stderr)
-        rows += json.loads(done.stdout.strip().splitlines()[-1])
+        rows += in_subprocess(__file__, pos, repeats, "--device", args.device, *worker_flags(args))
 
     model_label = args.model or f"GPT-2-small-shaped model ({SHAPE.name}), random weights"
     print(f"logit lens, {model_label}, {args.device} "
@@ -163,12 +115,10 @@ def main() -> None:
               f"CPU time {ratios[-1]['cpu_time_naive_over_lenskit']:.2f}x, "
               f"peak memory {ratios[-1]['peak_memory_naive_over_lenskit']:.1f}x")
 
-    results = RESULTS.with_name(f"bench_lens_{Path(args.model).name}.json") if args.model else RESULTS
-    results.parent.mkdir(exist_ok=True)
-    results.write_text(json.dumps({
+    results = write_results("lens", args.model, {
         "quick": args.quick, "device": args.device, "machine": platform.machine(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "model": args.model or json.loads(SHAPE.read_text()), "rows": rows, "ratios": ratios,
-    }, indent=1))
+    })
     print(f"wrote {results}")
 
 

@@ -1,7 +1,7 @@
 """Benchmark lenskit.patch against transformer_lens.patching, and attribution patching against exact.
 
 (a) Speed, CPU, on 8 IOI prompt pairs of about 15 tokens. With --model (any lenskit.load name, e.g.
-    smollm2-135m) the pairs are real: bench_cache.ioi_pairs builds them from four IOI templates with
+    smollm2-135m) the pairs are real: common.ioi_pairs builds them from four IOI templates with
     names that are single tokens for the model ("Then, Mary and John went to the office. John gave a
     letter to"), and the corrupted prompt swaps the second subject mention (S2) for the indirect object's
     name. By default (a GPT-2-small-shaped model with random weights and no tokenizer) they are random
@@ -42,14 +42,14 @@ import argparse
 import json
 import platform
 import statistics
-import time
-import warnings
 from collections import Counter
-from pathlib import Path
 
 import torch
 import transformer_lens.patching as tlp
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedTransformer
+
+from common import GPT2_SMALL, add_model_argument, add_threads_argument, best_of, describe, gpt2_small, in_subprocess, \
+    ioi_pairs, load_model, reset_peak_rss, rss_mb, set_threads, worker_flags, write_results
 
 import lenskit
 from lenskit import metrics
@@ -57,12 +57,6 @@ from lenskit.patching import attribution_patch, patch
 from lenskit.tokens import token_id
 from lenskit.zoo.data import ioi_dataset
 
-from bench_cache import GPT2_SMALL, add_model_argument, describe, in_subprocess, ioi_pairs as real_ioi_pairs, load_model, \
-    reset_peak_rss, rss_mb
-
-warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
-
-RESULTS = Path(__file__).parent / "results" / "bench_patching.json"
 IO_POS, S_POS, S2_POS = 4, 2, 10  # "<bos> When John and Mary went to the shops, John gave the bag to"
 SPEED_GRIDS = [  # name, site, by, transformer_lens.patching function, its index columns, corruption, target
     ("resid_pre by (layer, pos)", "resid_pre", "layer_pos", tlp.get_act_patch_resid_pre, ("layer", "pos"), "S2", 10),
@@ -75,22 +69,6 @@ MEMORY_TARGET_MB = 4096
 ATTRIBUTION_SITES = [("resid_pre", "layer_pos"), ("attn_out", "layer_pos"), ("mlp_out", "layer_pos"),
                      ("z", "layer_head_pos"), ("z", "layer_head"), ("q", "layer_head"), ("k", "layer_head"),
                      ("v", "layer_head"), ("pattern", "layer_head")]
-
-
-def gpt2_small(n_layers: int | None = None) -> HookedTransformer:
-    config = GPT2_SMALL | ({"n_layers": n_layers} if n_layers else {})
-    return HookedTransformer(HookedTransformerConfig(**config)).eval()
-
-
-def timed(run, repeats: int = 1):
-    """(result, CPU seconds of this process, wall seconds), the fastest of `repeats` runs."""
-    best = None
-    for _ in range(repeats):
-        cpu, wall = time.process_time(), time.perf_counter()
-        result = run()
-        this = (result, time.process_time() - cpu, time.perf_counter() - wall)
-        best = this if best is None or this[1] < best[1] else best
-    return best
 
 
 def ioi_shaped_pairs(d_vocab: int, batch: int, n_pos: int, corruption: str):
@@ -115,7 +93,7 @@ def speed_pairs(model, batch: int, n_pos: int, corruption: str):
     corruption "S2": S2 -> IO; "random": the clean prompts against random tokens (every position differs).
     """
     if model.tokenizer is not None:
-        clean, corrupted, metric, examples = real_ioi_pairs(model, batch)
+        clean, corrupted, metric, examples = ioi_pairs(model, batch)
         what = f"real IOI pairs, e.g. {examples[0][0]!r} -> {examples[0][1]!r}"
         if corruption == "random":
             generator = torch.Generator().manual_seed(1)
@@ -133,15 +111,15 @@ def speed_row(model, name, site, by, tl_function, tl_axes, corruption, target, b
     runs, tl_runs = [], []
     with torch.inference_mode():
         patch(model, clean, corrupted, metric, site=site, by=by, layers=[-1], progress=False)  # warm-up
-        (_, clean_cache), cache_cpu, cache_wall = timed(lambda: model.run_with_cache(clean))
+        (_, clean_cache), cache_cpu, cache_wall = best_of(lambda: model.run_with_cache(clean))
         for round_ in range(rounds):
-            runs.append(timed(lambda: patch(model, clean, corrupted, metric, site=site, by=by, progress=False)))
+            runs.append(best_of(lambda: patch(model, clean, corrupted, metric, site=site, by=by, progress=False)))
             if round_ == 0:
                 cells = runs[0][0].to_frame().sample(tl_cells, random_state=0)
                 index_df = cells[list(tl_axes)].reset_index(drop=True)
             for i in range(round_, tl_cells, rounds):
-                tl_runs.append(timed(lambda: tl_function(model, corrupted, clean_cache, bound, index_axis_names=None,
-                                                         index_df=index_df.iloc[[i]])))
+                tl_runs.append(best_of(lambda: tl_function(model, corrupted, clean_cache, bound, index_axis_names=None,
+                                                           index_df=index_df.iloc[[i]])))
     order = [i for round_ in range(rounds) for i in range(round_, tl_cells, rounds)]
     tl_runs = [run for _, run in sorted(zip(order, tl_runs), key=lambda pair: pair[0])]
     result = runs[0][0]
@@ -174,8 +152,8 @@ def memory_worker(model_name: str, n_layers: int, batch: int, n_pos: int) -> dic
     model_load_peak, with_model = rss_mb("VmHWM"), rss_mb()
     reset_peak_rss()
     with torch.inference_mode():
-        _, cpu, wall = timed(lambda: patch(model, clean, corrupted, metric, site="z", by="layer_head_pos",
-                                           heads=[0, 1], positions=[0], progress=False))
+        _, cpu, wall = best_of(lambda: patch(model, clean, corrupted, metric, site="z", by="layer_head_pos",
+                                             heads=[0, 1], positions=[0], progress=False))
     peak = rss_mb("VmHWM")
     return {"batch": batch, "pos": n_pos, "model_load_peak_rss_mb": model_load_peak, "rss_with_model_mb": with_model,
             "peak_rss_mb": peak, "target_mb": MEMORY_TARGET_MB, "target_met": peak < MEMORY_TARGET_MB,
@@ -184,7 +162,7 @@ def memory_worker(model_name: str, n_layers: int, batch: int, n_pos: int) -> dic
 
 # --- (c) attribution patching on the zoo model ----------------------------------------------
 
-def ioi_pairs(model: HookedTransformer, n_prompts: int):
+def zoo_ioi_pairs(model: HookedTransformer, n_prompts: int):
     """Held-out IOI prompts with single-token names, of the most common length, and their S2 -> IO corruption."""
     unknown = model.tokenizer.unk_token_id
 
@@ -208,12 +186,12 @@ def ioi_pairs(model: HookedTransformer, n_prompts: int):
 
 
 def attribution_rows(model: HookedTransformer, n_prompts: int) -> tuple[list[dict], dict]:
-    clean, corrupted, metric = ioi_pairs(model, n_prompts)
+    clean, corrupted, metric = zoo_ioi_pairs(model, n_prompts)
     patch(model, clean, corrupted, metric, layers=[-1], progress=False)  # warm-up
     rows = []
     for site, by in ATTRIBUTION_SITES:
-        exact, exact_cpu, _ = timed(lambda: patch(model, clean, corrupted, metric, site=site, by=by, progress=False), 5)
-        estimate, estimate_cpu, _ = timed(lambda: attribution_patch(model, clean, corrupted, metric, site=site, by=by), 5)
+        exact, exact_cpu, _ = best_of(lambda: patch(model, clean, corrupted, metric, site=site, by=by, progress=False), 5)
+        estimate, estimate_cpu, _ = best_of(lambda: attribution_patch(model, clean, corrupted, metric, site=site, by=by), 5)
         r = torch.corrcoef(torch.stack([exact.tensor.flatten(), estimate.tensor.flatten()]))[0, 1].item()
         rows.append({"site": site, "by": by, "cells": exact.tensor.numel(), "pearson_r": r,
                      "exact_cpu_s": exact_cpu, "attribution_cpu_s": estimate_cpu, "speedup": exact_cpu / estimate_cpu})
@@ -232,11 +210,10 @@ def main() -> None:
     parser.add_argument("--skip-attribution", action="store_true", help="leave out (c)")
     parser.add_argument("--tl-cells", type=int, help="cells of each grid timed with transformer_lens.patching")
     parser.add_argument("--rounds", type=int, help="interleaved rounds: lenskit's grid, then a share of TL's cells")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    add_threads_argument(parser)
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     if args.worker:
         name, *sizes = args.worker
         print(json.dumps(memory_worker(name if name != "-" else "", *map(int, sizes))))
@@ -252,7 +229,7 @@ def main() -> None:
     # the row without a target (the worst case, every cell run) gets one round: at real scale it is the longest
     speed = [speed_row(model, *grid, batch, n_pos, tl_cells, rounds if grid[-1] else 1) for grid in SPEED_GRIDS]
     del model
-    worker_args = ["--threads", str(args.threads)] if args.threads else []
+    worker_args = worker_flags(args, model=False)
     memory = in_subprocess(__file__, args.model or "-", n_layers or 0, *((2, 16) if args.quick else (8, 64)), *worker_args)
     if args.skip_attribution:
         attribution, prompts = [], {"skipped": "--skip-attribution"}
@@ -293,14 +270,12 @@ def main() -> None:
             print(f"  {row['site']:<9} {row['by']:<15} {row['cells']:>6} {row['pearson_r']:>10.3f} "
                   f"{row['exact_cpu_s']:>12.2f} {row['attribution_cpu_s']:>18.2f} {row['speedup']:>8.1f}x")
 
-    results = RESULTS.with_name(f"bench_patching_{Path(args.model).name}.json") if args.model else RESULTS
-    results.parent.mkdir(exist_ok=True)
-    results.write_text(json.dumps({
+    results = write_results("patching", args.model, {
         "quick": args.quick, "machine": platform.machine(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "model": args.model or GPT2_SMALL, "model_description": label,
         "n_layers": layers, "batch": batch, "pos": n_pos,
         "speed": speed, "memory": memory, "zoo": args.zoo, "attribution_prompts": prompts, "attribution": attribution,
-    }, indent=1))
+    })
     print(f"\nwrote {results}")
 
 

@@ -1,6 +1,6 @@
 """Benchmark lenskit.path_patch against the IOI paper's two-runs-per-sender recipe, on the CPU.
 
-Every head as a sender, on 8 IOI prompt pairs (bench_cache.ioi_pairs), to two kinds of receiver:
+Every head as a sender, on 8 IOI prompt pairs (common.ioi_pairs), to two kinds of receiver:
 the logits, and the queries of three late heads. lenskit computes the whole [layer, head] grid;
 the reference (tests/reference/path_patching.py: two full runs per sender with every other
 component frozen; the clean and corrupted caches made once) is timed on `--sample` senders and
@@ -14,30 +14,23 @@ Prints a table and writes benchmarks/results/bench_path_patching.json.
 """
 
 import argparse
-import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from bench_cache import describe, ioi_pairs, load_model  # noqa: E402
-from reference.path_patching import caches, path_patch_two_runs  # noqa: E402
+from common import add_threads_argument, describe, ioi_pairs, load_model, set_threads, write_results
+from reference.path_patching import caches, path_patch_two_runs
 
-import lenskit  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results" / "bench_path_patching.json"
+import lenskit
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m", help="any lenskit.load name (default smollm2-135m)")
     parser.add_argument("--sample", type=int, default=6, help="senders the reference is timed on (default 6)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    add_threads_argument(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     model = load_model(args.model)
     clean, corrupted, metric, _ = ioi_pairs(model, 8)
     cfg = model.cfg
@@ -72,8 +65,7 @@ def main() -> None:
     for row in rows:
         print(f"{row['receivers']:<10} {row['senders']:>7} {row['lenskit_s']:>10.2f} {row['reference_s_extrapolated']:>12.1f} "
               f"{row['speedup']:>7.1f}x {row['max_abs_difference']:>11.2e} {'met' if row['target_met'] else 'MISSED'}")
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"model": args.model, "pairs": list(clean.shape), "rows": rows}, indent=2))
+    write_results("path_patching", None, {"model": args.model, "pairs": list(clean.shape), "rows": rows}, indent=2)
 
 
 if __name__ == "__main__":

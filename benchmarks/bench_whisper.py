@@ -13,8 +13,8 @@ lenskit from the folder), openai-whisper's decoder given the same weights, and c
 on the folder (compute_type float32, its own encoding of the same audio; needs ctranslate2), whose
 ratio is reported too.
 
-Variants are timed interleaved in one run: median wall-clock and process-CPU seconds of the
-repeats, after a warm-up round (use --threads 1 for CPU times that measure work on a shared machine).
+Variants are timed interleaved in one run (common.interleaved): median wall-clock and process-CPU
+seconds of the repeats, after a warm-up round (use --threads 1 for CPU times that measure work on a shared machine).
 
     python benchmarks/bench_whisper.py            # 7 repeats
     python benchmarks/bench_whisper.py --quick    # smoke run: 2 repeats, 10 tokens
@@ -24,20 +24,17 @@ Prints a table and writes benchmarks/results/bench_whisper.json (bench_whisper_<
 """
 
 import argparse
-import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from transformers import WhisperConfig as HFWhisperConfig, WhisperForConditionalGeneration
 
+from common import interleaved, medians, write_results
 from lenskit.whisper import WhisperConfig, from_hf, from_openai, get_tokenizer
 from lenskit.whisper.decoding import blank_tokens, greedy_decode, suppressed_tokens
 
-RESULTS = Path(__file__).parent / "results" / "bench_whisper.json"
 TINY = WhisperConfig.tiny()
 
 
@@ -62,30 +59,16 @@ def openai_tiny():
     return model
 
 
-def interleaved(variants: dict, repeats: int) -> dict[str, dict[str, float]]:
-    """Median wall-clock and process-CPU seconds per call of each variant, over `repeats`
-    interleaved rounds after one warm-up round (CPU time is the steadier measure on a shared machine)."""
-    times = {name: {"wall": [], "cpu": []} for name in variants}
-    for repeat in range(repeats + 1):
-        for name, run in variants.items():
-            wall, cpu = time.perf_counter(), time.process_time()
-            run()
-            if repeat:
-                times[name]["wall"].append(time.perf_counter() - wall)
-                times[name]["cpu"].append(time.process_time() - cpu)
-    return {name: {kind: statistics.median(values) for kind, values in t.items()} for name, t in times.items()}
-
-
 @torch.inference_mode()
 def bench_forward(repeats: int) -> dict:
     hf = hf_tiny()
     model = from_hf(hf)
     mel = torch.randn(1, TINY.n_mels, TINY.n_frames, generator=torch.Generator().manual_seed(0))
     prompt = torch.tensor([[50258, 50259, 50359, 50363]])
-    return interleaved({
+    return medians(interleaved({
         "HF eager forward": lambda: hf(input_features=mel, decoder_input_ids=prompt, use_cache=False),
         "HookedWhisper forward": lambda: model(mel, prompt),
-    }, repeats)
+    }, repeats))
 
 
 def bench_decoding(repeats: int, n_tokens: int) -> dict:
@@ -167,7 +150,7 @@ def _bench_decoding(model, reference, mel, repeats: int, n_tokens: int, folder=N
         variants["ctranslate2 generate"] = lambda: outputs.update(ctranslate2=ct2.generate(
             encoded, [prompt], beam_size=1, max_length=2 * n_tokens,
             suppress_tokens=[-1, tokenizer.eot])[0].sequences_ids[0])
-    times = interleaved(variants, repeats)
+    times = medians(interleaved(variants, repeats))
     assert len(outputs["lenskit"]) == n_tokens, outputs
     rates = {name: {kind: n_tokens / seconds for kind, seconds in t.items()} for name, t in times.items()}
     same = {other: outputs[other] == outputs["lenskit"] for other in outputs if other != "lenskit"}
@@ -211,11 +194,10 @@ def main() -> None:
               f"same tokens: {decoding['same tokens']}")
         results |= {"decoding_tokens_per_s": rates, "decoding_speedup": speedup, "same_tokens": decoding["same tokens"]}
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results | {"quick": args.quick, "repeats": repeats, "threads": args.threads,
-                                             "tokens": n_tokens, "torch": torch.__version__,
-                                             "machine": platform.processor() or platform.machine()}, indent=2))
-    print(f"wrote {RESULTS}")
+    path = write_results("whisper", None, results | {"quick": args.quick, "repeats": repeats, "threads": args.threads,
+                                                     "tokens": n_tokens, "torch": torch.__version__,
+                                                     "machine": platform.processor() or platform.machine()}, indent=2)
+    print(f"wrote {path}")
 
 
 def main_real(args, repeats: int, n_tokens: int) -> None:
@@ -235,12 +217,11 @@ def main_real(args, repeats: int, n_tokens: int) -> None:
         print(f"    lenskit / ctranslate2 float32: wall {ratios['ctranslate2 generate']['wall']:.2f}x, "
               f"CPU {ratios['ctranslate2 generate']['cpu']:.2f}x (reported, no target)")
     print(f"    text: {decoding['text'][:100]!r}")
-    out = RESULTS.with_name(f"bench_whisper_{Path(args.model).name}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "decoding_tokens_per_s": rates, "lenskit_ratio": ratios,
-                               "same_tokens": decoding["same tokens"], "quick": args.quick, "repeats": repeats,
-                               "threads": args.threads, "tokens": n_tokens, "torch": torch.__version__,
-                               "machine": platform.processor() or platform.machine()}, indent=2))
+    out = write_results("whisper", args.model, {
+        "model": args.model, "decoding_tokens_per_s": rates, "lenskit_ratio": ratios,
+        "same_tokens": decoding["same tokens"], "quick": args.quick, "repeats": repeats, "threads": args.threads,
+        "tokens": n_tokens, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+    }, indent=2)
     print(f"wrote {out}")
 
 

@@ -5,6 +5,7 @@
     as_tokens(model, torch.tensor([5, 9, 2]))   # [1, 3]: integer ids, checked
     token_id(model, " Mary"); token_ids(model, [" Mary", 1234])   # single tokens (answers, targets)
     str_tokens(model, ids)                      # the string of each id, shaped like ids
+    document_ids(model, corpus_text)            # [n]: a document of any length, no BOS (cut into rows later)
 
 Checks, each an `InputError` naming the argument, the value and what is valid: ids are integers
 (not floats or bools) inside 0..d_vocab-1; a prompt fits the model's context (no silent
@@ -151,6 +152,14 @@ def knows_every_word(model: HookedTransformer, text: str) -> bool:
     """Whether the tokenizer reads `text` without its unknown token."""
     unk = getattr(model.tokenizer, "unk_token_id", None)
     return unk is None or unk not in model.to_tokens(text, prepend_bos=False, truncate=False)[0]
+
+
+def document_ids(model: HookedTransformer, text: str, what: str = "text") -> Int[Tensor, "n"]:
+    """The token ids [n] of a text of any length, without BOS and not held to the context: a document
+    that the caller cuts into rows (`lenskit.shards.stream_cache`)."""
+    if model.tokenizer is None:
+        raise InputError(f"{what}: this model has no tokenizer, so give token ids rather than text")
+    return model.to_tokens(text, prepend_bos=False, truncate=False)[0]
 
 
 def check_context(model: HookedTransformer, n_pos: int, what: str = "tokens") -> None:

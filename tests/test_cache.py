@@ -1,4 +1,4 @@
-"""lenskit.cache against TransformerLens' own run_with_cache / ActivationCache, on random-weight models."""
+"""lenskit.cache and lenskit.shards against TransformerLens' own run_with_cache / ActivationCache, on random-weight models."""
 
 import json
 import os
@@ -15,7 +15,9 @@ from conftest import make_model
 from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerFast
 
-from lenskit.cache import decompose_residual, load_cache, residual_stream, stream_cache
+from lenskit.cache import decompose_residual, residual_stream
+from lenskit.run import Run
+from lenskit.shards import load_cache, stream_cache
 
 TESTS = Path(__file__).parent
 
@@ -144,6 +146,19 @@ def test_decompose_residual_equals_activation_cache(gpt2_like, tokens):
     torch.testing.assert_close(decompose_residual(gpt2_like, tokens).tensor, reference, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match=r"layer 4 out of range: 0..3"):
         decompose_residual(gpt2_like, tokens, layer=4)
+
+
+def test_a_run_serves_both_views_and_keeps_what_they_cached(gpt2_like, tokens):
+    run = Run(gpt2_like, tokens)
+    stream = residual_stream(gpt2_like, run, "post")
+    assert all(name in run for name in stream.labels["component"])
+    fired = []
+    with gpt2_like.hooks(fwd_hooks=[("hook_embed", lambda activation, hook: fired.append(hook.name))]):
+        assert torch.equal(residual_stream(gpt2_like, run, "post").tensor, stream.tensor)
+        assert not fired  # nothing recomputed
+        parts = decompose_residual(gpt2_like, run)
+    assert fired == ["hook_embed"]  # one pass for the parts the run lacked
+    torch.testing.assert_close(parts.sum("component"), stream.tensor[-1], atol=1e-5, rtol=0)
 
 
 # --- stream_cache / load_cache -------------------------------------------------------------

@@ -38,7 +38,7 @@ def test_info_prints_config_params_and_hooks(model_folder, capsys):
 
 
 def test_cache_writes_what_run_with_cache_gives(model_folder, tmp_path):
-    from lenskit.cache import load_cache  # noqa: PLC0415 (cache.py is optional for the rest of this file)
+    from lenskit.shards import load_cache  # noqa: PLC0415 (shards.py is optional for the rest of this file)
 
     text = tmp_path / "corpus.txt"
     text.write_text("w1 w2 w3 w4\n\nw5 w6 w7\nw8 w9 w10 w11 w12\n")

@@ -5,9 +5,6 @@ for each target, source and head) in float64 and apply the proximity definition 
 they share no code with lenskit's exact sparse computation.
 """
 
-import sys
-from pathlib import Path
-
 import networkx as nx
 import pytest
 import torch
@@ -16,9 +13,7 @@ import lenskit
 from conftest import STORIES_DIR, make_model
 from headless_chromium import CHROMIUM, Chromium
 from lenskit.flow import FlowGraph, flow, head_source_proximity
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_flow import reference_decomposed_attn  # noqa: E402  (the LM Transparency Tool's method)
+from reference.flow import proximity, tool_decomposed_attn  # the definition; the LM Transparency Tool's method
 
 KINDS = {
     "gpt2": {},
@@ -80,10 +75,6 @@ def head_parts(model, cache, layer, row=0):
     return cache[f"blocks.{layer}.attn.hook_pattern"][row].double().permute(1, 2, 0)[..., None] * per_source
 
 
-def prox(part, whole):
-    return (whole.abs().sum(-1) - (whole - part).abs().sum(-1)).clamp(min=0)
-
-
 def reference(model, cache, layer, row=0):
     """Reference shares of one layer: heads [i, j, h] and a dict of per-position edge shares [i]."""
     get = lambda name: cache[f"blocks.{layer}.{name}"][row].double()  # noqa: E731
@@ -91,12 +82,13 @@ def reference(model, cache, layer, row=0):
     others = {"attn_residual": get("hook_resid_pre")}
     if model.cfg.parallel_attn_mlp:
         others["mlp"] = get("hook_mlp_out")
-    heads = prox(head_parts(model, cache, layer, row), whole[:, None, None])
-    rest = {name: prox(part, whole) for name, part in others.items()}
+    heads = proximity(head_parts(model, cache, layer, row), whole[:, None, None])
+    rest = {name: proximity(part, whole) for name, part in others.items()}
     total = heads.sum((1, 2)) + sum(rest.values())
     shares = {name: value / total for name, value in rest.items()}
     if sequential(model):
-        mlp, resid = prox(get("hook_mlp_out"), get("hook_resid_post")), prox(get("hook_resid_mid"), get("hook_resid_post"))
+        mlp = proximity(get("hook_mlp_out"), get("hook_resid_post"))
+        resid = proximity(get("hook_resid_mid"), get("hook_resid_post"))
         shares |= {"mlp": mlp / (mlp + resid), "mlp_residual": resid / (mlp + resid)}
     return heads / total[:, None, None], shares
 
@@ -160,7 +152,7 @@ def test_the_reference_tools_parts_miss_exactly_b_V_once_and_b_O(gpt2, batch):
     _, cache = gpt2.run_with_cache(batch[0])
     for layer in range(gpt2.cfg.n_layers):
         attn = gpt2.blocks[layer].attn
-        tool_sum = reference_decomposed_attn(gpt2, cache, 0, layer).sum((1, 2))  # [pos, d_model]
+        tool_sum = tool_decomposed_attn(gpt2, cache, 0, layer).sum((1, 2))  # [pos, d_model]
         attn_out = cache[f"blocks.{layer}.hook_attn_out"][0]
         expected_error = torch.einsum("he,hed->d", attn.b_V, attn.W_O) - attn.b_O
         torch.testing.assert_close(tool_sum - attn_out, expected_error.expand_as(attn_out), atol=1e-5, rtol=0)
@@ -184,7 +176,7 @@ def test_mlp_parts_and_neurons_sum_exactly_to_resid_post(batch):
             neurons = post[:, None] * mlp.W_out + mlp.b_out / len(post)
             first = by_neuron.parts.labels["part"].index("neuron 0")
             torch.testing.assert_close(by_neuron.parts.tensor[first:], neurons, atol=1e-6, rtol=0)
-            expected = prox(by_neuron.parts.tensor.double(), resid_post.double())
+            expected = proximity(by_neuron.parts.tensor.double(), resid_post.double())
             torch.testing.assert_close(by_neuron.shares.double(), expected / expected.sum(), atol=1e-5, rtol=0)
             top = graph.top_neurons(layer, 6, k=3)
             assert top["neuron"].tolist() == (expected[first:] / expected.sum()).topk(3).indices.tolist()
@@ -321,7 +313,7 @@ def test_head_source_proximity_is_exact(d_model, scale):
     pattern = torch.rand(n_heads, n_pos, n_pos, generator=generator, dtype=torch.float64)
     pattern[0] = pattern[0].tril()  # one causal head, two attending everywhere
     pattern = pattern / pattern.sum(-1, keepdim=True)
-    dense = prox(pattern.permute(1, 2, 0)[..., None] * sources, whole[:, None, None])
+    dense = proximity(pattern.permute(1, 2, 0)[..., None] * sources, whole[:, None, None])
     fast = head_source_proximity(whole, sources, pattern, budget=4096, block=5)
     torch.testing.assert_close(fast, dense, atol=1e-10, rtol=0)
     assert (dense > 0).any() and (dense == 0).any()

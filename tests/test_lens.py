@@ -5,7 +5,9 @@ import torch
 
 import lenskit
 from conftest import STORIES_DIR, make_model
+from reference.logit_lens import reference_logits
 from lenskit.lens import LensResult, logit_lens
+from lenskit.run import Run
 from lenskit.viz import Figure
 
 KINDS = ["gpt2", "llama", "neox"]
@@ -22,30 +24,6 @@ def stories():
     if not STORIES_DIR.exists():
         pytest.skip(f"stories260K is not present at {STORIES_DIR}")
     return lenskit.load(STORIES_DIR)
-
-
-def final_norm_by_hand(model, x):
-    """The model's final normalisation written out from its config: LayerNorm or RMSNorm, with or without weights."""
-    kind = model.cfg.normalization_type
-    if kind is None:
-        return x
-    rms = kind.startswith("RMS") or model.cfg.final_rms
-    if not rms:
-        x = x - x.mean(-1, keepdim=True)
-    x = x / (x.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
-    if kind in ("LN", "RMS"):
-        x = x * model.ln_final.w + (0 if rms else model.ln_final.b)
-    return x
-
-
-def reference_logits(model, tokens, normalize=True):
-    """[layer, batch, pos, vocab]: each resid_pre and the final resid_post (run_with_cache), normed, @ W_U + b_U."""
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens)
-        n = model.cfg.n_layers
-        resid = torch.stack([cache[f"blocks.{layer}.hook_resid_pre"] for layer in range(n)]
-                            + [cache[f"blocks.{n - 1}.hook_resid_post"]])
-        return (final_norm_by_hand(model, resid) if normalize else resid) @ model.W_U + model.b_U
 
 
 def assert_lens_matches(lens: LensResult, logits, targets):
@@ -106,6 +84,43 @@ def test_batch_rows_equal_single_prompts(model, tokens):
         single = logit_lens(model, tokens[row], targets=TARGETS, progress=False)  # [pos] becomes [1, pos]
         torch.testing.assert_close(single.top_probs[:, 0], batched.top_probs[:, row], atol=1e-6, rtol=0)
         torch.testing.assert_close(single.target_logits[:, 0], batched.target_logits[:, row], atol=1e-5, rtol=0)
+
+
+def test_next_token_probabilities_and_ranks(model, tokens):
+    lens = logit_lens(model, tokens, top_k=2, progress=False)
+    logits = reference_logits(model, tokens)[:, :, :-1]  # [layer, batch, pos - 1, vocab]
+    following = tokens[None, :, 1:, None].expand(len(logits), -1, -1, 1)
+    torch.testing.assert_close(lens.next_probs, logits.softmax(-1).gather(-1, following)[..., 0], atol=1e-5, rtol=0)
+    assert torch.equal(lens.next_ranks, (logits > logits.gather(-1, following)).sum(-1))
+
+
+def test_a_run_is_read_not_run_again(model, tokens):
+    run = Run.everything(model, tokens)
+
+    def no_forward_pass(activation, hook):
+        raise AssertionError("the model ran")
+
+    with model.hooks(fwd_hooks=[("hook_embed", no_forward_pass)]):
+        lens = logit_lens(model, run, targets=TARGETS, progress=False)
+    assert torch.equal(lens.tokens, tokens)
+    assert_lens_matches(lens, reference_logits(model, tokens), TARGETS)
+    with pytest.raises(ValueError, match="cache lacks"):
+        logit_lens(model, Run(model, tokens, activations={}, extend=False), progress=False)
+
+
+def test_tokens_run_only_the_blocks_read(gpt2_model, tokens):
+    def too_far(activation, hook):
+        raise AssertionError(f"{hook.name} ran")
+
+    with gpt2_model.hooks(fwd_hooks=[("blocks.2.hook_resid_pre", too_far), ("unembed.hook_out", too_far)]):
+        lens = logit_lens(gpt2_model, tokens, layers=[0, 1], progress=False)
+    assert lens.layer_names == ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
+
+
+def test_save_html_writes_the_plot_as_a_page(word_model, tmp_path):
+    lens = logit_lens(word_model, "the cat sat on the mat", progress=False)
+    page = lens.save_html(tmp_path / "lens.html", positions=[1, 2]).read_text()
+    assert page.startswith("<!DOCTYPE html>") and lens.plot(positions=[1, 2]).html in page
 
 
 def test_selected_layers_and_no_normalisation(gpt2_model, tokens):

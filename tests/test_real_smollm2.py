@@ -17,6 +17,7 @@ import pytest
 import torch
 import transformer_lens.patching as tlp
 from conftest import blocks_by_hand
+from reference.attribution import transformer_lens_neurons
 from transformer_lens import head_detector
 
 import lenskit
@@ -247,12 +248,11 @@ def test_attribution_equals_transformer_lens_decompositions(model, clean, clean_
 
     neurons = lenskit.attribute(model, clean, ANSWER, WRONG, by="neuron")
     sampled = [0, 77, 512, 1535]
-    stack, labels = cache.stack_neuron_results(layer=-1, pos_slice=-1, neuron_slice=sampled, return_labels=True)
-    reference = dict(zip(labels, tl_attrs(stack)))
+    reference = transformer_lens_neurons(model, clean, ANSWER, WRONG, cache=cache, neurons=sampled)
     rows = neurons[(neurons.component == "neuron") & neurons.neuron.isin(sampled)]
     assert len(rows) == 30 * len(sampled)
     for row in rows.itertuples():
-        assert row.value == pytest.approx(reference[f"L{row.layer}N{row.neuron}"].item(), abs=1e-5)
+        assert row.value == pytest.approx(reference[f"L{row.layer}N{row.neuron}"], abs=1e-5)
 
 
 def test_attribution_by_source_position_is_attention_times_projected_values(model, clean, clean_run):

@@ -96,7 +96,7 @@ def main() -> None:
             "lenskit": lambda: lenskit_neurons(model, tokens),
         }, repeats),
     }
-    del cache
+    cache = None  # free it (the lambdas above are done with it)
     lens_rows = lens_benchmark(model, tokens)
 
     print(f"{label}; CPU, {torch.get_num_threads()} threads")

@@ -138,7 +138,7 @@ def main() -> None:
         rows.append({"pos": n_pos, "times": times, "medians": middle,
                      "ratios": {name: {clock: m[clock] / forward[clock] for clock in m} for name, m in middle.items()},
                      "accuracy": accuracy(model, tokens)})
-    del model
+    model = None  # free it before the memory workers (the lambdas above are done with it)
     worker = [args.model or "-", *worker_flags(args, model=False)]
     memory = [in_subprocess(__file__, "lenskit", n_pos, *worker) for n_pos in memory_lengths]
     memory += [in_subprocess(__file__, "reference", n_pos, *worker) for n_pos in lengths]  # [pos, pos, head, d_model] per layer

@@ -17,6 +17,7 @@ run (``ln_final.hook_scale``) each part's contribution to the logit is exact and
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import einops
 import numpy as np
@@ -30,6 +31,7 @@ from lenskit.errors import InputError
 from lenskit.readout import Readout
 from lenskit.run import Run, as_run
 from lenskit.tokens import Prompts, TokenLike, token_ids
+from lenskit.viz import Figure, heatmap
 
 BY = ("layer", "head", "neuron", "position", "head_pos")
 COLUMNS = ["component", "layer", "head", "neuron", "src_pos", "token", "value"]
@@ -122,12 +124,10 @@ class Attribution(pd.DataFrame):
         frame.attrs.update(self.attrs)
         return frame
 
-    def plot(self, title: str = "direct logit attribution") -> "Figure":
+    def plot(self, title: str = "direct logit attribution") -> Figure:
         """A heatmap of the decomposition (means over prompts): layer x head for heads, (layer, head) x
         source position for head_pos, source positions for position, attention / MLP x layer for layers,
         the 30 largest neurons for neurons. Components outside the grid are summed in the title."""
-        from lenskit.viz import heatmap
-
         frame = self.groupby(["component", "layer", "head", "neuron", "src_pos"], dropna=False, sort=False,
                              as_index=False).agg(value=("value", "mean"), token=("token", "first"))
         heads = frame[frame.component == "head"]
@@ -155,7 +155,7 @@ class Attribution(pd.DataFrame):
         return heatmap(torch.tensor(grid.fillna(0.0).to_numpy(dtype=float)).float(), row_labels, col_labels,
                        title=f"{title} ({others})" if others else title, row_title=" ".join(rows), col_title=cols)
 
-    def save_html(self, path) -> "Path":
+    def save_html(self, path) -> Path:
         """Save the picture as a standalone page."""
         return self.plot().save(path)
 

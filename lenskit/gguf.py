@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lenskit.errors import ModelFileError
+from lenskit.files import check_file, read_json
 from lenskit.offline import hf_offline
 from lenskit.packaged import file_sha256
 
@@ -49,7 +51,7 @@ ARCHITECTURES = {
 CONVERTED_MARKER = "lenskit-gguf.json"  # the file's metadata, written last: a folder without it is unfinished
 
 
-class GGUFError(ValueError):
+class GGUFError(ModelFileError):
     """A GGUF file lenskit cannot load: not GGUF, or an architecture / tensor type it does not support."""
 
 
@@ -57,7 +59,11 @@ def convert(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """The float32 Hugging Face folder of a GGUF file (`converted_folder`) and the file's metadata
     (`read_metadata`); ``lenskit.load`` loads the folder with ``default_prepend_bos`` from the metadata."""
     folder = converted_folder(Path(path))
-    return folder, json.loads((folder / CONVERTED_MARKER).read_text())
+    metadata = read_json(folder / CONVERTED_MARKER)
+    if not isinstance(metadata.get("add_bos_token"), bool):
+        raise GGUFError(f"lenskit.load: the cached conversion {folder} of {path} is damaged (its {CONVERTED_MARKER} "
+                        "has no add_bos_token); delete that folder to convert the file again")
+    return folder, metadata
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
@@ -69,15 +75,20 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
     try:
         reader = GGUFReader(path)
-    except (ValueError, OSError, IndexError) as error:  # bad magic, truncated header or tensor table
-        raise GGUFError(f"lenskit.load: {path} is not a readable GGUF file ({error})") from None
-    architecture = _field(reader, "general.architecture")
-    if architecture not in ARCHITECTURES:
+    except (ValueError, OSError, IndexError, KeyError, TypeError, OverflowError, MemoryError) as error:
+        # bad magic, truncated header or tensor table, unknown value types, absurd sizes
+        raise GGUFError(f"lenskit.load: {path} is not a readable GGUF file ({type(error).__name__}: {error})") from None
+    try:
+        architecture, split_count = _field(reader, "general.architecture"), _field(reader, "split.count", 1)
+        add_bos_token = bool(_field(reader, "tokenizer.ggml.add_bos_token", False))
+    except (ValueError, IndexError, TypeError) as error:
+        raise GGUFError(f"lenskit.load: {path} has unreadable metadata ({type(error).__name__}: {error})") from None
+    if not isinstance(architecture, str) or architecture not in ARCHITECTURES:
         raise GGUFError(
             f"lenskit.load: {path} holds a GGUF model of architecture {architecture!r}, which lenskit does not "
             f"load; supported: {', '.join(ARCHITECTURES)}"
         )
-    if _field(reader, "split.count", 1) > 1:
+    if isinstance(split_count, int) and split_count > 1:
         raise GGUFError(f"lenskit.load: {path} is one part of a split GGUF model; merge the parts first "
                         "(llama.cpp's gguf-split --merge)")
     unsupported = sorted({tensor.tensor_type.name for tensor in reader.tensors if not _dequantisable(tensor.tensor_type)})
@@ -86,7 +97,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
             f"lenskit.load: {path} has tensors of type {', '.join(unsupported)}, which the gguf package cannot "
             f"dequantise; supported: {', '.join(sorted(t.name for t in _dequantisable_types()))}"
         )
-    return {"architecture": architecture, "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False))}
+    return {"architecture": architecture, "add_bos_token": add_bos_token}
 
 
 def converted_folder(path: Path) -> Path:
@@ -94,7 +105,7 @@ def converted_folder(path: Path) -> Path:
 
     Beside the model and tokenizer it holds CONVERTED_MARKER: `read_metadata`'s answer and the source path.
     """
-    folder = cache_root() / "gguf" / file_sha256(path)
+    folder = cache_root() / "gguf" / file_sha256(check_file(path, "GGUF file"))
     if (folder / CONVERTED_MARKER).is_file():
         return folder
     metadata = read_metadata(path)
@@ -103,9 +114,13 @@ def converted_folder(path: Path) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name[:16]}-", dir=folder.parent))
     try:
-        with hf_offline():
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        try:
+            with hf_offline():
+                tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+                model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        except Exception as error:  # transformers' GGUF reader: KeyError, ValueError, RuntimeError ... on a bad file
+            raise GGUFError(f"lenskit.load: transformers cannot convert {path} ({type(error).__name__}: "
+                            f"{str(error)[:300]})") from error
         del model.config.quantization_config  # the weights are dequantised: plain float32 from here on
         model.hf_quantizer = None
         model.save_pretrained(staging)

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from lenskit.errors import InputError
+from lenskit.viz import Figure, heatmap
 
 
 @dataclass
@@ -85,13 +86,11 @@ class LabelledTensor:
         frame[value_name] = values.reshape(-1).numpy()
         return frame
 
-    def plot(self, title: str = "") -> "Figure":
+    def plot(self, title: str = "") -> Figure:
         """A heatmap of a 2-D result (first dim as rows, second as columns), labelled where labels exist.
 
         Select a 2-D slice first for more dimensions: ``LabelledTensor(lt[0], lt.dims[1:], ...)``.
         """
-        from lenskit.viz import heatmap
-
         if self.tensor.ndim != 2:
             raise InputError(f"plot needs a 2-D LabelledTensor, this one has dims {self.dims}; select a slice first")
         rows, cols = (self.labels.get(d, [f"{d} {i}" for i in range(n)]) for d, n in zip(self.dims, self.tensor.shape))

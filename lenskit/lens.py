@@ -67,7 +67,7 @@ class LensResult:
     top_strings: np.ndarray
     next_probs: Float[Tensor, "layer batch pos-1"]
     next_ranks: Int[Tensor, "layer batch pos-1"]
-    target_ids: Int[Tensor, "target"] | None = None
+    target_ids: Int[Tensor, " target"] | None = None
     target_strings: list[str] | None = None
     target_probs: Float[Tensor, "layer batch pos target"] | None = None
     target_ranks: Int[Tensor, "layer batch pos target"] | None = None
@@ -257,14 +257,14 @@ class _ChunkedReadout:
     statistics are kept (and the logits themselves when `keep_logits`), on the CPU.
     """
 
-    def __init__(self, readout: Readout, top_k: int, target_ids: Int[Tensor, "target"] | None,
+    def __init__(self, readout: Readout, top_k: int, target_ids: Int[Tensor, " target"] | None,
                  keep_logits: bool, chunk_size: int):
         self.readout, self.top_k, self.target_ids, self.keep_logits = readout, top_k, target_ids, keep_logits
         self.chunk_size = chunk_size
         self.pending: list[tuple[Tensor, Tensor]] = []
         self.reads: list[dict[str, Tensor]] = []
 
-    def add(self, rows: Float[Tensor, "rows d_model"], following: Int[Tensor, "rows"]) -> None:
+    def add(self, rows: Float[Tensor, "rows d_model"], following: Int[Tensor, " rows"]) -> None:
         """Queue `rows` with the id of the token that follows each (its next-token statistics)."""
         self.pending.append((rows, following))
         if sum(len(rows) for rows, _ in self.pending) >= self.chunk_size:
@@ -282,7 +282,7 @@ class _ChunkedReadout:
                        for start in range(0, end, self.chunk_size)]
         self.pending = [(rows[end:], following[end:])]
 
-    def _statistics(self, rows: Float[Tensor, "chunk d_model"], following: Int[Tensor, "chunk"]) -> dict[str, Tensor]:
+    def _statistics(self, rows: Float[Tensor, "chunk d_model"], following: Int[Tensor, " chunk"]) -> dict[str, Tensor]:
         """Top-k ids and probabilities [chunk, k]; target logits, probabilities and ranks [chunk, target];
         the following token's probability and rank [chunk, 1]."""
         logits = self.readout.logits(rows).float()

@@ -27,6 +27,9 @@ from jaxtyping import Float
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizer
 
+from lenskit.errors import InputError, MissingFileError, ModelFileError
+from lenskit.config import as_device, as_dtype
+
 HEADER_FIELDS = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
 HEADER_BYTES = 4 * len(HEADER_FIELDS)
 VERSIONED_EXPORT_MAGIC = 0x616B3432  # "ak42": llama2.c's version-1/2 exports, not supported here
@@ -45,11 +48,11 @@ def _read_tokenizer_file(path: Path) -> tuple[list[str], list[float]]:
     offset = 4
     while offset < len(raw):
         if offset + 8 > len(raw):
-            raise ValueError(f"{path.name}: truncated tokenizer file at token {len(pieces)} (byte {offset})")
+            raise ModelFileError(f"{path}: truncated tokenizer file at token {len(pieces)} (byte {offset})")
         score, length = struct.unpack_from("<fi", raw, offset)
         offset += 8
         if length < 0 or offset + length > len(raw):
-            raise ValueError(f"{path.name}: truncated tokenizer file at token {len(pieces)} ({length} bytes)")
+            raise ModelFileError(f"{path}: truncated tokenizer file at token {len(pieces)} ({length} bytes)")
         pieces.append(raw[offset : offset + length].decode("utf-8", errors="replace"))
         scores.append(score)
         offset += length
@@ -78,11 +81,11 @@ class Llama2cTokenizer(PreTrainedTokenizer):
     def __init__(self, vocab_file: str | Path, add_bos_token: bool = True, **kwargs) -> None:
         self.vocab_file = Path(vocab_file)
         if not self.vocab_file.is_file():
-            raise FileNotFoundError(f"llama2.c tokenizer not found: {self.vocab_file}")
+            raise MissingFileError(f"llama2.c tokenizer not found: {self.vocab_file}")
         self.pieces, self.scores = _read_tokenizer_file(self.vocab_file)
         if len(self.pieces) < BYTE_FALLBACK_OFFSET + 256:
-            raise ValueError(
-                f"{self.vocab_file.name}: {len(self.pieces)} tokens; a llama2.c tokenizer has at least "
+            raise ModelFileError(
+                f"{self.vocab_file}: {len(self.pieces)} tokens; a llama2.c tokenizer has at least "
                 f"{BYTE_FALLBACK_OFFSET + 256} (3 special tokens and 256 byte tokens)"
             )
         self.piece_to_id: dict[str, int] = {}
@@ -167,21 +170,21 @@ class Llama2cTokenizer(PreTrainedTokenizer):
 
 
 def _check_header(header: dict[str, int], path: Path) -> None:
-    """Raise ValueError naming the first header field llama2.c's architecture cannot take."""
+    """Raise ModelFileError naming the first header field llama2.c's architecture cannot take."""
     dim, n_heads, n_kv_heads = header["dim"], header["n_heads"], header["n_kv_heads"]
     if dim == VERSIONED_EXPORT_MAGIC:
-        raise ValueError(f"{path.name}: a versioned llama2.c export (magic 'ak42'); only legacy v0 is supported")
+        raise ModelFileError(f"{path}: a versioned llama2.c export (magic 'ak42'); only legacy v0 is supported")
     for field in HEADER_FIELDS:
         if field != "vocab_size" and header[field] <= 0:
-            raise ValueError(f"{path.name}: header field {field}={header[field]} must be positive")
+            raise ModelFileError(f"{path}: header field {field}={header[field]} must be positive")
     if header["vocab_size"] == 0:
-        raise ValueError(f"{path.name}: header field vocab_size=0 must be non-zero")
+        raise ModelFileError(f"{path}: header field vocab_size=0 must be non-zero")
     if dim % n_heads:
-        raise ValueError(f"{path.name}: header field dim={dim} is not divisible by n_heads={n_heads}")
+        raise ModelFileError(f"{path}: header field dim={dim} is not divisible by n_heads={n_heads}")
     if (dim // n_heads) % 2:
-        raise ValueError(f"{path.name}: header fields dim / n_heads = {dim // n_heads} must be even for rotary")
+        raise ModelFileError(f"{path}: header fields dim / n_heads = {dim // n_heads} must be even for rotary")
     if n_heads % n_kv_heads:
-        raise ValueError(f"{path.name}: header field n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}")
+        raise ModelFileError(f"{path}: header field n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}")
 
 
 def _array_shapes(header: dict) -> list[tuple[str, tuple[int, ...]]]:
@@ -223,10 +226,10 @@ def read_llama2c_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Ten
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"llama2.c checkpoint not found: {path}")
+        raise MissingFileError(f"llama2.c checkpoint not found: {path}")
     actual_bytes = path.stat().st_size
     if actual_bytes < HEADER_BYTES:
-        raise ValueError(f"{path.name}: expected at least {HEADER_BYTES} bytes (header), got {actual_bytes} bytes")
+        raise ModelFileError(f"{path}: expected at least {HEADER_BYTES} bytes (header), got {actual_bytes} bytes")
     with open(path, "rb") as f:
         values = struct.unpack(f"<{len(HEADER_FIELDS)}i", f.read(HEADER_BYTES))
     header: dict = dict(zip(HEADER_FIELDS, values))
@@ -237,8 +240,8 @@ def read_llama2c_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Ten
     shapes = _array_shapes(header)
     expected_bytes = HEADER_BYTES + 4 * sum(math.prod(shape) for _, shape in shapes)
     if actual_bytes != expected_bytes:
-        raise ValueError(
-            f"{path.name}: expected {expected_bytes} bytes for header {dict(zip(HEADER_FIELDS, values))}, "
+        raise ModelFileError(
+            f"{path}: expected {expected_bytes} bytes for header {dict(zip(HEADER_FIELDS, values))}, "
             f"got {actual_bytes} bytes"
         )
     floats = torch.from_numpy(np.fromfile(path, dtype="<f4", offset=HEADER_BYTES))
@@ -334,14 +337,14 @@ def _transformer_lens_state_dict(header: dict, weights: dict[str, torch.Tensor])
 def _resolve_checkpoint(path: Path) -> Path:
     """``path`` itself, or the single non-tokenizer ``.bin`` in the folder ``path``."""
     if not path.exists():
-        raise FileNotFoundError(f"llama2.c checkpoint not found: {path}")
+        raise MissingFileError(f"llama2.c checkpoint not found: {path}")
     if path.is_file():
         return path
     candidates = sorted(p for p in path.glob("*.bin") if not p.name.startswith("tok"))
     if not candidates:
-        raise FileNotFoundError(f"no llama2.c checkpoint (.bin, not tok*.bin) in {path}")
+        raise MissingFileError(f"no llama2.c checkpoint (.bin, not tok*.bin) in {path}")
     if len(candidates) > 1:
-        raise ValueError(f"several llama2.c checkpoints in {path}: {[p.name for p in candidates]}; pass one")
+        raise InputError(f"several llama2.c checkpoints in {path}: {[p.name for p in candidates]}; pass one")
     return candidates[0]
 
 
@@ -353,7 +356,7 @@ def _find_tokenizer(checkpoint: Path, vocab_size: int) -> Llama2cTokenizer | Non
     matching = [t for t in tokenizers.values() if t.vocab_size == vocab_size]
     if len(matching) != 1:
         found = {name: t.vocab_size for name, t in tokenizers.items()}
-        raise ValueError(
+        raise ModelFileError(
             f"{len(matching)} tokenizers beside {checkpoint.name} have its vocab_size {vocab_size} "
             f"(vocab sizes found: {found}); pass tokenizer_path"
         )
@@ -369,7 +372,7 @@ def load_llama2c(
     center_unembed: bool = False,
     fold_value_biases: bool = True,
     device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
 ) -> HookedTransformer:
     """A llama2.c checkpoint as a `HookedTransformer`, with its `Llama2cTokenizer` attached.
 
@@ -381,8 +384,13 @@ def load_llama2c(
         fold_ln, center_writing_weights, center_unembed, fold_value_biases: TransformerLens weight
             processing (`HookedTransformer.load_and_process_state_dict`); with fold_ln the RMSNorm
             weights are folded into the next layer and the norms become ``RMSPre``.
-        device, dtype: where and in which precision the model lives.
+        device, dtype: where and in which precision the model lives (dtype: a torch dtype or its name).
+
+    Raises MissingFileError for a missing checkpoint or tokenizer, ModelFileError for one that is
+    truncated or whose header llama2.c's architecture cannot take (naming the field), InputError for
+    a folder holding several checkpoints or a bad device / dtype.
     """
+    device, dtype = as_device(device), as_dtype(dtype)
     checkpoint = _resolve_checkpoint(Path(path))
     header, weights = read_llama2c_checkpoint(checkpoint)
     if tokenizer_path is None:
@@ -390,8 +398,8 @@ def load_llama2c(
     else:
         tokenizer = Llama2cTokenizer(tokenizer_path)
         if tokenizer.vocab_size != header["vocab_size"]:
-            raise ValueError(
-                f"{Path(tokenizer_path).name} has {tokenizer.vocab_size} tokens but {checkpoint.name} "
+            raise ModelFileError(
+                f"{Path(tokenizer_path)} has {tokenizer.vocab_size} tokens but {checkpoint.name} "
                 f"has vocab_size {header['vocab_size']}"
             )
 

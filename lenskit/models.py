@@ -17,33 +17,41 @@
   `HookedTransformer.from_pretrained(name, **kwargs)`, which downloads from the Hugging Face Hub.
 
 A Hugging Face folder without tokenizer files gives a model without a tokenizer (``model.tokenizer is
-None``): it takes token ids, not strings. Errors name the problem: an unknown name lists close matches,
-a missing path or weights file is named, an unsupported architecture is named.
+None``): it takes token ids, not strings.
+
+Errors are lenskit's (`lenskit.errors`) and name the file or argument, the value and what is valid:
+`MissingFileError` for a path that does not exist or a folder without the file it needs;
+`ModelFileError` for a file that is not what it claims (invalid JSON, a config field outside its
+range, weights that do not fit the config, a truncated weights file, a corrupt tokenizer); `InputError`
+for a bad argument (an unknown name, with close matches; a dtype, device or option the loader does not
+take). A config is checked field by field before a model is built from it (`lenskit.config`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import json
 import os
 import re
 import tempfile
-import warnings
 from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import transformer_lens.loading_from_pretrained as tl_loading
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.supported_models import MODEL_ALIASES, OFFICIAL_MODEL_NAMES
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from lenskit.errors import InputError, MissingFileError, ModelFileError
+from lenskit.files import check_weights, read_json, read_safetensors
+from lenskit.config import as_device, as_dtype, build_model, check_config, quiet_deprecation
 from lenskit.offline import hf_offline
 from lenskit.packaged import PACKAGED, packaged
 
@@ -91,9 +99,10 @@ def load(name_or_path: str | os.PathLike, **kwargs: Any) -> HookedTransformer:
 
     kwargs go to the loader chosen: `HookedTransformer.from_pretrained` for a TransformerLens name,
     `load_hf_folder` for a Hugging Face folder, `lenskit.llama2c.load_llama2c` for a llama2.c
-    checkpoint, `load_lenskit_folder` for a lenskit folder or zoo name.
+    checkpoint, `load_lenskit_folder` for a lenskit folder or zoo name, `load_config_file` for a
+    ``.json`` config; one that loader does not take raises InputError naming those it does.
     """
-    name = str(name_or_path)
+    name = name_argument(name_or_path, "lenskit.load")
     if name.startswith(ZOO_PREFIX):
         return _load_zoo(name.removeprefix(ZOO_PREFIX), **kwargs)
     path = Path(name).expanduser()
@@ -101,17 +110,35 @@ def load(name_or_path: str | os.PathLike, **kwargs: Any) -> HookedTransformer:
         return _load_path(path, **kwargs)
     if (wheel_model := packaged(name)) is not None:
         if wheel_model.kind == "speech":
-            raise ValueError(f"lenskit.load: {name!r} is a speech model; load it with lenskit.whisper.load({name!r})")
+            raise InputError(f"lenskit.load: {name!r} is a speech model; load it with lenskit.whisper.load({name!r})")
         return _load_path(wheel_model.path(), **kwargs)
     if name.lower() in tl_loading.make_model_alias_map():
-        with _quiet_deprecation():
+        with quiet_deprecation():
             return HookedTransformer.from_pretrained(name, **kwargs)
-    if "/" in name or os.sep in name or name.startswith(("~", ".")) or path.suffix in PATH_SUFFIXES:
-        raise FileNotFoundError(f"lenskit.load: no such file or folder: {name}.{_did_you_mean(name)}")
-    raise ValueError(
+    if "/" in name or looks_like_path(name):
+        raise MissingFileError(f"lenskit.load: no such file or folder: {name}.{_did_you_mean(name)}")
+    raise InputError(
         f"lenskit.load: {name!r} is not a TransformerLens model name or alias, a zoo name "
         f"('{ZOO_PREFIX}<name>') or an existing path.{_did_you_mean(name)}"
     )
+
+
+def name_argument(name_or_path: Any, who: str) -> str:
+    """`name_or_path` as a string: InputError unless it is a non-empty str or path (`who` names the caller)."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise InputError(f"{who}: name_or_path must be a model name or a path, got {type(name_or_path).__name__} "
+                         f"{name_or_path!r}")
+    name = str(name_or_path)
+    if not name.strip():
+        raise InputError(f"{who}: name_or_path is empty; give a model name or the path of a model file or folder")
+    return name
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether `name` can only be a path (absolute, ``~`` / ``.`` relative, a model file's suffix, or
+    more than one ``/``), not a model name or a hub id (``org/name``)."""
+    return (Path(name).is_absolute() or name.startswith(("~", ".")) or Path(name).suffix in PATH_SUFFIXES
+            or name.count("/") > 1 or (os.sep != "/" and os.sep in name))
 
 
 def save(model: HookedTransformer, folder: str | os.PathLike) -> None:
@@ -122,7 +149,12 @@ def save(model: HookedTransformer, folder: str | os.PathLike) -> None:
     tokens and ``add_bos_token`` under the "tokenizer" key of hooked_transformer.json; otherwise the
     folder has none.
     """
+    if not isinstance(model, HookedTransformer):
+        raise InputError(f"lenskit.save: model must be a HookedTransformer, got {type(model).__name__}"
+                         " (save a HookedWhisper with lenskit.whisper.save)")
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"lenskit.save: folder {folder} is a file; give a folder to write the model into")
     folder.mkdir(parents=True, exist_ok=True)
     config = _config_to_json(model.cfg)
     tokenizer = model.tokenizer
@@ -141,6 +173,8 @@ def save(model: HookedTransformer, folder: str | os.PathLike) -> None:
 
 def describe(model: HookedTransformer, name: str, hook_names: bool = True) -> str:
     """Config summary, parameter count, and (with `hook_names`) hook names grouped by layer."""
+    if not isinstance(model, HookedTransformer):
+        raise InputError(f"describe: model must be a HookedTransformer (from lenskit.load), got {type(model).__name__}")
     cfg = model.cfg
     heads = f"{cfg.n_heads} heads x d_head {cfg.d_head}"
     if getattr(cfg, "n_key_value_heads", None):
@@ -186,36 +220,37 @@ def load_lenskit_folder(
 ) -> HookedTransformer:
     """Load a folder written by `save`; `dtype` defaults to the saved one, `device` to TL's default."""
     folder = Path(folder)
-    weights_path = folder / WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"lenskit.load: {folder} has no weights file {WEIGHTS_FILE}")
-    config = _read_json(folder / CONFIG_FILE)
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    weights = read_safetensors(weights_path)
+    config = read_json(config_path)
     tokenizer_config = config.pop("tokenizer", {})
     # the tokenizer comes from tokenizer.json beside the weights, never by name (hub or folder), and a
     # file cannot switch on remote code: TransformerLens would act on both
     config.pop("tokenizer_name", None)
     config["trust_remote_code"] = False
-    config["dtype"] = _as_dtype(config["dtype"] if dtype is None else dtype)
-    config.update(device=device, init_weights=False)
-    try:
-        weights = load_file(weights_path)
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"lenskit.load: cannot read {weights_path} (truncated or corrupt?): {error}") from error
-    tokenizer = None
-    if (folder / TOKENIZER_FILE).is_file():
-        tokenizer = PreTrainedTokenizerFast(
-            tokenizer_file=str(folder / TOKENIZER_FILE), name_or_path=str(folder), **tokenizer_config
-        )
-    with hf_offline(), _quiet_deprecation():
-        model = HookedTransformer(HookedTransformerConfig.from_dict(config), tokenizer)
-    expected = dict(model.named_parameters()).keys()
-    if weights.keys() != expected:
-        raise ValueError(
-            f"lenskit.load: {weights_path} does not match {CONFIG_FILE}: missing "
-            f"{sorted(expected - weights.keys())}, unexpected {sorted(weights.keys() - expected)}"
-        )
+    if dtype is not None:
+        config["dtype"] = as_dtype(dtype)
+    config.update(device=as_device(device), init_weights=False)
+    tokenizer = _tokenizer_file(folder / TOKENIZER_FILE, tokenizer_config, config_path)
+    model = build_model(config, tokenizer, config_path)
+    check_weights(weights, dict(model.named_parameters()), weights_path, CONFIG_FILE)
     model.load_state_dict(weights, strict=False)  # the rest are buffers TL derives from the config
     return model.eval()
+
+
+def _tokenizer_file(path: Path, special: Any, config_path: Path) -> PreTrainedTokenizerFast | None:
+    """The fast tokenizer of a lenskit folder's tokenizer.json (None without one), with the special tokens
+    its config lists."""
+    valid = {key: str for key in SPECIAL_TOKENS} | {"add_bos_token": bool}
+    if not isinstance(special, dict) or any(type(value) is not valid.get(key) for key, value in special.items()):
+        raise ModelFileError(f"lenskit.load: {config_path}: 'tokenizer' should map {', '.join(SPECIAL_TOKENS)} to "
+                             f"token strings and add_bos_token to true / false, got {str(special)[:120]}")
+    if not path.is_file():
+        return None
+    try:
+        return PreTrainedTokenizerFast(tokenizer_file=str(path), name_or_path=str(path.parent), **special)
+    except Exception as error:  # the tokenizers library raises a bare Exception for a file it cannot parse
+        raise ModelFileError(f"lenskit.load: {path} is not a readable tokenizer file ({error})") from None
 
 
 def load_hf_folder(
@@ -240,45 +275,50 @@ def load_hf_folder(
     the locally loaded HF model, and `load_and_process_state_dict` folds and centres them.
     """
     folder = Path(folder)
-    hf_config = _read_json(folder / "config.json")
+    config_path = folder / "config.json"
+    hf_config = read_json(config_path)
     architectures = hf_config.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise ModelFileError(f"lenskit.load: {config_path}: 'architectures' should list names, got {architectures!r}")
     if not architectures:
-        raise ValueError(f"lenskit.load: {folder / 'config.json'} names no architecture ('architectures')")
+        raise ModelFileError(f"lenskit.load: {config_path} names no architecture ('architectures')")
     if architectures[0] not in HF_ARCHITECTURES:
-        raise ValueError(
-            f"lenskit.load: architecture {architectures[0]} (in {folder / 'config.json'}) is not supported "
+        raise ModelFileError(
+            f"lenskit.load: architecture {architectures[0]} (in {config_path}) is not supported "
             f"for local Hugging Face folders; supported: {', '.join(HF_ARCHITECTURES)}"
         )
     weights_path = next((folder / name for name in HF_WEIGHT_FILES if (folder / name).is_file()), None)
     if weights_path is None:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"lenskit.load: {folder} has no weights file (expected one of {', '.join(HF_WEIGHT_FILES)})"
         )
-    dtype = _as_dtype(dtype)
+    dtype, device = as_dtype(dtype), as_device(device)
     if architectures[0] in POST_NORM_ARCHITECTURES:  # the norm follows the sublayer: nothing to fold
         fold_ln = center_writing_weights = False
     with hf_offline():
         tokenizer = None
         if any((folder / name).is_file() for name in HF_TOKENIZER_FILES):
-            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+            tokenizer = _hf_tokenizer(folder, trust_remote_code)
         try:
             hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True,
                                                             trust_remote_code=trust_remote_code)
         except (SafetensorError, OSError) as error:
-            raise ValueError(f"lenskit.load: cannot read {weights_path} (truncated or corrupt?): {error}") from error
-        cfg = _tl_config(
-            hf_config,
-            hf_cfg=hf_model.config.to_dict(),
-            fold_ln=fold_ln,
-            device=device,
-            dtype=dtype,
-            default_prepend_bos=default_prepend_bos,
-        )
+            raise ModelFileError(f"lenskit.load: cannot read {weights_path} (truncated or corrupt?): {error}") from error
+        except Exception as error:  # transformers' own checks of config.json and the weights raise many kinds
+            raise ModelFileError(f"lenskit.load: transformers cannot build a {architectures[0]} from {config_path} and "
+                                 f"{weights_path.name} ({type(error).__name__}: {str(error)[:300]})") from error
+        try:
+            cfg = _tl_config(hf_config, hf_cfg=hf_model.config.to_dict(), fold_ln=fold_ln, device=device, dtype=dtype,
+                             default_prepend_bos=default_prepend_bos)
+        except Exception as error:  # TransformerLens reads config.json's fields without checking them
+            raise ModelFileError(f"lenskit.load: TransformerLens cannot convert {config_path} "
+                                 f"({type(error).__name__}: {error})") from error
+        check_config(dataclasses.asdict(cfg), config_path)
         cfg.model_name = folder.resolve().name
         cfg.tokenizer_name = str(folder) if tokenizer is not None else None
         state_dict = tl_loading.get_pretrained_state_dict(str(folder), cfg, hf_model=hf_model, dtype=dtype)
         del hf_model  # what the conversion did not keep is freed before TransformerLens builds its copy
-        with _quiet_deprecation():
+        with quiet_deprecation():
             model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     model.load_and_process_state_dict(
         state_dict,
@@ -292,6 +332,14 @@ def load_hf_folder(
     return model.eval()
 
 
+def _hf_tokenizer(folder: Path, trust_remote_code: bool):
+    """The tokenizer of a local Hugging Face folder, offline; code in the folder runs only if the caller trusts it."""
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as error:  # transformers and tokenizers raise ValueError, OSError, bare Exception ...
+        raise ModelFileError(f"lenskit.load: cannot read the tokenizer in {folder} ({error})") from error
+
+
 def load_config_file(path: str | os.PathLike, *, device: str | None = None, seed: int | None = None,
                      trust_remote_code: bool = False) -> HookedTransformer:
     """A model with random weights built from a JSON file of `HookedTransformerConfig` fields.
@@ -302,49 +350,40 @@ def load_config_file(path: str | os.PathLike, *, device: str | None = None, seed
     ``trust_remote_code`` is ignored: only the caller's `trust_remote_code` counts.
     """
     path = Path(path)
-    fields = _read_json(path)
+    fields = read_json(path)
     known = {f.name for f in dataclasses.fields(HookedTransformerConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise ValueError(f"lenskit.load: {path} has fields HookedTransformerConfig does not know: {', '.join(unknown)}")
+        raise ModelFileError(f"lenskit.load: {path} has fields HookedTransformerConfig does not know: "
+                             f"{', '.join(unknown)}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise InputError(f"lenskit.load: seed must be a whole number, got {seed!r}")
     fields["seed"] = fields.get("seed", 0) if seed is None else seed
     fields["trust_remote_code"] = trust_remote_code
-    tokenizer = _local_tokenizer(path, fields.pop("tokenizer_name", None), trust_remote_code)
+    tokenizer_name = fields.pop("tokenizer_name", None)
     if device is not None:
-        fields["device"] = device
-    with hf_offline(), _quiet_deprecation():
-        return HookedTransformer(HookedTransformerConfig(**fields), tokenizer).eval()
+        fields["device"] = as_device(device)
+    return build_model(fields, _local_tokenizer(path, tokenizer_name, trust_remote_code), path).eval()
 
 
-def _local_tokenizer(config_path: Path, name: str | None, trust_remote_code: bool):
+def _local_tokenizer(config_path: Path, name: Any, trust_remote_code: bool):
     """The tokenizer a config file names: a folder inside the config's folder, read offline (None if unnamed)."""
     if name is None:
         return None
     root = config_path.resolve().parent
-    folder = (root / name).resolve()
-    if not (folder == root or root in folder.parents) or not folder.is_dir():
-        raise ValueError(f"lenskit.load: {config_path} names tokenizer_name={name!r}; a config file may name only a "
-                         f"tokenizer folder inside its own folder {root} (it is read offline, never from a hub)")
+    folder = (root / name).resolve() if isinstance(name, str) else None
+    if folder is None or not (folder == root or root in folder.parents) or not folder.is_dir():
+        raise ModelFileError(f"lenskit.load: {config_path} names tokenizer_name={name!r}; a config file may name only "
+                             f"a tokenizer folder inside its own folder {root} (it is read offline, never from a hub)")
     with hf_offline():
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
-
-
-def _read_json(path: Path) -> dict:
-    """A JSON object from `path`, with errors that name the file."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"lenskit.load: {path} is not valid JSON ({error})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"lenskit.load: {path} should hold a JSON object, not {type(value).__name__}")
-    return value
+        return _hf_tokenizer(folder, trust_remote_code)
 
 
 def zoo_folder(name: str) -> Path:
     """The folder of zoo checkpoint `name` (without the ``lenskit/`` prefix): always a folder directly
     inside `ZOO_ROOT`, so a name can never reach outside the zoo (``lenskit/../x`` is refused)."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or ".." in name:
-        raise ValueError(f"lenskit.load: {ZOO_PREFIX}{name!r} is not a zoo name: zoo names are plain names "
+        raise InputError(f"lenskit.load: {ZOO_PREFIX}{name!r} is not a zoo name: zoo names are plain names "
                          f"(letters, digits, '.', '_', '-'); the zoo holds: {', '.join(zoo_names()) or 'nothing'}")
     return ZOO_ROOT / name
 
@@ -352,14 +391,14 @@ def zoo_folder(name: str) -> Path:
 def _load_zoo(name: str, **kwargs: Any) -> HookedTransformer:
     folder = zoo_folder(name)
     if (folder / WHISPER_CONFIG_FILE).is_file():
-        raise ValueError(f"lenskit.load: {ZOO_PREFIX}{name} is a speech model; load it with "
+        raise InputError(f"lenskit.load: {ZOO_PREFIX}{name} is a speech model; load it with "
                          f"lenskit.whisper.load({ZOO_PREFIX + name!r})")
     if not (folder / CONFIG_FILE).is_file():
-        raise ValueError(
+        raise InputError(
             f"lenskit.load: no zoo checkpoint {ZOO_PREFIX}{name}; the zoo holds: "
             f"{', '.join(zoo_names()) or 'nothing'}.{_did_you_mean(ZOO_PREFIX + name)}"
         )
-    return load_lenskit_folder(folder, **kwargs)
+    return _call(load_lenskit_folder, folder, kwargs, "a zoo checkpoint")
 
 
 def _load_path(path: Path, **kwargs: Any) -> HookedTransformer:
@@ -367,30 +406,32 @@ def _load_path(path: Path, **kwargs: Any) -> HookedTransformer:
         if path.suffix == ".bin":
             return _load_llama2c(path, **kwargs)
         if path.suffix == ".json":
-            return load_config_file(path, **kwargs)
+            return _call(load_config_file, path, kwargs, "a config file")
         if path.suffix == ".gguf":
             from lenskit.gguf import convert  # lazily: only GGUF users pay for the gguf package
 
             folder, metadata = convert(path)
             kwargs.setdefault("default_prepend_bos", metadata["add_bos_token"])
-            return load_hf_folder(folder, **kwargs)
-        raise ValueError(
+            return _call(load_hf_folder, folder, kwargs, "a GGUF file")
+        raise InputError(
             f"lenskit.load: cannot load the file {path}: give a lenskit or Hugging Face folder, a GGUF file, "
             "a llama2.c .bin checkpoint or a .json file of HookedTransformerConfig fields"
         )
+    if (path / WHISPER_CONFIG_FILE).is_file():
+        raise InputError(f"lenskit.load: {path} holds a speech model; load it with lenskit.whisper.load")
     if (path / CONFIG_FILE).is_file():
-        return load_lenskit_folder(path, **kwargs)
+        return _call(load_lenskit_folder, path, kwargs, "a lenskit folder")
     if (path / "config.json").is_file():
-        return load_hf_folder(path, **kwargs)
+        return _call(load_hf_folder, path, kwargs, "a Hugging Face folder")
     checkpoints = sorted(p for p in path.glob("*.bin") if not p.name.startswith("tok"))
     if len(checkpoints) == 1:
         return _load_llama2c(checkpoints[0], **kwargs)
     if checkpoints:
-        raise ValueError(
+        raise InputError(
             f"lenskit.load: {path} holds several llama2.c checkpoints ({', '.join(p.name for p in checkpoints)}); "
             "give the path of one"
         )
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"lenskit.load: {path} holds no model: expected {CONFIG_FILE} (lenskit), config.json "
         "(Hugging Face) or a llama2.c .bin checkpoint"
     )
@@ -399,7 +440,19 @@ def _load_path(path: Path, **kwargs: Any) -> HookedTransformer:
 def _load_llama2c(path: Path, **kwargs: Any) -> HookedTransformer:
     from lenskit.llama2c import load_llama2c  # lazily: only llama2.c users pay for it
 
-    return load_llama2c(path, **kwargs)
+    return _call(load_llama2c, path, kwargs, "a llama2.c checkpoint")
+
+
+def _call(loader, path: Path, kwargs: dict[str, Any], what: str) -> HookedTransformer:
+    """``loader(path, **kwargs)``, after refusing (InputError) options `loader` does not take."""
+    parameters = list(inspect.signature(loader).parameters.values())[1:]
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        accepted = [p.name for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise InputError(f"lenskit.load: {path} is {what}, whose loader does not take {', '.join(unknown)}; "
+                             f"it takes {', '.join(accepted) or 'no options'}")
+    return loader(path, **kwargs)
 
 
 def _tl_config(config_json: dict, **kwargs: Any) -> HookedTransformerConfig:
@@ -426,10 +479,6 @@ def _config_to_json(cfg: HookedTransformerConfig) -> dict[str, Any]:
     return config
 
 
-def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    return getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
-
-
 def _did_you_mean(name: str) -> str:
     """' Did you mean: ...?' over TL official names, aliases and zoo names ('' when nothing is close)."""
     aliases = [alias for names in MODEL_ALIASES.values() for alias in names]
@@ -437,12 +486,3 @@ def _did_you_mean(name: str) -> str:
     by_lower = {known_name.lower(): known_name for known_name in known}
     matches = difflib.get_close_matches(name.lower(), by_lower, n=5, cutoff=0.6)
     return f" Did you mean: {', '.join(by_lower[m] for m in matches)}?" if matches else ""
-
-
-@contextmanager
-def _quiet_deprecation() -> Iterator[None]:
-    """Hide TransformerLens's 'HookedTransformer is deprecated' warnings."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="HookedTransformer", category=DeprecationWarning)
-        yield
-

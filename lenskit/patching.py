@@ -65,6 +65,7 @@ from lenskit.readout import Readout
 from lenskit.resume import MEMORY_BUDGET, empty_entry, run_block, run_blocks
 from lenskit.run import Run, as_run
 from lenskit.tokens import Prompts, as_tokens, token_labels
+from lenskit.viz import Figure, heatmap
 
 SITES = {site: sites.act_name(site, 0).replace(".0.", ".{}.") for site in
          ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern")}
@@ -107,13 +108,11 @@ class PatchResult(LabelledTensor):
             raise InputError(f"cannot normalise: the clean and corrupted runs have the same metric value ({self.clean_value})")
         return PatchResult((self.tensor - self.corrupted_value) / span, self.dims, self.labels, 1.0, 0.0)
 
-    def plot(self, title: str = "") -> "Figure":
+    def plot(self, title: str = "") -> Figure:
         """A heatmap: the last dim as columns (tokens for positions), every other dim flattened into rows.
 
         A (layer, head, pos) grid gives one row per head ("L3 H1"); a per-layer grid one column.
         """
-        from lenskit.viz import heatmap
-
         *lead, last = self.dims
         if not lead:
             lead, last = [last], "value"

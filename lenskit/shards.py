@@ -140,7 +140,7 @@ def _fired_hook_names(model: HookedTransformer, names: HookNames) -> list[str]:
     return fired
 
 
-def _text_rows(model: HookedTransformer, texts: Iterable[str], max_len: int) -> Iterator[Int[torch.Tensor, "pos"]]:
+def _text_rows(model: HookedTransformer, texts: Iterable[str], max_len: int) -> Iterator[Int[torch.Tensor, " pos"]]:
     """Rows of `max_len` token ids cut from the texts joined by end-of-text tokens, each led by BOS."""
     tokenizer = model.tokenizer
     if tokenizer is None:
@@ -161,7 +161,7 @@ def _text_rows(model: HookedTransformer, texts: Iterable[str], max_len: int) -> 
         stream = stream[len(starts) * body :]
 
 
-def _tensor_rows(batches: Iterable[torch.Tensor]) -> Iterator[Int[torch.Tensor, "pos"]]:
+def _tensor_rows(batches: Iterable[torch.Tensor]) -> Iterator[Int[torch.Tensor, " pos"]]:
     """The rows of token tensors [batch, pos] or [pos], as int64 on the CPU; all must have one length."""
     row_len = None
     for batch in batches:

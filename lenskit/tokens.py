@@ -154,7 +154,7 @@ def knows_every_word(model: HookedTransformer, text: str) -> bool:
     return unk is None or unk not in model.to_tokens(text, prepend_bos=False, truncate=False)[0]
 
 
-def document_ids(model: HookedTransformer, text: str, what: str = "text") -> Int[Tensor, "n"]:
+def document_ids(model: HookedTransformer, text: str, what: str = "text") -> Int[Tensor, " n"]:
     """The token ids [n] of a text of any length, without BOS and not held to the context: a document
     that the caller cuts into rows (`lenskit.shards.stream_cache`)."""
     if model.tokenizer is None:
@@ -177,6 +177,6 @@ def str_tokens(model: HookedTransformer, ids: Int[Tensor, "..."]) -> np.ndarray:
     return np.array(names, dtype=object)[inverse.numpy()]
 
 
-def token_labels(model: HookedTransformer, ids: Int[Tensor, "pos"]) -> list[str]:
+def token_labels(model: HookedTransformer, ids: Int[Tensor, " pos"]) -> list[str]:
     """The string of each token of one prompt, as a list (the ids as text without a tokenizer)."""
     return list(str_tokens(model, ids))

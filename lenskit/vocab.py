@@ -54,7 +54,7 @@ ERROR_MEASURES = ("mul", "abs")
 # --- vocabulary projection -----------------------------------------------------------------
 
 
-def project(model: HookedTransformer, direction: Float[Tensor, "d_model"], k: int = 10,
+def project(model: HookedTransformer, direction: Float[Tensor, " d_model"], k: int = 10,
             normalize: bool = True) -> pd.DataFrame:
     """The k tokens a residual direction promotes most and the k it suppresses most."""
     if not isinstance(direction, Tensor) or tuple(direction.shape) != (model.cfg.d_model,):
@@ -109,7 +109,7 @@ def head_output(model: HookedTransformer, tokens: Prompts, layer: int, head: int
     return top_tokens(model, total / count, k, source=f"L{layer}H{head} at pos {pos}")
 
 
-def top_tokens(model: HookedTransformer, logits: Float[Tensor, "d_vocab"], k: int, source: str = "") -> pd.DataFrame:
+def top_tokens(model: HookedTransformer, logits: Float[Tensor, " d_vocab"], k: int, source: str = "") -> pd.DataFrame:
     """A frame of the k largest (promoted) and k most negative (suppressed) entries of `logits`."""
     if k < 1:
         raise InputError(f"k must be at least 1, got {k}")

@@ -1,6 +1,5 @@
 """The `lenskit` command: info and cache, and one-line errors on bad input."""
 
-import json
 import subprocess
 import sys
 

@@ -52,7 +52,7 @@ def read_raw_checkpoint(path: Path) -> dict:
 
 def reference_logits(w: dict, tokens: list[int]) -> np.ndarray:
     """[pos, vocab] logits: pre-norm RMSNorm, GQA, adjacent-pair RoPE, SwiGLU, final norm, wcls."""
-    n, (vocab, dim) = len(tokens), w["emb"].shape
+    n, dim = len(tokens), w["emb"].shape[1]
     n_heads, n_kv_heads = w["n_heads"], w["n_kv_heads"]
     head_dim = dim // n_heads
 

@@ -3,7 +3,6 @@
 import pytest
 import torch
 from transformer_lens.utilities.lm_utils import lm_cross_entropy_loss
-from conftest import make_model
 
 from lenskit import metrics
 

@@ -2,7 +2,6 @@
 user pointed, every token string entering HTML escaped (checked in headless Chromium)."""
 
 import json
-import shutil
 
 import pytest
 import torch

@@ -24,7 +24,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
 from lenskit.agent.log import ExperimentLog
-from lenskit.errors import LenskitError
+from lenskit.errors import InputError, LenskitError
 
 SYSTEM_PROMPT = (
     "You are an interpretability researcher with lenskit's experiment tools. Work towards the goal "
@@ -45,7 +45,7 @@ def run_agent(goal: str, server: MCPServer, log: ExperimentLog, *, base_url: str
     import openai
 
     if max_steps < 1:
-        raise ValueError(f"max_steps must be at least 1, not {max_steps}")
+        raise InputError(f"max_steps must be at least 1, not {max_steps}")
     client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=1)
     tools = [{"type": "function", "function": {"name": t.name, "description": t.description or "",
                                                "parameters": t.input_schema}}

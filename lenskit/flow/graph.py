@@ -89,8 +89,8 @@ class Decomposition:
     """
 
     parts: LabelledTensor
-    whole: Float[Tensor, "d_model"]
-    shares: Float[Tensor, "part"]
+    whole: Float[Tensor, " d_model"]
+    shares: Float[Tensor, " part"]
 
     def to_frame(self) -> pd.DataFrame:
         """One row per part: part, share, and the part's L1 norm; largest share first."""
@@ -109,7 +109,7 @@ class FlowGraph:
     """
 
     model: HookedTransformer
-    tokens: Int[Tensor, "pos"]
+    tokens: Int[Tensor, " pos"]
     activations: dict[str, Tensor]  # hook name -> activation of the traced prompt [pos, ...]
     head_shares: Float[Tensor, "layer pos src_pos head"]  # share of each head's part, before threshold
     routes: Routes
@@ -150,7 +150,7 @@ class FlowGraph:
     # --- threshold, renormalisation, pruning --------------------------------------------
 
     @cached_property
-    def _scale(self) -> Float[Tensor, "node"]:
+    def _scale(self) -> Float[Tensor, " node"]:
         """Per target node: the factor its surviving shares are multiplied by (0: nothing survives)."""
         n_nodes = len(self.rows) * self.n_pos
         if not self.renormalize:
@@ -164,7 +164,7 @@ class FlowGraph:
         return self.routes.share >= self.threshold  # routes hold non-zero shares only
 
     @cached_property
-    def weights(self) -> Float[Tensor, "edge"]:
+    def weights(self) -> Float[Tensor, " edge"]:
         """Weight of every edge of `routes` after threshold and renormalisation (0 if dropped)."""
         return torch.where(self._kept, self.routes.share * self._scale[self.routes.target], 0.0)
 

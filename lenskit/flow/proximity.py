@@ -20,7 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 
-def proximity(parts: Float[Tensor, "part *batch d"], whole: Float[Tensor, "*batch d"]) -> Float[Tensor, "part *batch"]:
+def proximity(parts: Float[Tensor, "part *batch d"], whole: Float[Tensor, "*batch d"]) -> Float[Tensor, "part *batch"]:  # noqa: F821
     """max(||whole||_1 - ||whole - part||_1, 0) for each part (dense: part x batch x d at once)."""
     return (whole.abs().sum(-1) - (whole - parts).abs().sum(-1)).clamp(min=0)
 

@@ -50,11 +50,11 @@ EDGE_KINDS = ("attention", "residual", "mlp")
 class Routes:
     """Every edge with a non-zero share, grouped by target row: tensors [edge]."""
 
-    layer: Int[Tensor, "edge"]
-    kind: Int[Tensor, "edge"]  # index into EDGE_KINDS
-    source: Int[Tensor, "edge"]  # node id: row * n_pos + position
-    target: Int[Tensor, "edge"]
-    share: Float[Tensor, "edge"]  # proximity share in the target node, before threshold
+    layer: Int[Tensor, " edge"]
+    kind: Int[Tensor, " edge"]  # index into EDGE_KINDS
+    source: Int[Tensor, " edge"]  # node id: row * n_pos + position
+    target: Int[Tensor, " edge"]
+    share: Float[Tensor, " edge"]  # proximity share in the target node, before threshold
 
 
 def check_supported(model: HookedTransformer) -> None:
@@ -102,7 +102,7 @@ def needed_hooks(model: HookedTransformer) -> list[str]:
 
 
 def row_activations(model: HookedTransformer, tokens: "Prompts | Run", batch: int
-                    ) -> tuple[Int[Tensor, "pos"], dict[str, Tensor]]:
+                    ) -> tuple[Int[Tensor, " pos"], dict[str, Tensor]]:
     """Token ids [pos] of prompt `batch` and its activations by hook name [pos, ...] (or [head, pos,
     pos]), on the CPU in float32 or wider: read from `tokens` when it is a run, else from one
     forward pass (no unembedding) on that prompt alone."""

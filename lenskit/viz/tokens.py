@@ -24,7 +24,7 @@ LABEL_STYLE = "text-align:right;padding:2px 8px;white-space:nowrap;font:12px mon
 
 def colored_tokens(
     tokens: Sequence[str],
-    values: Float[Tensor, "pos"] | Sequence[float],
+    values: Float[Tensor, " pos"] | Sequence[float],
     title: str = "",
     min_value: float | None = None,
     max_value: float | None = None,

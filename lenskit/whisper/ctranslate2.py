@@ -50,23 +50,24 @@ GPT-2 tokenizer), 51865 multilingual with 99 languages, 51866 large-v3's 100; it
 folder's vocabulary (Hugging Face names two special tokens differently: ``<|iw|>`` for ``<|he|>``,
 ``<|nocaptions|>`` for ``<|nospeech|>``).
 
-Bad input raises lenskit's errors: `FileNotFoundError` for a missing folder or ``model.bin``,
-`CTranslate2FormatError` (a ValueError) for a truncated or corrupt file, an unknown binary version,
-dtype or spec, naming the file and what is valid.
+Bad input raises lenskit's errors: `MissingFileError` for a missing folder or ``model.bin``,
+`CTranslate2FormatError` (a `ModelFileError`) for a truncated or corrupt file, an unknown binary
+version, dtype or spec, invalid JSON in config.json, naming the file and what is valid.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import struct
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 from torch import Tensor
+
+from lenskit.errors import MissingFileError, ModelFileError
+from lenskit.files import read_json
 
 BINARY_FILE = "model.bin"
 CONFIG_FILE = "config.json"
@@ -81,7 +82,7 @@ DTYPE_NAMES = {0: "float32", 1: "int8", 2: "int16", 3: "int32", 4: "float16", 5:
 _ITEM_SIZES = {4: 0, 2: 2, 1: 1}  # item size -> dtype id
 
 
-class CTranslate2FormatError(ValueError):
+class CTranslate2FormatError(ModelFileError):
     """A CTranslate2 file that lenskit cannot read: truncated, corrupt, or of an unsupported kind."""
 
 
@@ -192,14 +193,14 @@ class _Reader:
 def read_model_bin(path: str | Path) -> ModelBin:
     """Read a CTranslate2 ``model.bin`` (or the ``model.bin`` of a folder) into a `ModelBin`.
 
-    Raises FileNotFoundError when it does not exist, CTranslate2FormatError when it is truncated,
+    Raises MissingFileError when it does not exist, CTranslate2FormatError when it is truncated,
     has bytes past its alias table, or uses a binary version or dtype lenskit does not know.
     """
     path = Path(path)
     if path.is_dir():
         path = path / BINARY_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no CTranslate2 model file {path}: a CTranslate2 folder holds {BINARY_FILE} "
+        raise MissingFileError(f"no CTranslate2 model file {path}: a CTranslate2 folder holds {BINARY_FILE} "
                                 f"(the weights), {CONFIG_FILE} and vocabulary.txt or vocabulary.json")
     size = path.stat().st_size
     with path.open("rb") as handle:
@@ -274,7 +275,7 @@ def read_whisper(folder: str | Path) -> WhisperFolder:
     model.bin, and its config.json (empty when the folder has none)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"no CTranslate2 Whisper folder {folder}")
+        raise MissingFileError(f"no CTranslate2 Whisper folder {folder}")
     table = read_model_bin(folder / BINARY_FILE)
     if table.spec != WHISPER_SPEC:
         raise CTranslate2FormatError(
@@ -320,12 +321,18 @@ def openai_state_dict(table: ModelBin) -> tuple[dict[str, int], dict[str, Tensor
     n_layers = {stack: _count_layers(table, stack) for stack in ("encoder", "decoder")}
     conv1 = take("encoder/conv1/weight")
     embeddings = take("decoder/embeddings/weight")
+    for name, value, rank in (("encoder/conv1/weight", conv1, 3), ("decoder/embeddings/weight", embeddings, 2),
+                              ("encoder/position_encodings/encodings", table.raw("encoder/position_encodings/encodings"), 2),
+                              ("decoder/position_encodings/encodings", table.raw("decoder/position_encodings/encodings"), 2)):
+        if value.ndim != rank:
+            raise CTranslate2FormatError(f"{table.path}: {name} has shape {tuple(value.shape)}; Whisper's has {rank} "
+                                         "dimensions")
     dims = dict(
         n_mels=conv1.shape[1], n_audio_ctx=table.raw("encoder/position_encodings/encodings").shape[0],
-        n_audio_state=conv1.shape[0], n_audio_head=int(table.scalar("encoder/num_heads")),
+        n_audio_state=conv1.shape[0], n_audio_head=_whole(table, "encoder/num_heads"),
         n_audio_layer=n_layers["encoder"], n_vocab=embeddings.shape[0],
         n_text_ctx=table.raw("decoder/position_encodings/encodings").shape[0], n_text_state=embeddings.shape[1],
-        n_text_head=int(table.scalar("decoder/num_heads")), n_text_layer=n_layers["decoder"],
+        n_text_head=_whole(table, "decoder/num_heads"), n_text_layer=n_layers["decoder"],
     )
     state = {
         "encoder.conv1.weight": conv1, "encoder.conv1.bias": take("encoder/conv1/bias"),
@@ -358,6 +365,14 @@ def openai_state_dict(table: ModelBin) -> tuple[dict[str, int], dict[str, Tensor
     return dims, state
 
 
+def _whole(table: ModelBin, name: str) -> int:
+    """A scalar variable that counts something (heads), as an int; CTranslate2FormatError when it is not whole."""
+    value = table.scalar(name)
+    if not math.isfinite(value) or value != int(value):
+        raise CTranslate2FormatError(f"{table.path}: {name} is {value}; it counts heads, a whole number")
+    return int(value)
+
+
 def _count_layers(table: ModelBin, stack: str) -> int:
     count = 0
     while f"{stack}/layer_{count}/ffn/linear_0/weight" in table:
@@ -379,7 +394,7 @@ def _fused_attention(ours: str, theirs: str, first: list[str], take, table: Mode
     groups = [first] + ([second] if second else [])
     for index, names in enumerate(groups):
         weight, bias = take(f"{theirs}/linear_{index}/weight"), take(f"{theirs}/linear_{index}/bias")
-        if weight.shape[0] % len(names) or bias.shape != weight.shape[:1]:
+        if weight.ndim != 2 or weight.shape[0] % len(names) or bias.shape != weight.shape[:1]:
             raise CTranslate2FormatError(f"{table.path}: {theirs}/linear_{index} has weight {tuple(weight.shape)} and "
                                          f"bias {tuple(bias.shape)}, not {len(names)} stacked projections")
         for name, w, b in zip(names, weight.chunk(len(names)), bias.chunk(len(names))):
@@ -417,12 +432,7 @@ def _read_config(folder: Path, n_vocab: int) -> dict:
     path = folder / CONFIG_FILE
     if not path.is_file():
         return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CTranslate2FormatError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(config, Mapping):
-        raise CTranslate2FormatError(f"{path} should hold a JSON object, not {type(config).__name__}")
+    config = read_json(path, dict, CTranslate2FormatError)
     for key in ("suppress_ids", "suppress_ids_begin", "lang_ids"):
         ids = config.get(key)
         if ids is None:
@@ -434,7 +444,7 @@ def _read_config(folder: Path, n_vocab: int) -> dict:
     if heads is not None and (not isinstance(heads, list) or any(
             not isinstance(h, list) or len(h) != 2 or any(type(i) is not int or i < 0 for i in h) for h in heads)):
         raise CTranslate2FormatError(f"{path}: alignment_heads should list [layer, head] pairs, got {str(heads)[:80]}")
-    return dict(config)
+    return config
 
 
 def is_whisper_folder(path: Path) -> bool:
@@ -442,7 +452,7 @@ def is_whisper_folder(path: Path) -> bool:
     if (path / BINARY_FILE).is_file():
         return True
     try:
-        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        config = read_json(path / CONFIG_FILE)
+    except (ModelFileError, MissingFileError):
         return False
-    return isinstance(config, Mapping) and "suppress_ids" in config and "architectures" not in config
+    return "suppress_ids" in config and "architectures" not in config

@@ -25,6 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lenskit.errors import InputError
 from lenskit.hooks import Hooks
 from lenskit.whisper.audio import AudioLike, model_input
 from lenskit.whisper.model import HookedWhisper
@@ -68,11 +69,12 @@ def transcribe(
         language: language code for multilingual models; None detects it from the audio.
         suppress_tokens: token ids never sampled, besides Whisper's usual suppressed set.
         use_cache: decode with the key/value cache (False recomputes every position each step).
-        trim: keep the first 30 s of longer audio instead of raising ValueError.
+        trim: keep the first 30 s of longer audio instead of raising InputError. Non-finite samples or
+            spectrogram values, a spectrogram of another n_mels or window, or a batch also raise InputError.
     """
     mel = model_input(audio, model.cfg.n_mels, trim=trim, n_frames=model.cfg.n_frames).to(model.device)
     if mel.shape[0] != 1:
-        raise ValueError(f"transcribe takes one recording; got a batch of {mel.shape[0]} spectrograms")
+        raise InputError(f"transcribe takes one recording; got a batch of {mel.shape[0]} spectrograms")
     with Hooks(hooks or []).on(model):
         audio_features = model.encode(mel)
         if language is None and model.is_multilingual:

@@ -21,6 +21,7 @@ The unembedding is tied to the token embedding: logits = ln_final(resid) @ W_E.T
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from lenskit.errors import InputError
 from lenskit.whisper.components import DecoderBlock, EncoderBlock, KeyValueCache, LayerNorm
 
 
@@ -50,12 +52,21 @@ class WhisperConfig:
     n_text_layer: int
 
     def __post_init__(self) -> None:
+        """Raise InputError naming the first field no Whisper can have: its value and the valid range."""
+        for name, value in asdict(self).items():
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise InputError(f"WhisperConfig: {name}={value!r} is not valid; valid: a whole number of at least 1")
         if self.n_audio_state != self.n_text_state:
-            raise ValueError(f"the decoder cross-attends to the encoder's states: n_audio_state ({self.n_audio_state}) "
+            raise InputError(f"the decoder cross-attends to the encoder's states: n_audio_state ({self.n_audio_state}) "
                              f"must equal n_text_state ({self.n_text_state})")
-        for width, heads in ((self.n_audio_state, self.n_audio_head), (self.n_text_state, self.n_text_head)):
+        if self.n_audio_state % 2 or self.n_audio_state < 4:
+            raise InputError(f"WhisperConfig: n_audio_state={self.n_audio_state} is not valid; valid: an even number of "
+                             "at least 4 (the encoder's sinusoidal positions pair its channels)")
+        for stack, width in (("audio", self.n_audio_state), ("text", self.n_text_state)):
+            heads = getattr(self, f"n_{stack}_head")
             if width % heads:
-                raise ValueError(f"width {width} is not divisible by its {heads} heads")
+                raise InputError(f"WhisperConfig: n_{stack}_head={heads} is not valid; valid: a divisor of "
+                                 f"n_{stack}_state={width}")
 
     @classmethod
     def tiny(cls, **overrides) -> "WhisperConfig":
@@ -76,7 +87,7 @@ class WhisperConfig:
 def sinusoids(length: int, channels: int, max_timescale: float = 10000) -> Float[Tensor, "length channels"]:
     """Whisper's sinusoidal positional embedding for the encoder."""
     if channels % 2:
-        raise ValueError(f"sinusoids need an even number of channels, not {channels}")
+        raise InputError(f"sinusoids need an even number of channels, not {channels}")
     increment = np.log(max_timescale) / (channels // 2 - 1)
     inv_timescales = torch.exp(-increment * torch.arange(channels // 2))
     scaled_time = torch.arange(length)[:, None] * inv_timescales[None, :]
@@ -152,7 +163,7 @@ class TextDecoder(nn.Module):
     ) -> Float[Tensor, "batch pos d_vocab"]:
         start = 0 if cache is None else cache.length
         if start + tokens.shape[1] > self.W_pos.shape[0]:
-            raise ValueError(f"{start + tokens.shape[1]} token positions exceed the decoder's context "
+            raise InputError(f"{start + tokens.shape[1]} token positions exceed the decoder's context "
                              f"of {self.W_pos.shape[0]}")
         embed = self.hook_embed(self.W_E[tokens])
         positions = self.W_pos[start:start + tokens.shape[1]].expand(tokens.shape[0], -1, -1)
@@ -182,7 +193,7 @@ class HookedWhisper(HookedRootModule):
     def __init__(self, cfg: WhisperConfig, vocabulary: list[int] | None = None):
         super().__init__()
         if vocabulary is not None and len(vocabulary) != cfg.n_vocab:
-            raise ValueError(f"the vocabulary lists {len(vocabulary)} Whisper tokens; the model has {cfg.n_vocab} rows")
+            raise InputError(f"the vocabulary lists {len(vocabulary)} Whisper tokens; the model has {cfg.n_vocab} rows")
         self.cfg = cfg
         self.vocabulary = vocabulary
         self.suppress_tokens: list[int] | None = None
@@ -214,7 +225,7 @@ class HookedWhisper(HookedRootModule):
         """Audio features: the encoder output after ``ln_post``."""
         expected = (self.cfg.n_mels, self.cfg.n_frames)
         if mel.ndim != 3 or tuple(mel.shape[1:]) != expected:
-            raise ValueError(f"expected a log-mel spectrogram of shape [batch, {expected[0]}, {expected[1]}], "
+            raise InputError(f"expected a log-mel spectrogram of shape [batch, {expected[0]}, {expected[1]}], "
                              f"got {tuple(mel.shape)}")
         return self.encoder(mel.to(self.encoder.conv1.weight.dtype))
 
@@ -229,10 +240,14 @@ class HookedWhisper(HookedRootModule):
         With a `cache`, `tokens` are the new positions only: earlier keys and values come from
         the cache, which this call extends.
         """
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
+        if not isinstance(tokens, Tensor) or tokens.ndim != 2:
+            shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+            raise InputError(f"tokens must be integer token ids [batch, pos], got {shape}")
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise InputError(f"tokens must be integer token ids, got {tokens.dtype}")
         if ((tokens < 0) | (tokens >= self.cfg.n_vocab)).any():
-            raise ValueError(f"token ids must lie in 0..{self.cfg.n_vocab - 1}")
+            raise InputError(f"token ids must lie in 0..{self.cfg.n_vocab - 1}, got ids from "
+                             f"{int(tokens.min())} to {int(tokens.max())}")
         return self.decoder(tokens, audio, cache)
 
     def new_cache(self) -> KeyValueCache:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 from pathlib import Path
 
 import lenskit
+from lenskit.files import read_json
 from lenskit.models import CONFIG_FILE, ZOO_PREFIX, ZOO_ROOT
 from lenskit.zoo import data
 from lenskit.zoo.evaluate import evaluate
@@ -50,7 +50,7 @@ def repeat_lengths(recipe) -> str:
 
 def model_card(name: str, folder: Path, metrics: dict) -> str:
     """The card's Markdown text."""
-    cfg = json.loads((folder / CONFIG_FILE).read_text())
+    cfg = read_json(folder / CONFIG_FILE)
     recipe = RECIPES.get(name)
     log = training_summary(folder)
     by_length = {key.rsplit("_", 1)[1]: value for key, value in metrics.items() if key.startswith("induction_score_length_")}

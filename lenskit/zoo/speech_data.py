@@ -117,7 +117,7 @@ def random_voice(rng: random.Random, held_out: bool) -> Voice:
     return Voice(name, speed=rng.randint(*SPEEDS), pitch=rng.randint(*PITCHES))
 
 
-def synthesise(text: str, voice: Voice) -> Float[Tensor, "sample"]:
+def synthesise(text: str, voice: Voice) -> Float[Tensor, " sample"]:
     """`text` spoken by espeak-ng in `voice`: mono float32 samples at 16 kHz."""
     if shutil.which("espeak-ng") is None:
         raise RuntimeError("speech synthesis needs espeak-ng (Debian: apt-get install espeak-ng)")
@@ -128,7 +128,7 @@ def synthesise(text: str, voice: Voice) -> Float[Tensor, "sample"]:
         return load_audio(wav)
 
 
-def augment(samples: Float[Tensor, "sample"], generator: torch.Generator) -> Float[Tensor, "sample"]:
+def augment(samples: Float[Tensor, " sample"], generator: torch.Generator) -> Float[Tensor, " sample"]:
     """Light noise (signal-to-noise 20-40 dB), a gain of 0.5-1.5 and up to 0.3 s of silence before the speech."""
     uniform = torch.rand(3, generator=generator)
     snr_db, gain, delay = 20 + 20 * uniform[0], 0.5 + uniform[1], int(0.3 * SAMPLE_RATE * uniform[2])
@@ -141,7 +141,7 @@ def augment(samples: Float[Tensor, "sample"], generator: torch.Generator) -> Flo
 class Utterance:
     text: str
     voice: Voice
-    samples: Float[Tensor, "sample"]
+    samples: Float[Tensor, " sample"]
 
 
 def utterances(n: int, seed: int, held_out_sentences: bool, held_out_voice: bool,

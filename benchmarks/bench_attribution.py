@@ -29,12 +29,22 @@ import json
 import platform
 
 import torch
-from transformer_lens import HookedTransformer
-
 from bench_lens import lens_benchmark
-from common import GPT2_SMALL, add_model_argument, add_threads_argument, describe, gpt2_small, interleaved, load_model, \
-    medians, prompt_tokens, set_threads, write_results
+from common import (
+    GPT2_SMALL,
+    add_model_argument,
+    add_threads_argument,
+    describe,
+    gpt2_small,
+    interleaved,
+    load_model,
+    medians,
+    prompt_tokens,
+    set_threads,
+    write_results,
+)
 from reference.attribution import transformer_lens_neurons
+from transformer_lens import HookedTransformer
 
 from lenskit.attribution import attribute
 
@@ -58,8 +68,10 @@ def time_interleaved(functions: dict, repeats: int) -> dict[str, float]:
     of each function, and its median wall seconds under "<name> wall", interleaved over `repeats` rounds
     after a warm-up."""
     middle = medians(interleaved(functions, repeats))
-    return {**{name: clocks["cpu"] for name, clocks in middle.items()},
-            **{f"{name} wall": clocks["wall"] for name, clocks in middle.items()}}
+    return {
+        **{name: clocks["cpu"] for name, clocks in middle.items()},
+        **{f"{name} wall": clocks["wall"] for name, clocks in middle.items()},
+    }
 
 
 def main() -> None:
@@ -87,42 +99,65 @@ def main() -> None:
     _, cache = model.run_with_cache(tokens)
     repeats = 2 if args.quick else 5
     seconds = {
-        "from a cache": time_interleaved({
-            "transformer_lens": lambda: transformer_lens_neurons(model, tokens, ANSWER, WRONG, POS, cache),
-            "lenskit": lambda: lenskit_neurons(model, tokens, cache),
-        }, repeats),
-        "end to end": time_interleaved({
-            "transformer_lens": lambda: transformer_lens_neurons(model, tokens, ANSWER, WRONG, POS),
-            "lenskit": lambda: lenskit_neurons(model, tokens),
-        }, repeats),
+        "from a cache": time_interleaved(
+            {
+                "transformer_lens": lambda: transformer_lens_neurons(model, tokens, ANSWER, WRONG, POS, cache),
+                "lenskit": lambda: lenskit_neurons(model, tokens, cache),
+            },
+            repeats,
+        ),
+        "end to end": time_interleaved(
+            {
+                "transformer_lens": lambda: transformer_lens_neurons(model, tokens, ANSWER, WRONG, POS),
+                "lenskit": lambda: lenskit_neurons(model, tokens),
+            },
+            repeats,
+        ),
     }
     cache = None  # free it (the lambdas above are done with it)
     lens_rows = lens_benchmark(model, tokens)
 
     print(f"{label}; CPU, {torch.get_num_threads()} threads")
-    print(f"per-neuron logit-difference decomposition, {config['n_layers']} layers x {config['d_mlp']} neurons, "
-          f"1 x 128 tokens ({'random ids' if model.tokenizer is None else 'English text'}), "
-          f"answer {ANSWER} vs {WRONG}; median of {repeats} interleaved repeats")
+    print(
+        f"per-neuron logit-difference decomposition, {config['n_layers']} layers x {config['d_mlp']} neurons, "
+        f"1 x 128 tokens ({'random ids' if model.tokenizer is None else 'English text'}), "
+        f"answer {ANSWER} vs {WRONG}; median of {repeats} interleaved repeats"
+    )
     print("TransformerLens: stack_neuron_results + apply_ln_to_stack + logit-difference direction")
-    print(f"{'':<14}{'TL CPU s':>10}{'lenskit CPU s':>15}{'speed-up':>10}{'TL wall s':>11}{'lenskit wall s':>16}"
-          f"{'wall speed-up':>15}  target (CPU)")
+    print(
+        f"{'':<14}{'TL CPU s':>10}{'lenskit CPU s':>15}{'speed-up':>10}{'TL wall s':>11}{'lenskit wall s':>16}"
+        f"{'wall speed-up':>15}  target (CPU)"
+    )
     for case, times in seconds.items():
         times["speedup"] = times["transformer_lens"] / times["lenskit"]
         times["speedup_wall"] = times["transformer_lens wall"] / times["lenskit wall"]
         times["target_met"] = times["speedup"] >= TARGET_SPEEDUP
-        print(f"{case:<14}{times['transformer_lens']:>10.4f}{times['lenskit']:>15.4f}{times['speedup']:>9.1f}x"
-              f"{times['transformer_lens wall']:>11.4f}{times['lenskit wall']:>16.4f}{times['speedup_wall']:>14.1f}x"
-              f"  >= {TARGET_SPEEDUP:g}x: {'met' if times['target_met'] else 'MISSED'}")
+        print(
+            f"{case:<14}{times['transformer_lens']:>10.4f}{times['lenskit']:>15.4f}{times['speedup']:>9.1f}x"
+            f"{times['transformer_lens wall']:>11.4f}{times['lenskit wall']:>16.4f}{times['speedup_wall']:>14.1f}x"
+            f"  >= {TARGET_SPEEDUP:g}x: {'met' if times['target_met'] else 'MISSED'}"
+        )
     print(f"max |lenskit - TL| over neurons: {max_difference:.2e}")
     print("\nlogit lens over all layers and positions")
     print(json.dumps(lens_rows, indent=1))
 
-    results = write_results("attribution", args.model, {
-        "machine": platform.platform(), "torch_threads": torch.get_num_threads(), "model": args.model,
-        "model_description": label, "config": config, "answer": ANSWER, "wrong": WRONG,
-        "neuron_decomposition_seconds": seconds, "max_abs_difference": max_difference,
-        "target_speedup": TARGET_SPEEDUP, "logit_lens": lens_rows,
-    })
+    results = write_results(
+        "attribution",
+        args.model,
+        {
+            "machine": platform.platform(),
+            "torch_threads": torch.get_num_threads(),
+            "model": args.model,
+            "model_description": label,
+            "config": config,
+            "answer": ANSWER,
+            "wrong": WRONG,
+            "neuron_decomposition_seconds": seconds,
+            "max_abs_difference": max_difference,
+            "target_speedup": TARGET_SPEEDUP,
+            "logit_lens": lens_rows,
+        },
+    )
     print(f"wrote {results}")
 
 

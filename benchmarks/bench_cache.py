@@ -16,17 +16,29 @@ Prints a table and writes benchmarks/results/bench_cache.json (bench_cache_<mode
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import (
+    GPT2_SMALL,
+    add_model_argument,
+    add_threads_argument,
+    describe,
+    gpt2_small,
+    in_subprocess,
+    interleaved,
+    load_model,
+    reset_peak_rss,
+    rss_mb,
+    set_threads,
+    worker_flags,
+    write_results,
+)
 from transformer_lens import HookedTransformer
 
-from common import GPT2_SMALL, add_model_argument, add_threads_argument, describe, gpt2_small, in_subprocess, \
-    interleaved, load_model, reset_peak_rss, rss_mb, set_threads, worker_flags, write_results
 from lenskit import hooks
 from lenskit.cache import residual_stream
 from lenskit.shards import load_cache, stream_cache
@@ -35,6 +47,7 @@ STREAMED = "blocks.*.hook_resid_post"
 
 
 # --- (a) forward overhead -------------------------------------------------------------------
+
 
 def time_forward_variants(model: HookedTransformer, tokens: torch.Tensor, repeats: int) -> dict[str, list[float]]:
     """Wall seconds per call of each variant, over `repeats` interleaved rounds after one warm-up round."""
@@ -48,7 +61,9 @@ def time_forward_variants(model: HookedTransformer, tokens: torch.Tensor, repeat
     variants = {
         "forward (logits)": lambda: model(tokens),
         "forward + hooks.cache(every resid)": with_lenskit_cache,
-        "TL run_with_cache(every resid)": lambda: model.run_with_cache(tokens, names_filter=lambda n: "hook_resid" in n),
+        "TL run_with_cache(every resid)": lambda: model.run_with_cache(
+            tokens, names_filter=lambda n: "hook_resid" in n
+        ),
         f"forward to final resid (stop_at_layer={n_layers})": lambda: model(tokens, stop_at_layer=n_layers),
         "residual_stream(kind='all')": lambda: residual_stream(model, tokens, "all"),
     }
@@ -56,6 +71,7 @@ def time_forward_variants(model: HookedTransformer, tokens: torch.Tensor, repeat
 
 
 # --- (b) streaming, in fresh subprocesses ------------------------------------------------------
+
 
 def random_batches(n_rows: int, batch: int, pos: int, d_vocab: int):
     """n_rows random token rows in batches [batch, pos], made lazily (the dataset is never held)."""
@@ -71,12 +87,24 @@ def stream_worker(n_rows: int, pos: int, out_dir: str, shard_tokens: int, model_
     reset_peak_rss()
     start = time.perf_counter()
     with torch.inference_mode():
-        stream_cache(model, random_batches(n_rows, 8, pos, model.cfg.d_vocab), STREAMED, out_dir,
-                     shard_tokens=shard_tokens, batch_size=8, progress=False)
+        stream_cache(
+            model,
+            random_batches(n_rows, 8, pos, model.cfg.d_vocab),
+            STREAMED,
+            out_dir,
+            shard_tokens=shard_tokens,
+            batch_size=8,
+            progress=False,
+        )
     seconds = time.perf_counter() - start
-    return {"tokens": n_rows * pos, "seconds": seconds, "tokens_per_s": n_rows * pos / seconds,
-            "model_build_peak_rss_mb": model_build_peak, "rss_with_model_mb": with_model,
-            "peak_rss_mb": rss_mb("VmHWM")}
+    return {
+        "tokens": n_rows * pos,
+        "seconds": seconds,
+        "tokens_per_s": n_rows * pos / seconds,
+        "model_build_peak_rss_mb": model_build_peak,
+        "rss_with_model_mb": with_model,
+        "peak_rss_mb": rss_mb("VmHWM"),
+    }
 
 
 def load_worker(out_dir: str) -> dict:
@@ -86,17 +114,24 @@ def load_worker(out_dir: str) -> dict:
     start = time.perf_counter()
     means = [sum(shard[name].float().mean().item() for name in cache.names) for shard in cache.iter_shards()]
     size_mb = sum(path.stat().st_size for path in Path(out_dir).glob("shard_*.safetensors")) / 2**20
-    return {"shards": len(means), "cache_mb": size_mb, "seconds": time.perf_counter() - start,
-            "peak_rss_mb": rss_mb("VmHWM")}
+    return {
+        "shards": len(means),
+        "cache_mb": size_mb,
+        "seconds": time.perf_counter() - start,
+        "peak_rss_mb": rss_mb("VmHWM"),
+    }
 
 
 # --- main ---------------------------------------------------------------------------------
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     add_model_argument(parser)
-    parser.add_argument("--stream-tokens", type=int, nargs=2, help="the two streamed dataset sizes (default 50000 200000)")
+    parser.add_argument(
+        "--stream-tokens", type=int, nargs=2, help="the two streamed dataset sizes (default 50000 200000)"
+    )
     add_threads_argument(parser)
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -143,20 +178,37 @@ def main() -> None:
     for name, ratio in ratios.items():
         print(f"  ratio {name:<46} {ratio:9.3f}")
     print(f"\n(b) stream_cache({STREAMED!r}, float16, shard_tokens={shard_tokens}), fresh subprocess each")
-    print(f"  {'tokens':>8} {'tok/s':>7} {'RSS model MB':>13} {'peak RSS streaming MB':>22} {'cache MB':>9} "
-          f"{'load pass s':>12} {'peak RSS load MB':>17}")
+    print(
+        f"  {'tokens':>8} {'tok/s':>7} {'RSS model MB':>13} {'peak RSS streaming MB':>22} {'cache MB':>9} "
+        f"{'load pass s':>12} {'peak RSS load MB':>17}"
+    )
     for s in streams:
-        print(f"  {s['tokens']:>8} {s['tokens_per_s']:>7.0f} {s['rss_with_model_mb']:>13.0f} {s['peak_rss_mb']:>22.0f} "
-              f"{s['load']['cache_mb']:>9.0f} {s['load']['seconds']:>12.2f} {s['load']['peak_rss_mb']:>17.0f}")
-    print(f"  peak RSS growth while streaming, {streams[0]['tokens']} -> {streams[1]['tokens']} tokens: {rss_growth:+.1%}"
-          f" (building the model peaks at {streams[0]['model_build_peak_rss_mb']:.0f} MB)")
+        print(
+            f"  {s['tokens']:>8} {s['tokens_per_s']:>7.0f} {s['rss_with_model_mb']:>13.0f} {s['peak_rss_mb']:>22.0f} "
+            f"{s['load']['cache_mb']:>9.0f} {s['load']['seconds']:>12.2f} {s['load']['peak_rss_mb']:>17.0f}"
+        )
+    print(
+        f"  peak RSS growth while streaming, {streams[0]['tokens']} -> {streams[1]['tokens']} tokens: {rss_growth:+.1%}"
+        f" (building the model peaks at {streams[0]['model_build_peak_rss_mb']:.0f} MB)"
+    )
 
-    results = write_results("cache", args.model, {
-        "quick": args.quick, "machine": platform.machine(), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "model": args.model or GPT2_SMALL, "model_description": label, "batch": batch, "pos": pos, "repeats": repeats,
-        "forward_seconds": times, "forward_median_seconds": medians, "ratios": ratios,
-        "stream": streams, "stream_peak_rss_growth": rss_growth,
-    })
+    results = write_results(
+        "cache",
+        args.model,
+        {
+            "quick": args.quick,
+            "model": args.model or GPT2_SMALL,
+            "model_description": label,
+            "batch": batch,
+            "pos": pos,
+            "repeats": repeats,
+            "forward_seconds": times,
+            "forward_median_seconds": medians,
+            "ratios": ratios,
+            "stream": streams,
+            "stream_peak_rss_growth": rss_growth,
+        },
+    )
     print(f"\nwrote {results}")
 
 

@@ -27,14 +27,27 @@ Prints a table and writes benchmarks/results/bench_flow.json (bench_flow_<model>
 
 import argparse
 import json
-import platform
 
 import torch
-from transformer_lens import HookedTransformer
-
-from common import GPT2_SMALL, add_model_argument, add_threads_argument, describe, gpt2_small, in_subprocess, \
-    interleaved, load_model, medians, prompt_tokens, reset_peak_rss, rss_mb, set_threads, worker_flags, write_results
+from common import (
+    GPT2_SMALL,
+    add_model_argument,
+    add_threads_argument,
+    describe,
+    gpt2_small,
+    in_subprocess,
+    interleaved,
+    load_model,
+    medians,
+    prompt_tokens,
+    reset_peak_rss,
+    rss_mb,
+    set_threads,
+    worker_flags,
+    write_results,
+)
 from reference.flow import proximity, tool_decomposed_attn, tool_graph
+from transformer_lens import HookedTransformer
 
 from lenskit.flow import flow
 
@@ -65,11 +78,25 @@ def accuracy(model: HookedTransformer, tokens: torch.Tensor) -> dict[str, float]
     graph = flow(model, tokens, threshold=0.0, renormalize=False, progress=False)
     _, cache = model.run_with_cache(tokens)
     last = tokens.shape[1] - 1
-    lenskit_error = max((graph.decompose(layer, pos, "resid_mid").parts.tensor.sum(0)
-                         - cache[f"blocks.{layer}.hook_resid_mid"][0, pos]).abs().max().item()
-                        for layer in range(model.cfg.n_layers) for pos in (0, last))
-    tool_error = max((tool_decomposed_attn(model, cache, 0, layer).sum((1, 2)) + cache[f"blocks.{layer}.hook_resid_pre"][0]
-                      - cache[f"blocks.{layer}.hook_resid_mid"][0]).abs().max().item() for layer in range(model.cfg.n_layers))
+    lenskit_error = max(
+        (graph.decompose(layer, pos, "resid_mid").parts.tensor.sum(0) - cache[f"blocks.{layer}.hook_resid_mid"][0, pos])
+        .abs()
+        .max()
+        .item()
+        for layer in range(model.cfg.n_layers)
+        for pos in (0, last)
+    )
+    tool_error = max(
+        (
+            tool_decomposed_attn(model, cache, 0, layer).sum((1, 2))
+            + cache[f"blocks.{layer}.hook_resid_pre"][0]
+            - cache[f"blocks.{layer}.hook_resid_mid"][0]
+        )
+        .abs()
+        .max()
+        .item()
+        for layer in range(model.cfg.n_layers)
+    )
     share_error = 0.0
     for layer in (0, model.cfg.n_layers // 2, model.cfg.n_layers - 1):
         parts = graph.decompose(layer, last, "resid_mid")
@@ -77,9 +104,14 @@ def accuracy(model: HookedTransformer, tokens: torch.Tensor) -> dict[str, float]
         whole = cache[f"blocks.{layer}.hook_resid_mid"][0, last].double()
         prox = proximity(dense, whole)
         expected = (prox / prox.sum())[1:].reshape(last + 1, -1)
-        share_error = max(share_error, (graph.head_shares[layer, last, :last + 1].double() - expected).abs().max().item())
-    return {"lenskit_parts_sum_error": lenskit_error, "tool_parts_sum_error": tool_error,
-            "lenskit_share_error_vs_float64": share_error}
+        share_error = max(
+            share_error, (graph.head_shares[layer, last, : last + 1].double() - expected).abs().max().item()
+        )
+    return {
+        "lenskit_parts_sum_error": lenskit_error,
+        "tool_parts_sum_error": tool_error,
+        "lenskit_share_error_vs_float64": share_error,
+    }
 
 
 # --- memory, in fresh subprocesses ----------------------------------------------------------------
@@ -92,15 +124,27 @@ def memory_worker(method: str, n_pos: int, model_name: str | None) -> dict:
     peaks = {}
     with torch.inference_mode():
         model.run_with_cache(tokens)  # warm-up
-        for name, run in (("forward_with_cache", lambda: model.run_with_cache(tokens)),
-                          (method, lambda: flow(model, tokens, progress=False).edges if method == "lenskit"
-                           else tool_graph(model, tokens, THRESHOLD))):
+        for name, run in (
+            ("forward_with_cache", lambda: model.run_with_cache(tokens)),
+            (
+                method,
+                lambda: (
+                    flow(model, tokens, progress=False).edges
+                    if method == "lenskit"
+                    else tool_graph(model, tokens, THRESHOLD)
+                ),
+            ),
+        ):
             reset_peak_rss()
             start = rss_mb()
             run()
             peaks[name] = rss_mb("VmHWM") - start
-    return {"method": method, "pos": n_pos, "forward_with_cache_peak_above_start_mb": peaks["forward_with_cache"],
-            "peak_above_start_mb": peaks[method]}
+    return {
+        "method": method,
+        "pos": n_pos,
+        "forward_with_cache_peak_above_start_mb": peaks["forward_with_cache"],
+        "peak_above_start_mb": peaks[method],
+    }
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -123,60 +167,101 @@ def main() -> None:
     memory_lengths = (16, 32, 64) if args.quick else (128, 256, 512)
     model = get_model(args.model)
     label = describe(model, args.model)
-    cfg = {key: getattr(model.cfg, key) for key in ("n_layers", "d_model", "n_heads", "n_key_value_heads", "d_head", "d_mlp", "d_vocab")}
+    cfg = {
+        key: getattr(model.cfg, key)
+        for key in ("n_layers", "d_model", "n_heads", "n_key_value_heads", "d_head", "d_mlp", "d_vocab")
+    }
     rows = []
     for n_pos in lengths:
         tokens = prompt_tokens(model, n_pos, n_pos)
-        times = interleaved({
-            "forward with cache (TL run_with_cache)": lambda: model.run_with_cache(tokens),
-            "lenskit.flow, full graph + edges": lambda: flow(model, tokens, progress=False).edges,
-            "reference method (the tool's code)": lambda: tool_graph(model, tokens, THRESHOLD),
-        }, {"forward with cache (TL run_with_cache)": repeats, "lenskit.flow, full graph + edges": repeats,
-            "reference method (the tool's code)": max(1, repeats // 2)}, inference=True)
+        times = interleaved(
+            {
+                "forward with cache (TL run_with_cache)": lambda: model.run_with_cache(tokens),
+                "lenskit.flow, full graph + edges": lambda: flow(model, tokens, progress=False).edges,
+                "reference method (the tool's code)": lambda: tool_graph(model, tokens, THRESHOLD),
+            },
+            {
+                "forward with cache (TL run_with_cache)": repeats,
+                "lenskit.flow, full graph + edges": repeats,
+                "reference method (the tool's code)": max(1, repeats // 2),
+            },
+            inference=True,
+        )
         middle = medians(times)
         forward = middle["forward with cache (TL run_with_cache)"]
-        rows.append({"pos": n_pos, "times": times, "medians": middle,
-                     "ratios": {name: {clock: m[clock] / forward[clock] for clock in m} for name, m in middle.items()},
-                     "accuracy": accuracy(model, tokens)})
+        rows.append(
+            {
+                "pos": n_pos,
+                "times": times,
+                "medians": middle,
+                "ratios": {name: {clock: m[clock] / forward[clock] for clock in m} for name, m in middle.items()},
+                "accuracy": accuracy(model, tokens),
+            }
+        )
     model = None  # free it before the memory workers (the lambdas above are done with it)
     worker = [args.model or "-", *worker_flags(args, model=False)]
     memory = [in_subprocess(__file__, "lenskit", n_pos, *worker) for n_pos in memory_lengths]
-    memory += [in_subprocess(__file__, "reference", n_pos, *worker) for n_pos in lengths]  # [pos, pos, head, d_model] per layer
+    memory += [
+        in_subprocess(__file__, "reference", n_pos, *worker) for n_pos in lengths
+    ]  # [pos, pos, head, d_model] per layer
 
     print(f"{label}; CPU ({torch.get_num_threads()} threads), torch {torch.__version__}")
     print("prompts: " + ("random token ids" if args.model is None else "English text (common.TEXT)"))
-    print(f"\n(a) time, 1 prompt, threshold {THRESHOLD}, median of interleaved repeats; ratio = time / forward with cache")
+    print(
+        f"\n(a) time, 1 prompt, threshold {THRESHOLD}, median of interleaved repeats; ratio = time / forward with cache"
+    )
     print(f"  {'tokens':>6}  {'method':<40} {'wall s':>8} {'ratio':>6} {'cpu s':>8} {'ratio':>6}")
     for row in rows:
         for name, median in row["medians"].items():
             ratio = row["ratios"][name]
-            print(f"  {row['pos']:>6}  {name:<40} {median['wall']:>8.3f} {ratio['wall']:>6.2f} {median['cpu']:>8.3f} {ratio['cpu']:>6.2f}")
+            print(
+                f"  {row['pos']:>6}  {name:<40} {median['wall']:>8.3f} {ratio['wall']:>6.2f} {median['cpu']:>8.3f} {ratio['cpu']:>6.2f}"
+            )
         if row["pos"] == TARGET_POS:
             ratio = row["ratios"]["lenskit.flow, full graph + edges"]["cpu"]
             row["target"] = {"ratio_cpu": ratio, "max_ratio": TARGET_RATIO, "met": ratio <= TARGET_RATIO}
-            print(f"  target: lenskit.flow at {TARGET_POS} tokens within {TARGET_RATIO:g}x the forward with cache (CPU): "
-                  f"{ratio:.2f}x, {'met' if ratio <= TARGET_RATIO else 'MISSED'}")
-    print("\n(b) peak memory above the starting point (MB), fresh subprocess each; scale = T^2 * heads * layers * 4 bytes")
+            print(
+                f"  target: lenskit.flow at {TARGET_POS} tokens within {TARGET_RATIO:g}x the forward with cache (CPU): "
+                f"{ratio:.2f}x, {'met' if ratio <= TARGET_RATIO else 'MISSED'}"
+            )
+    print(
+        "\n(b) peak memory above the starting point (MB), fresh subprocess each; scale = T^2 * heads * layers * 4 bytes"
+    )
     scale = lambda n: n * n * cfg["n_heads"] * cfg["n_layers"] * 4 / 2**20  # noqa: E731
-    print(f"  {'method':<9} {'tokens':>6} {'peak MB':>8} {'fwd+cache MB':>13} {'scale MB':>9} {'peak / scale':>12} "
-          f"{'T^2*heads*d_model*4B MB':>24}")
+    print(
+        f"  {'method':<9} {'tokens':>6} {'peak MB':>8} {'fwd+cache MB':>13} {'scale MB':>9} {'peak / scale':>12} "
+        f"{'T^2*heads*d_model*4B MB':>24}"
+    )
     for m in memory:
-        print(f"  {m['method']:<9} {m['pos']:>6} {m['peak_above_start_mb']:>8.1f} {m['forward_with_cache_peak_above_start_mb']:>13.1f}"
-              f" {scale(m['pos']):>9.1f} {m['peak_above_start_mb'] / scale(m['pos']):>12.2f}"
-              f" {scale(m['pos']) / cfg['n_layers'] * cfg['d_model']:>24.1f}")
+        print(
+            f"  {m['method']:<9} {m['pos']:>6} {m['peak_above_start_mb']:>8.1f} {m['forward_with_cache_peak_above_start_mb']:>13.1f}"
+            f" {scale(m['pos']):>9.1f} {m['peak_above_start_mb'] / scale(m['pos']):>12.2f}"
+            f" {scale(m['pos']) / cfg['n_layers'] * cfg['d_model']:>24.1f}"
+        )
     print("  (peak / scale flat or falling with T: memory grows no faster than T^2 * heads per layer)")
     print("\n(c) accuracy: max |sum of attention parts + resid_pre - resid_mid| (exact: float32 rounding only)")
     for row in rows:
         acc = row["accuracy"]
-        print(f"  {row['pos']:>6} tokens: lenskit {acc['lenskit_parts_sum_error']:.2e}, reference method "
-              f"{acc['tool_parts_sum_error']:.2e} (b_V twice, no b_O); lenskit shares vs float64 definition "
-              f"{acc['lenskit_share_error_vs_float64']:.2e}")
+        print(
+            f"  {row['pos']:>6} tokens: lenskit {acc['lenskit_parts_sum_error']:.2e}, reference method "
+            f"{acc['tool_parts_sum_error']:.2e} (b_V twice, no b_O); lenskit shares vs float64 definition "
+            f"{acc['lenskit_share_error_vs_float64']:.2e}"
+        )
 
-    results = write_results("flow", args.model, {
-        "quick": args.quick, "machine": platform.machine(), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "model": args.model or GPT2_SMALL, "model_description": label, "shape": cfg,
-        "threshold": THRESHOLD, "repeats": repeats, "timing": rows, "memory": memory,
-    })
+    results = write_results(
+        "flow",
+        args.model,
+        {
+            "quick": args.quick,
+            "model": args.model or GPT2_SMALL,
+            "model_description": label,
+            "shape": cfg,
+            "threshold": THRESHOLD,
+            "repeats": repeats,
+            "timing": rows,
+            "memory": memory,
+        },
+    )
     print(f"\nwrote {results}")
 
 

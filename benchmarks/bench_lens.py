@@ -22,16 +22,24 @@ Prints a table and writes benchmarks/results/bench_lens.json (bench_lens_<model>
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
 import torch
-from transformer_lens import HookedTransformer
-
-from common import SHAPE, add_model_argument, add_threads_argument, in_subprocess, memory_peak_mb, prompt_tokens, \
-    set_threads, start_memory_peak, worker_flags, write_results
+from common import (
+    SHAPE,
+    add_model_argument,
+    add_threads_argument,
+    in_subprocess,
+    memory_peak_mb,
+    prompt_tokens,
+    set_threads,
+    start_memory_peak,
+    worker_flags,
+    write_results,
+)
 from reference.logit_lens import naive_lens
+from transformer_lens import HookedTransformer
 
 import lenskit
 from lenskit.lens import logit_lens
@@ -51,8 +59,13 @@ def lens_benchmark(model: HookedTransformer, tokens: torch.Tensor, top_k: int = 
         "naive full-vocabulary lens": lambda inputs: naive_lens(model, inputs, top_k).values.cpu(),
     }
     layers = model.cfg.n_layers + 1
-    shape = {"batch": tokens.shape[0], "pos": tokens.shape[1], "layers": layers, "top_k": top_k,
-             "full_logits_mb": layers * tokens.numel() * model.cfg.d_vocab_out * 4 / 2**20}
+    shape = {
+        "batch": tokens.shape[0],
+        "pos": tokens.shape[1],
+        "layers": layers,
+        "top_k": top_k,
+        "full_logits_mb": layers * tokens.numel() * model.cfg.d_vocab_out * 4 / 2**20,
+    }
     measured = {method: {"seconds": [], "cpu_seconds": [], "peak_mb": []} for method in methods}
     probs = {}
     with torch.inference_mode():
@@ -67,9 +80,17 @@ def lens_benchmark(model: HookedTransformer, tokens: torch.Tensor, top_k: int = 
                 measured[method]["cpu_seconds"].append(time.process_time() - cpu)
                 measured[method]["peak_mb"].append(memory_peak_mb(tokens.device) - start)
     difference = (probs["lenskit logit_lens"] - probs["naive full-vocabulary lens"]).abs().max().item()
-    return [{"method": method, **shape, "seconds": statistics.median(m["seconds"]),
-             "cpu_seconds": statistics.median(m["cpu_seconds"]), "peak_mb": max(m["peak_mb"]),
-             "max_prob_diff": difference} for method, m in measured.items()]
+    return [
+        {
+            "method": method,
+            **shape,
+            "seconds": statistics.median(m["seconds"]),
+            "cpu_seconds": statistics.median(m["cpu_seconds"]),
+            "peak_mb": max(m["peak_mb"]),
+            "max_prob_diff": difference,
+        }
+        for method, m in measured.items()
+    ]
 
 
 def worker(pos: int, repeats: int, device: str, model_name: str | None = None) -> list[dict]:
@@ -99,26 +120,46 @@ def main() -> None:
         rows += in_subprocess(__file__, pos, repeats, "--device", args.device, *worker_flags(args))
 
     model_label = args.model or f"GPT-2-small-shaped model ({SHAPE.name}), random weights"
-    print(f"logit lens, {model_label}, {args.device} "
-          f"({torch.get_num_threads()} threads), torch {torch.__version__}; all layers and positions, top 5")
-    print(f"{'tokens':<8} {'method':<28} {'wall s':>8} {'CPU s':>8} {'peak MB':>8} {'[L,pos,vocab] MB':>17} "
-          f"{'max |dp|':>9}")
+    print(
+        f"logit lens, {model_label}, {args.device} "
+        f"({torch.get_num_threads()} threads), torch {torch.__version__}; all layers and positions, top 5"
+    )
+    print(
+        f"{'tokens':<8} {'method':<28} {'wall s':>8} {'CPU s':>8} {'peak MB':>8} {'[L,pos,vocab] MB':>17} "
+        f"{'max |dp|':>9}"
+    )
     for row in rows:
-        print(f"{row['batch']}x{row['pos']:<6} {row['method']:<28} {row['seconds']:>8.2f} {row['cpu_seconds']:>8.2f} "
-              f"{row['peak_mb']:>8.0f} {row['full_logits_mb']:>17.0f} {row['max_prob_diff']:>9.1e}")
+        print(
+            f"{row['batch']}x{row['pos']:<6} {row['method']:<28} {row['seconds']:>8.2f} {row['cpu_seconds']:>8.2f} "
+            f"{row['peak_mb']:>8.0f} {row['full_logits_mb']:>17.0f} {row['max_prob_diff']:>9.1e}"
+        )
     ratios = []
     for lens, naive in zip(rows[::2], rows[1::2]):
-        ratios.append({"pos": lens["pos"], "wall_time_naive_over_lenskit": naive["seconds"] / lens["seconds"],
-                       "cpu_time_naive_over_lenskit": naive["cpu_seconds"] / lens["cpu_seconds"],
-                       "peak_memory_naive_over_lenskit": naive["peak_mb"] / lens["peak_mb"]})
-        print(f"1x{lens['pos']}: naive / lenskit  wall time {ratios[-1]['wall_time_naive_over_lenskit']:.2f}x, "
-              f"CPU time {ratios[-1]['cpu_time_naive_over_lenskit']:.2f}x, "
-              f"peak memory {ratios[-1]['peak_memory_naive_over_lenskit']:.1f}x")
+        ratios.append(
+            {
+                "pos": lens["pos"],
+                "wall_time_naive_over_lenskit": naive["seconds"] / lens["seconds"],
+                "cpu_time_naive_over_lenskit": naive["cpu_seconds"] / lens["cpu_seconds"],
+                "peak_memory_naive_over_lenskit": naive["peak_mb"] / lens["peak_mb"],
+            }
+        )
+        print(
+            f"1x{lens['pos']}: naive / lenskit  wall time {ratios[-1]['wall_time_naive_over_lenskit']:.2f}x, "
+            f"CPU time {ratios[-1]['cpu_time_naive_over_lenskit']:.2f}x, "
+            f"peak memory {ratios[-1]['peak_memory_naive_over_lenskit']:.1f}x"
+        )
 
-    results = write_results("lens", args.model, {
-        "quick": args.quick, "device": args.device, "machine": platform.machine(), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "model": args.model or json.loads(SHAPE.read_text()), "rows": rows, "ratios": ratios,
-    })
+    results = write_results(
+        "lens",
+        args.model,
+        {
+            "quick": args.quick,
+            "device": args.device,
+            "model": args.model or json.loads(SHAPE.read_text()),
+            "rows": rows,
+            "ratios": ratios,
+        },
+    )
     print(f"wrote {results}")
 
 

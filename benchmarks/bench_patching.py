@@ -40,16 +40,28 @@ Prints tables and writes benchmarks/results/bench_patching.json (bench_patching_
 
 import argparse
 import json
-import platform
 import statistics
 from collections import Counter
 
 import torch
 import transformer_lens.patching as tlp
+from common import (
+    GPT2_SMALL,
+    add_model_argument,
+    add_threads_argument,
+    best_of,
+    describe,
+    gpt2_small,
+    in_subprocess,
+    ioi_pairs,
+    load_model,
+    reset_peak_rss,
+    rss_mb,
+    set_threads,
+    worker_flags,
+    write_results,
+)
 from transformer_lens import HookedTransformer
-
-from common import GPT2_SMALL, add_model_argument, add_threads_argument, best_of, describe, gpt2_small, in_subprocess, \
-    ioi_pairs, load_model, reset_peak_rss, rss_mb, set_threads, worker_flags, write_results
 
 import lenskit
 from lenskit import metrics
@@ -60,15 +72,37 @@ from lenskit.zoo.data import ioi_dataset
 IO_POS, S_POS, S2_POS = 4, 2, 10  # "<bos> When John and Mary went to the shops, John gave the bag to"
 SPEED_GRIDS = [  # name, site, by, transformer_lens.patching function, its index columns, corruption, target
     ("resid_pre by (layer, pos)", "resid_pre", "layer_pos", tlp.get_act_patch_resid_pre, ("layer", "pos"), "S2", 10),
-    ("z by (layer, head, pos)", "z", "layer_head_pos", tlp.get_act_patch_attn_head_out_by_pos, ("layer", "pos", "head"),
-     "S2", 10),
-    ("resid_pre, every position differs", "resid_pre", "layer_pos", tlp.get_act_patch_resid_pre, ("layer", "pos"),
-     "random", None),
+    (
+        "z by (layer, head, pos)",
+        "z",
+        "layer_head_pos",
+        tlp.get_act_patch_attn_head_out_by_pos,
+        ("layer", "pos", "head"),
+        "S2",
+        10,
+    ),
+    (
+        "resid_pre, every position differs",
+        "resid_pre",
+        "layer_pos",
+        tlp.get_act_patch_resid_pre,
+        ("layer", "pos"),
+        "random",
+        None,
+    ),
 ]
 MEMORY_TARGET_MB = 4096
-ATTRIBUTION_SITES = [("resid_pre", "layer_pos"), ("attn_out", "layer_pos"), ("mlp_out", "layer_pos"),
-                     ("z", "layer_head_pos"), ("z", "layer_head"), ("q", "layer_head"), ("k", "layer_head"),
-                     ("v", "layer_head"), ("pattern", "layer_head")]
+ATTRIBUTION_SITES = [
+    ("resid_pre", "layer_pos"),
+    ("attn_out", "layer_pos"),
+    ("mlp_out", "layer_pos"),
+    ("z", "layer_head_pos"),
+    ("z", "layer_head"),
+    ("q", "layer_head"),
+    ("k", "layer_head"),
+    ("v", "layer_head"),
+    ("pattern", "layer_head"),
+]
 
 
 def ioi_shaped_pairs(d_vocab: int, batch: int, n_pos: int, corruption: str):
@@ -86,6 +120,7 @@ def ioi_shaped_pairs(d_vocab: int, batch: int, n_pos: int, corruption: str):
 
 
 # --- (a) speed against transformer_lens.patching ---------------------------------------------
+
 
 def speed_pairs(model, batch: int, n_pos: int, corruption: str):
     """(clean, corrupted, metric, what): real IOI pairs when the model has a tokenizer, else IOI-shaped random tokens.
@@ -118,8 +153,13 @@ def speed_row(model, name, site, by, tl_function, tl_axes, corruption, target, b
                 cells = runs[0][0].to_frame().sample(tl_cells, random_state=0)
                 index_df = cells[list(tl_axes)].reset_index(drop=True)
             for i in range(round_, tl_cells, rounds):
-                tl_runs.append(best_of(lambda: tl_function(model, corrupted, clean_cache, bound, index_axis_names=None,
-                                                           index_df=index_df.iloc[[i]])))
+                tl_runs.append(
+                    best_of(
+                        lambda: tl_function(
+                            model, corrupted, clean_cache, bound, index_axis_names=None, index_df=index_df.iloc[[i]]
+                        )
+                    )
+                )
     order = [i for round_ in range(rounds) for i in range(round_, tl_cells, rounds)]
     tl_runs = [run for _, run in sorted(zip(order, tl_runs), key=lambda pair: pair[0])]
     result = runs[0][0]
@@ -131,19 +171,36 @@ def speed_row(model, name, site, by, tl_function, tl_axes, corruption, target, b
     n_cells = result.tensor.numel()
     tl_cpu_grid, tl_wall_grid = cache_cpu + tl_cpu * n_cells, cache_wall + tl_wall * n_cells
     speedup = tl_cpu_grid / cpu
-    return {"grid": name, "site": site, "by": by, "corruption": corruption, "prompts": what,
-            "batch": clean.shape[0], "pos": clean.shape[1], "cells": n_cells,
-            "clean_value": result.clean_value, "corrupted_value": result.corrupted_value,
-            "rounds": rounds, "lenskit_cpu_s_runs": [c for _, c, _ in runs], "lenskit_cpu_s": cpu,
-            "lenskit_wall_s": wall, "tl_sampled_cells": tl_cells,
-            "tl_function": next(f"transformer_lens.patching.{n}" for n in dir(tlp) if getattr(tlp, n) is tl_function),
-            "tl_cpu_s_per_cell": [cpu for _, cpu, _ in tl_runs], "tl_cpu_s_grid": tl_cpu_grid,
-            "tl_wall_s_grid": tl_wall_grid, "speedup_cpu": speedup, "speedup_wall": tl_wall_grid / wall,
-            "target_speedup": target, "target_met": None if target is None else speedup >= target,
-            "max_abs_diff": (torch.tensor(cells["value"].to_numpy()) - tl_values).abs().max().item()}
+    return {
+        "grid": name,
+        "site": site,
+        "by": by,
+        "corruption": corruption,
+        "prompts": what,
+        "batch": clean.shape[0],
+        "pos": clean.shape[1],
+        "cells": n_cells,
+        "clean_value": result.clean_value,
+        "corrupted_value": result.corrupted_value,
+        "rounds": rounds,
+        "lenskit_cpu_s_runs": [c for _, c, _ in runs],
+        "lenskit_cpu_s": cpu,
+        "lenskit_wall_s": wall,
+        "tl_sampled_cells": tl_cells,
+        "tl_function": next(f"transformer_lens.patching.{n}" for n in dir(tlp) if getattr(tlp, n) is tl_function),
+        "tl_cpu_s_per_cell": [cpu for _, cpu, _ in tl_runs],
+        "tl_cpu_s_grid": tl_cpu_grid,
+        "tl_wall_s_grid": tl_wall_grid,
+        "speedup_cpu": speedup,
+        "speedup_wall": tl_wall_grid / wall,
+        "target_speedup": target,
+        "target_met": None if target is None else speedup >= target,
+        "max_abs_diff": (torch.tensor(cells["value"].to_numpy()) - tl_values).abs().max().item(),
+    }
 
 
 # --- (b) memory, in a fresh subprocess ------------------------------------------------------
+
 
 def memory_worker(model_name: str, n_layers: int, batch: int, n_pos: int) -> dict:
     """Peak RSS of the restricted z grid, counted from when the model is loaded."""
@@ -152,15 +209,35 @@ def memory_worker(model_name: str, n_layers: int, batch: int, n_pos: int) -> dic
     model_load_peak, with_model = rss_mb("VmHWM"), rss_mb()
     reset_peak_rss()
     with torch.inference_mode():
-        _, cpu, wall = best_of(lambda: patch(model, clean, corrupted, metric, site="z", by="layer_head_pos",
-                                             heads=[0, 1], positions=[0], progress=False))
+        _, cpu, wall = best_of(
+            lambda: patch(
+                model,
+                clean,
+                corrupted,
+                metric,
+                site="z",
+                by="layer_head_pos",
+                heads=[0, 1],
+                positions=[0],
+                progress=False,
+            )
+        )
     peak = rss_mb("VmHWM")
-    return {"batch": batch, "pos": n_pos, "model_load_peak_rss_mb": model_load_peak, "rss_with_model_mb": with_model,
-            "peak_rss_mb": peak, "target_mb": MEMORY_TARGET_MB, "target_met": peak < MEMORY_TARGET_MB,
-            "cpu_s": cpu, "wall_s": wall}
+    return {
+        "batch": batch,
+        "pos": n_pos,
+        "model_load_peak_rss_mb": model_load_peak,
+        "rss_with_model_mb": with_model,
+        "peak_rss_mb": peak,
+        "target_mb": MEMORY_TARGET_MB,
+        "target_met": peak < MEMORY_TARGET_MB,
+        "cpu_s": cpu,
+        "wall_s": wall,
+    }
 
 
 # --- (c) attribution patching on the zoo model ----------------------------------------------
+
 
 def zoo_ioi_pairs(model: HookedTransformer, n_prompts: int):
     """Held-out IOI prompts with single-token names, of the most common length, and their S2 -> IO corruption."""
@@ -190,17 +267,36 @@ def attribution_rows(model: HookedTransformer, n_prompts: int) -> tuple[list[dic
     patch(model, clean, corrupted, metric, layers=[-1], progress=False)  # warm-up
     rows = []
     for site, by in ATTRIBUTION_SITES:
-        exact, exact_cpu, _ = best_of(lambda: patch(model, clean, corrupted, metric, site=site, by=by, progress=False), 5)
-        estimate, estimate_cpu, _ = best_of(lambda: attribution_patch(model, clean, corrupted, metric, site=site, by=by), 5)
+        exact, exact_cpu, _ = best_of(
+            lambda: patch(model, clean, corrupted, metric, site=site, by=by, progress=False), 5
+        )
+        estimate, estimate_cpu, _ = best_of(
+            lambda: attribution_patch(model, clean, corrupted, metric, site=site, by=by), 5
+        )
         r = torch.corrcoef(torch.stack([exact.tensor.flatten(), estimate.tensor.flatten()]))[0, 1].item()
-        rows.append({"site": site, "by": by, "cells": exact.tensor.numel(), "pearson_r": r,
-                     "exact_cpu_s": exact_cpu, "attribution_cpu_s": estimate_cpu, "speedup": exact_cpu / estimate_cpu})
-    prompts = {"n_prompts": len(clean), "n_pos": clean.shape[1], "clean_logit_diff": exact.clean_value,
-               "corrupted_logit_diff": exact.corrupted_value, "example": model.to_string(clean[0])}
+        rows.append(
+            {
+                "site": site,
+                "by": by,
+                "cells": exact.tensor.numel(),
+                "pearson_r": r,
+                "exact_cpu_s": exact_cpu,
+                "attribution_cpu_s": estimate_cpu,
+                "speedup": exact_cpu / estimate_cpu,
+            }
+        )
+    prompts = {
+        "n_prompts": len(clean),
+        "n_pos": clean.shape[1],
+        "clean_logit_diff": exact.clean_value,
+        "corrupted_logit_diff": exact.corrupted_value,
+        "example": model.to_string(clean[0]),
+    }
     return rows, prompts
 
 
 # --- main ---------------------------------------------------------------------------------
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -230,7 +326,9 @@ def main() -> None:
     speed = [speed_row(model, *grid, batch, n_pos, tl_cells, rounds if grid[-1] else 1) for grid in SPEED_GRIDS]
     del model
     worker_args = worker_flags(args, model=False)
-    memory = in_subprocess(__file__, args.model or "-", n_layers or 0, *((2, 16) if args.quick else (8, 64)), *worker_args)
+    memory = in_subprocess(
+        __file__, args.model or "-", n_layers or 0, *((2, 16) if args.quick else (8, 64)), *worker_args
+    )
     if args.skip_attribution:
         attribution, prompts = [], {"skipped": "--skip-attribution"}
     else:
@@ -243,39 +341,69 @@ def main() -> None:
 
     print(f"{label}; CPU ({torch.get_num_threads()} threads), torch {torch.__version__}")
     print(f"\n(a) {speed[0]['batch']} prompt pairs x {speed[0]['pos']} tokens: {speed[0]['prompts']}")
-    print(f"  metric logit(IO) - logit(S): clean {speed[0]['clean_value']:.2f}, corrupted {speed[0]['corrupted_value']:.2f}")
-    print(f"  transformer_lens.patching (get_act_patch_resid_pre, get_act_patch_attn_head_out_by_pos) timed on "
-          f"{tl_cells} sampled cells per grid and extrapolated to the full grid (+ its clean run_with_cache); "
-          f"interleaved with lenskit's full grid ({rounds} rounds, median; 1 for the last row)")
-    print(f"  {'grid':<36} {'cells':>6} {'lenskit CPU s':>14} {'TL CPU s':>10} {'speed-up':>9} "
-          f"{'lenskit wall s':>15} {'TL wall s':>10} {'wall speed-up':>14} {'max |diff|':>11}  target")
+    print(
+        f"  metric logit(IO) - logit(S): clean {speed[0]['clean_value']:.2f}, corrupted {speed[0]['corrupted_value']:.2f}"
+    )
+    print(
+        f"  transformer_lens.patching (get_act_patch_resid_pre, get_act_patch_attn_head_out_by_pos) timed on "
+        f"{tl_cells} sampled cells per grid and extrapolated to the full grid (+ its clean run_with_cache); "
+        f"interleaved with lenskit's full grid ({rounds} rounds, median; 1 for the last row)"
+    )
+    print(
+        f"  {'grid':<36} {'cells':>6} {'lenskit CPU s':>14} {'TL CPU s':>10} {'speed-up':>9} "
+        f"{'lenskit wall s':>15} {'TL wall s':>10} {'wall speed-up':>14} {'max |diff|':>11}  target"
+    )
     for row in speed:
-        target = "-" if row["target_speedup"] is None else \
-            f">= {row['target_speedup']}x: {'met' if row['target_met'] else 'MISSED'}"
-        print(f"  {row['grid']:<36} {row['cells']:>6} {row['lenskit_cpu_s']:>14.1f} {row['tl_cpu_s_grid']:>10.1f} "
-              f"{row['speedup_cpu']:>8.1f}x {row['lenskit_wall_s']:>15.1f} {row['tl_wall_s_grid']:>10.1f} "
-              f"{row['speedup_wall']:>13.1f}x {row['max_abs_diff']:>11.1e}  {target}")
-    print(f"\n(b) z by (layer, head, pos), {memory['batch']} pairs x {memory['pos']} tokens, position 0, heads 0-1: "
-          f"peak RSS {memory['peak_rss_mb']:.0f} MB (model loaded: {memory['rss_with_model_mb']:.0f} MB; loading peaked "
-          f"at {memory['model_load_peak_rss_mb']:.0f} MB); target < {MEMORY_TARGET_MB} MB: "
-          f"{'met' if memory['target_met'] else 'MISSED'}")
+        target = (
+            "-"
+            if row["target_speedup"] is None
+            else f">= {row['target_speedup']}x: {'met' if row['target_met'] else 'MISSED'}"
+        )
+        print(
+            f"  {row['grid']:<36} {row['cells']:>6} {row['lenskit_cpu_s']:>14.1f} {row['tl_cpu_s_grid']:>10.1f} "
+            f"{row['speedup_cpu']:>8.1f}x {row['lenskit_wall_s']:>15.1f} {row['tl_wall_s_grid']:>10.1f} "
+            f"{row['speedup_wall']:>13.1f}x {row['max_abs_diff']:>11.1e}  {target}"
+        )
+    print(
+        f"\n(b) z by (layer, head, pos), {memory['batch']} pairs x {memory['pos']} tokens, position 0, heads 0-1: "
+        f"peak RSS {memory['peak_rss_mb']:.0f} MB (model loaded: {memory['rss_with_model_mb']:.0f} MB; loading peaked "
+        f"at {memory['model_load_peak_rss_mb']:.0f} MB); target < {MEMORY_TARGET_MB} MB: "
+        f"{'met' if memory['target_met'] else 'MISSED'}"
+    )
     print(f"\n(c) attribution vs exact patching, zoo model {args.zoo!r}")
     if not attribution:
         print(f"  {prompts['skipped']}")
     else:
-        print(f"  {prompts['n_prompts']} IOI prompts x {prompts['n_pos']} tokens, e.g. {prompts['example']!r}; "
-              f"logit diff clean {prompts['clean_logit_diff']:.2f}, corrupted {prompts['corrupted_logit_diff']:.2f}")
-        print(f"  {'site':<9} {'by':<15} {'cells':>6} {'Pearson r':>10} {'exact CPU s':>12} {'attribution CPU s':>18} {'speed-up':>9}")
+        print(
+            f"  {prompts['n_prompts']} IOI prompts x {prompts['n_pos']} tokens, e.g. {prompts['example']!r}; "
+            f"logit diff clean {prompts['clean_logit_diff']:.2f}, corrupted {prompts['corrupted_logit_diff']:.2f}"
+        )
+        print(
+            f"  {'site':<9} {'by':<15} {'cells':>6} {'Pearson r':>10} {'exact CPU s':>12} {'attribution CPU s':>18} {'speed-up':>9}"
+        )
         for row in attribution:
-            print(f"  {row['site']:<9} {row['by']:<15} {row['cells']:>6} {row['pearson_r']:>10.3f} "
-                  f"{row['exact_cpu_s']:>12.2f} {row['attribution_cpu_s']:>18.2f} {row['speedup']:>8.1f}x")
+            print(
+                f"  {row['site']:<9} {row['by']:<15} {row['cells']:>6} {row['pearson_r']:>10.3f} "
+                f"{row['exact_cpu_s']:>12.2f} {row['attribution_cpu_s']:>18.2f} {row['speedup']:>8.1f}x"
+            )
 
-    results = write_results("patching", args.model, {
-        "quick": args.quick, "machine": platform.machine(), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "model": args.model or GPT2_SMALL, "model_description": label,
-        "n_layers": layers, "batch": batch, "pos": n_pos,
-        "speed": speed, "memory": memory, "zoo": args.zoo, "attribution_prompts": prompts, "attribution": attribution,
-    })
+    results = write_results(
+        "patching",
+        args.model,
+        {
+            "quick": args.quick,
+            "model": args.model or GPT2_SMALL,
+            "model_description": label,
+            "n_layers": layers,
+            "batch": batch,
+            "pos": n_pos,
+            "speed": speed,
+            "memory": memory,
+            "zoo": args.zoo,
+            "attribution_prompts": prompts,
+            "attribution": attribution,
+        },
+    )
     print(f"\nwrote {results}")
 
 

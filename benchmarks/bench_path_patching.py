@@ -17,7 +17,6 @@ import argparse
 import time
 
 import torch
-
 from common import add_threads_argument, describe, ioi_pairs, load_model, set_threads, write_results
 from reference.path_patching import caches, path_patch_two_runs
 
@@ -55,16 +54,31 @@ def main() -> None:
         per_sender = (time.perf_counter() - start) / len(sampled)
         gap = max(abs(result.tensor[s].item() - value) for s, value in zip(sampled, reference))
         extrapolated = cache_time + per_sender * len(reaching)
-        rows.append({"receivers": kind, "senders": len(reaching), "lenskit_s": ours,
-                     "reference_s_per_sender": per_sender, "reference_s_extrapolated": extrapolated,
-                     "speedup": extrapolated / ours, "max_abs_difference": gap, "target_met": extrapolated / ours >= 10})
+        rows.append(
+            {
+                "receivers": kind,
+                "senders": len(reaching),
+                "lenskit_s": ours,
+                "reference_s_per_sender": per_sender,
+                "reference_s_extrapolated": extrapolated,
+                "speedup": extrapolated / ours,
+                "max_abs_difference": gap,
+                "target_met": extrapolated / ours >= 10,
+            }
+        )
     print(describe(model, args.model))
-    print(f"{clean.shape[0]} IOI pairs of {clean.shape[1]} tokens; torch threads {torch.get_num_threads()}; "
-          f"reference timed on {len(sample)} senders and extrapolated")
-    print(f"{'receivers':<10} {'senders':>7} {'lenskit s':>10} {'reference s':>12} {'speedup':>8} {'max |diff|':>11} target >=10x")
+    print(
+        f"{clean.shape[0]} IOI pairs of {clean.shape[1]} tokens; torch threads {torch.get_num_threads()}; "
+        f"reference timed on {len(sample)} senders and extrapolated"
+    )
+    print(
+        f"{'receivers':<10} {'senders':>7} {'lenskit s':>10} {'reference s':>12} {'speedup':>8} {'max |diff|':>11} target >=10x"
+    )
     for row in rows:
-        print(f"{row['receivers']:<10} {row['senders']:>7} {row['lenskit_s']:>10.2f} {row['reference_s_extrapolated']:>12.1f} "
-              f"{row['speedup']:>7.1f}x {row['max_abs_difference']:>11.2e} {'met' if row['target_met'] else 'MISSED'}")
+        print(
+            f"{row['receivers']:<10} {row['senders']:>7} {row['lenskit_s']:>10.2f} {row['reference_s_extrapolated']:>12.1f} "
+            f"{row['speedup']:>7.1f}x {row['max_abs_difference']:>11.2e} {'met' if row['target_met'] else 'MISSED'}"
+        )
     write_results("path_patching", None, {"model": args.model, "pairs": list(clean.shape), "rows": rows}, indent=2)
 
 

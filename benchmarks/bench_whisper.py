@@ -29,9 +29,10 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import WhisperConfig as HFWhisperConfig, WhisperForConditionalGeneration
-
 from common import interleaved, medians, write_results
+from transformers import WhisperConfig as HFWhisperConfig
+from transformers import WhisperForConditionalGeneration
+
 from lenskit.whisper import WhisperConfig, from_hf, from_openai, get_tokenizer
 from lenskit.whisper.decoding import blank_tokens, greedy_decode, suppressed_tokens
 
@@ -40,10 +41,18 @@ TINY = WhisperConfig.tiny()
 
 def hf_tiny() -> WhisperForConditionalGeneration:
     cfg = HFWhisperConfig(
-        num_mel_bins=TINY.n_mels, max_source_positions=TINY.n_audio_ctx, d_model=TINY.n_audio_state,
-        encoder_attention_heads=TINY.n_audio_head, encoder_layers=TINY.n_audio_layer, encoder_ffn_dim=4 * TINY.n_audio_state,
-        vocab_size=TINY.n_vocab, max_target_positions=TINY.n_text_ctx, decoder_attention_heads=TINY.n_text_head,
-        decoder_layers=TINY.n_text_layer, decoder_ffn_dim=4 * TINY.n_text_state, attn_implementation="eager",
+        num_mel_bins=TINY.n_mels,
+        max_source_positions=TINY.n_audio_ctx,
+        d_model=TINY.n_audio_state,
+        encoder_attention_heads=TINY.n_audio_head,
+        encoder_layers=TINY.n_audio_layer,
+        encoder_ffn_dim=4 * TINY.n_audio_state,
+        vocab_size=TINY.n_vocab,
+        max_target_positions=TINY.n_text_ctx,
+        decoder_attention_heads=TINY.n_text_head,
+        decoder_layers=TINY.n_text_layer,
+        decoder_ffn_dim=4 * TINY.n_text_state,
+        attn_implementation="eager",
     )
     torch.manual_seed(0)
     return WhisperForConditionalGeneration(cfg).eval()
@@ -65,10 +74,15 @@ def bench_forward(repeats: int) -> dict:
     model = from_hf(hf)
     mel = torch.randn(1, TINY.n_mels, TINY.n_frames, generator=torch.Generator().manual_seed(0))
     prompt = torch.tensor([[50258, 50259, 50359, 50363]])
-    return medians(interleaved({
-        "HF eager forward": lambda: hf(input_features=mel, decoder_input_ids=prompt, use_cache=False),
-        "HookedWhisper forward": lambda: model(mel, prompt),
-    }, repeats))
+    return medians(
+        interleaved(
+            {
+                "HF eager forward": lambda: hf(input_features=mel, decoder_input_ids=prompt, use_cache=False),
+                "HookedWhisper forward": lambda: model(mel, prompt),
+            },
+            repeats,
+        )
+    )
 
 
 def bench_decoding(repeats: int, n_tokens: int) -> dict:
@@ -109,8 +123,16 @@ def speech_mel(n_mels: int) -> torch.Tensor:
         return torch.randn(1, n_mels, 3000, generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as tmp:
         wav = Path(tmp) / "speech.wav"
-        subprocess.run(["espeak-ng", "-w", str(wav), "please call stella and ask her to bring these things with her "
-                        "from the store"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                "espeak-ng",
+                "-w",
+                str(wav),
+                "please call stella and ask her to bring these things with her from the store",
+            ],
+            check=True,
+            capture_output=True,
+        )
         return model_input(wav, n_mels)
 
 
@@ -128,16 +150,18 @@ def _bench_decoding(model, reference, mel, repeats: int, n_tokens: int, folder=N
 
     audio = reference.encoder(mel)
     tokenizer = get_tokenizer(model)
-    options = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False, sample_len=n_tokens,
-                                      suppress_tokens=[-1, tokenizer.eot])
+    options = whisper.DecodingOptions(
+        language="en", without_timestamps=True, fp16=False, sample_len=n_tokens, suppress_tokens=[-1, tokenizer.eot]
+    )
     suppressed = sorted(set(suppressed_tokens(tokenizer)) | {tokenizer.eot})
     blank = blank_tokens(tokenizer)
     prompt = list(tokenizer.sot_sequence_including_notimestamps)
     outputs = {}
     variants = {
         "openai-whisper decode": lambda: outputs.update(openai=whisper.decode(reference, audio, options)[0].tokens),
-        "lenskit greedy_decode": lambda: outputs.update(lenskit=greedy_decode(
-            model, audio, prompt, tokenizer.eot, n_tokens, suppressed, blank, progress=False)),
+        "lenskit greedy_decode": lambda: outputs.update(
+            lenskit=greedy_decode(model, audio, prompt, tokenizer.eot, n_tokens, suppressed, blank, progress=False)
+        ),
     }
     try:
         import ctranslate2
@@ -147,9 +171,11 @@ def _bench_decoding(model, reference, mel, repeats: int, n_tokens: int, folder=N
     if folder is not None:
         ct2 = ctranslate2.models.Whisper(str(folder), device="cpu", compute_type="float32", intra_threads=threads)
         encoded = ct2.encode(ctranslate2.StorageView.from_array(mel.numpy()), to_cpu=True)  # decoding only is timed
-        variants["ctranslate2 generate"] = lambda: outputs.update(ctranslate2=ct2.generate(
-            encoded, [prompt], beam_size=1, max_length=2 * n_tokens,
-            suppress_tokens=[-1, tokenizer.eot])[0].sequences_ids[0])
+        variants["ctranslate2 generate"] = lambda: outputs.update(
+            ctranslate2=ct2.generate(
+                encoded, [prompt], beam_size=1, max_length=2 * n_tokens, suppress_tokens=[-1, tokenizer.eot]
+            )[0].sequences_ids[0]
+        )
     times = medians(interleaved(variants, repeats))
     assert len(outputs["lenskit"]) == n_tokens, outputs
     rates = {name: {kind: n_tokens / seconds for kind, seconds in t.items()} for name, t in times.items()}
@@ -162,8 +188,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 repeats, 10 tokens")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
-    parser.add_argument("--model", default=None, help="a CTranslate2 Whisper folder or a packaged name "
-                        "(faster-whisper-tiny.en): benchmark decoding on it (default: random whisper-tiny shape)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a CTranslate2 Whisper folder or a packaged name "
+        "(faster-whisper-tiny.en): benchmark decoding on it (default: random whisper-tiny shape)",
+    )
     args = parser.parse_args()
     repeats, n_tokens = (2, 10) if args.quick else (args.repeats, 50)
     torch.set_num_threads(args.threads)
@@ -171,12 +201,16 @@ def main() -> None:
         return main_real(args, repeats, n_tokens)
 
     forward = bench_forward(repeats)
-    overhead = {kind: forward["HookedWhisper forward"][kind] / forward["HF eager forward"][kind] - 1 for kind in ("wall", "cpu")}
+    overhead = {
+        kind: forward["HookedWhisper forward"][kind] / forward["HF eager forward"][kind] - 1 for kind in ("wall", "cpu")
+    }
     print(f"(a) forward, whisper-tiny shape, one 30 s input, {args.threads} threads, median of {repeats}")
     print(f"    {'variant':<28}{'wall s':>10}{'CPU s':>10}")
     for name, seconds in forward.items():
         print(f"    {name:<28}{seconds['wall']:>10.3f}{seconds['cpu']:>10.3f}")
-    print(f"    HookedWhisper overhead vs HF eager: wall {overhead['wall']:+.1%}, CPU {overhead['cpu']:+.1%} (target <= +10%)")
+    print(
+        f"    HookedWhisper overhead vs HF eager: wall {overhead['wall']:+.1%}, CPU {overhead['cpu']:+.1%} (target <= +10%)"
+    )
     results = {"forward_seconds": forward, "forward_overhead": overhead}
 
     try:
@@ -185,18 +219,34 @@ def main() -> None:
         print("(b) skipped: openai-whisper is not installed (pip install 'lenskit[whisper]')", file=sys.stderr)
     else:
         rates = decoding["tokens/s"]
-        speedup = {kind: rates["lenskit greedy_decode"][kind] / rates["openai-whisper decode"][kind] for kind in ("wall", "cpu")}
+        speedup = {
+            kind: rates["lenskit greedy_decode"][kind] / rates["openai-whisper decode"][kind]
+            for kind in ("wall", "cpu")
+        }
         print(f"(b) greedy decoding of {n_tokens} tokens from encoded audio, median of {repeats}")
         print(f"    {'variant':<28}{'tokens/s':>10}{'per CPU s':>10}")
         for name, rate in rates.items():
             print(f"    {name:<28}{rate['wall']:>10.1f}{rate['cpu']:>10.1f}")
-        print(f"    lenskit / openai-whisper: wall {speedup['wall']:.2f}x, CPU {speedup['cpu']:.2f}x (target >= 1.0x); "
-              f"same tokens: {decoding['same tokens']}")
+        print(
+            f"    lenskit / openai-whisper: wall {speedup['wall']:.2f}x, CPU {speedup['cpu']:.2f}x (target >= 1.0x); "
+            f"same tokens: {decoding['same tokens']}"
+        )
         results |= {"decoding_tokens_per_s": rates, "decoding_speedup": speedup, "same_tokens": decoding["same tokens"]}
 
-    path = write_results("whisper", None, results | {"quick": args.quick, "repeats": repeats, "threads": args.threads,
-                                                     "tokens": n_tokens, "torch": torch.__version__,
-                                                     "machine": platform.processor() or platform.machine()}, indent=2)
+    path = write_results(
+        "whisper",
+        None,
+        results
+        | {
+            "quick": args.quick,
+            "repeats": repeats,
+            "threads": args.threads,
+            "tokens": n_tokens,
+            "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(),
+        },
+        indent=2,
+    )
     print(f"wrote {path}")
 
 
@@ -204,24 +254,45 @@ def main_real(args, repeats: int, n_tokens: int) -> None:
     decoding = bench_decoding_real(args.model, repeats, n_tokens, args.threads)
     rates = decoding["tokens/s"]
     ours = rates["lenskit greedy_decode"]
-    print(f"(b) {args.model}: greedy decoding of {n_tokens} tokens from encoded speech, {args.threads} threads, "
-          f"median of {repeats}")
+    print(
+        f"(b) {args.model}: greedy decoding of {n_tokens} tokens from encoded speech, {args.threads} threads, "
+        f"median of {repeats}"
+    )
     print(f"    {'variant':<28}{'tokens/s':>10}{'per CPU s':>10}{'lenskit/this (wall)':>22}")
     for name, rate in rates.items():
         print(f"    {name:<28}{rate['wall']:>10.1f}{rate['cpu']:>10.1f}{ours['wall'] / rate['wall']:>21.2f}x")
-    ratios = {name: {kind: ours[kind] / rate[kind] for kind in ("wall", "cpu")} for name, rate in rates.items()
-              if name != "lenskit greedy_decode"}
-    print(f"    lenskit / openai-whisper: wall {ratios['openai-whisper decode']['wall']:.2f}x, "
-          f"CPU {ratios['openai-whisper decode']['cpu']:.2f}x (target >= 1.0x); same tokens: {decoding['same tokens']}")
+    ratios = {
+        name: {kind: ours[kind] / rate[kind] for kind in ("wall", "cpu")}
+        for name, rate in rates.items()
+        if name != "lenskit greedy_decode"
+    }
+    print(
+        f"    lenskit / openai-whisper: wall {ratios['openai-whisper decode']['wall']:.2f}x, "
+        f"CPU {ratios['openai-whisper decode']['cpu']:.2f}x (target >= 1.0x); same tokens: {decoding['same tokens']}"
+    )
     if "ctranslate2 generate" in ratios:
-        print(f"    lenskit / ctranslate2 float32: wall {ratios['ctranslate2 generate']['wall']:.2f}x, "
-              f"CPU {ratios['ctranslate2 generate']['cpu']:.2f}x (reported, no target)")
+        print(
+            f"    lenskit / ctranslate2 float32: wall {ratios['ctranslate2 generate']['wall']:.2f}x, "
+            f"CPU {ratios['ctranslate2 generate']['cpu']:.2f}x (reported, no target)"
+        )
     print(f"    text: {decoding['text'][:100]!r}")
-    out = write_results("whisper", args.model, {
-        "model": args.model, "decoding_tokens_per_s": rates, "lenskit_ratio": ratios,
-        "same_tokens": decoding["same tokens"], "quick": args.quick, "repeats": repeats, "threads": args.threads,
-        "tokens": n_tokens, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-    }, indent=2)
+    out = write_results(
+        "whisper",
+        args.model,
+        {
+            "model": args.model,
+            "decoding_tokens_per_s": rates,
+            "lenskit_ratio": ratios,
+            "same_tokens": decoding["same tokens"],
+            "quick": args.quick,
+            "repeats": repeats,
+            "threads": args.threads,
+            "tokens": n_tokens,
+            "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(),
+        },
+        indent=2,
+    )
     print(f"wrote {out}")
 
 

@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import gc
 import json
+import platform
 import statistics
 import subprocess
 import sys
@@ -44,6 +45,7 @@ warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
 
 # --- models: the default shape, or any lenskit.load name (--model) ----------------------------
 
+
 def gpt2_small(n_layers: int | None = None) -> HookedTransformer:
     """The GPT-2-small shape with random weights (TransformerLens' init, seed 0), in eval mode;
     `n_layers` fewer blocks for smoke runs."""
@@ -51,7 +53,9 @@ def gpt2_small(n_layers: int | None = None) -> HookedTransformer:
     return HookedTransformer(HookedTransformerConfig(**config)).eval()
 
 
-def add_model_argument(parser: argparse.ArgumentParser, default: str = "a GPT-2-small-shaped model with random weights") -> None:
+def add_model_argument(
+    parser: argparse.ArgumentParser, default: str = "a GPT-2-small-shaped model with random weights"
+) -> None:
     parser.add_argument("--model", help=f"any lenskit.load name or path, e.g. smollm2-135m (default: {default})")
 
 
@@ -67,8 +71,10 @@ def describe(model: HookedTransformer, name: str | None = None) -> str:
     cfg = model.cfg
     kv = f" ({cfg.n_key_value_heads} key/value)" if cfg.n_key_value_heads else ""
     label = name or "GPT-2-small-shaped model, random weights"
-    return (f"{label}: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads{kv}, d_head {cfg.d_head}, "
-            f"d_mlp {cfg.d_mlp}, vocabulary {cfg.d_vocab}")
+    return (
+        f"{label}: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads{kv}, d_head {cfg.d_head}, "
+        f"d_mlp {cfg.d_mlp}, vocabulary {cfg.d_vocab}"
+    )
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
@@ -117,8 +123,24 @@ IOI_TEMPLATES = (  # {A} {B}: the two names of the first clause; {S2}: the secon
     "After the lesson, {A} and {B} went home. {S2} gave a book to",
     "Friends {A} and {B} found a bone at the garden. {S2} gave it to",
 )
-IOI_NAMES = ("Mary", "John", "Tom", "James", "Sarah", "David", "Anna", "Paul", "Emma", "Mark", "Lisa", "Peter",
-             "Kate", "Michael", "Alice", "Daniel")
+IOI_NAMES = (
+    "Mary",
+    "John",
+    "Tom",
+    "James",
+    "Sarah",
+    "David",
+    "Anna",
+    "Paul",
+    "Emma",
+    "Mark",
+    "Lisa",
+    "Peter",
+    "Kate",
+    "Michael",
+    "Alice",
+    "Daniel",
+)
 
 
 def single_token_names(model: HookedTransformer, names=IOI_NAMES) -> list[str]:
@@ -183,8 +205,10 @@ def ioi_pairs(model: HookedTransformer, n_pairs: int = 8):
 
 # --- clocks -----------------------------------------------------------------------------------
 
-def interleaved(variants: dict[str, Callable], repeats: int | dict[str, int],
-                inference: bool = False) -> dict[str, dict[str, list[float]]]:
+
+def interleaved(
+    variants: dict[str, Callable], repeats: int | dict[str, int], inference: bool = False
+) -> dict[str, dict[str, list[float]]]:
     """{name: {"wall": [seconds], "cpu": [seconds]}} per call of each variant, over interleaved rounds
     after one warm-up round: `repeats` rounds (or repeats[name] for each variant), in
     torch.inference_mode when `inference`. CPU time (this process, all threads) is steadier than
@@ -206,7 +230,9 @@ def interleaved(variants: dict[str, Callable], repeats: int | dict[str, int],
 
 def medians(times: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
     """The median of each clock of each variant timed by `interleaved`."""
-    return {name: {clock: statistics.median(values) for clock, values in clocks.items()} for name, clocks in times.items()}
+    return {
+        name: {clock: statistics.median(values) for clock, values in clocks.items()} for name, clocks in times.items()
+    }
 
 
 def best_of(run: Callable, repeats: int = 1):
@@ -221,6 +247,7 @@ def best_of(run: Callable, repeats: int = 1):
 
 
 # --- memory -----------------------------------------------------------------------------------
+
 
 def rss_mb(field: str = "VmRSS") -> float:
     """This process's resident memory now (VmRSS) or at its peak (VmHWM), from /proc (Linux)."""
@@ -254,6 +281,7 @@ def memory_peak_mb(device: torch.device) -> float:
 
 # --- workers and results ----------------------------------------------------------------------
 
+
 def in_subprocess(script: str, *args):
     """Run `script --worker ARGS...` in a fresh Python (so its peak RSS is its own); its last stdout line, as JSON."""
     done = subprocess.run([sys.executable, script, "--worker", *map(str, args)], capture_output=True, text=True)
@@ -263,9 +291,10 @@ def in_subprocess(script: str, *args):
 
 
 def write_results(bench: str, model: str | None, data: dict, indent: int = 1) -> Path:
-    """Write `data` as JSON to benchmarks/results/bench_<bench>.json (bench_<bench>_<model name>.json with
-    a --model); returns the path."""
+    """Write `data`, with the machine it ran on (machine, threads, torch version), as JSON to
+    benchmarks/results/bench_<bench>.json (bench_<bench>_<model name>.json with a --model); returns the path."""
     path = RESULTS / (f"bench_{bench}_{Path(model).name}.json" if model else f"bench_{bench}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=indent))
+    machine = {"machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    path.write_text(json.dumps({**machine, **data}, indent=indent))
     return path

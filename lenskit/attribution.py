@@ -17,7 +17,6 @@ run (``ln_final.hook_scale``) each part's contribution to the logit is exact and
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import einops
 import numpy as np
@@ -31,7 +30,7 @@ from lenskit.errors import InputError
 from lenskit.readout import Readout
 from lenskit.run import Run, as_run
 from lenskit.tokens import Prompts, TokenLike, token_ids
-from lenskit.viz import Figure, heatmap
+from lenskit.viz import Figure, Pictured, heatmap
 
 BY = ("layer", "head", "neuron", "position", "head_pos")
 COLUMNS = ["component", "layer", "head", "neuron", "src_pos", "token", "value"]
@@ -107,10 +106,11 @@ def attribute(
     return _frame(model, tokens, parts, true_value, per_prompt)
 
 
-class Attribution(pd.DataFrame):
+class Attribution(Pictured, pd.DataFrame):
     """`attribute`'s result: the tidy DataFrame itself (so every pandas habit works), plus its picture.
 
-    Slices and other pandas operations return plain DataFrames; ``.attrs`` holds total, logit_diff
+    ``plot()`` draws lenskit's picture (pandas' own ``.plot`` accessor stays on ``to_frame()`` and on
+    slices). Slices and other pandas operations return plain DataFrames; ``.attrs`` holds total, logit_diff
     and per_prompt as documented on `attribute`.
     """
 
@@ -128,8 +128,9 @@ class Attribution(pd.DataFrame):
         """A heatmap of the decomposition (means over prompts): layer x head for heads, (layer, head) x
         source position for head_pos, source positions for position, attention / MLP x layer for layers,
         the 30 largest neurons for neurons. Components outside the grid are summed in the title."""
-        frame = self.groupby(["component", "layer", "head", "neuron", "src_pos"], dropna=False, sort=False,
-                             as_index=False).agg(value=("value", "mean"), token=("token", "first"))
+        frame = self.groupby(
+            ["component", "layer", "head", "neuron", "src_pos"], dropna=False, sort=False, as_index=False
+        ).agg(value=("value", "mean"), token=("token", "first"))
         heads = frame[frame.component == "head"]
         if heads.src_pos.notna().any():
             shown, rows, cols = heads, ["layer", "head"], "src_pos"
@@ -138,8 +139,11 @@ class Attribution(pd.DataFrame):
         elif (frame.component == "attn_src").any():
             shown, rows, cols = frame[frame.component == "attn_src"], ["component"], "src_pos"
         elif (frame.component == "neuron").any():
-            shown = frame[frame.component == "neuron"].head(30).assign(
-                unit=lambda f: [f"L{l} N{n}" for l, n in zip(f.layer, f.neuron)], column="value")
+            shown = (
+                frame[frame.component == "neuron"]
+                .head(30)
+                .assign(unit=lambda f: [f"L{l} N{n}" for l, n in zip(f.layer, f.neuron)], column="value")
+            )
             shown, rows, cols = shown, ["unit"], "column"
         else:
             shown, rows, cols = frame[frame.component.isin(["attn", "mlp"])], ["component"], "layer"
@@ -148,16 +152,22 @@ class Attribution(pd.DataFrame):
         if cols == "src_pos":
             tokens = shown.drop_duplicates("src_pos").set_index("src_pos").token
             col_labels = [f"{int(c)} {tokens.get(c) or ''}".strip() for c in grid.columns]
-        row_labels = [" ".join(_grid_label(name, value) for name, value in zip(rows, index if isinstance(index, tuple)
-                                                                              else (index,))) for index in grid.index]
+        row_labels = [
+            " ".join(
+                _grid_label(name, value) for name, value in zip(rows, index if isinstance(index, tuple) else (index,))
+            )
+            for index in grid.index
+        ]
         rest = frame.loc[~frame.index.isin(shown.index)].groupby("component", sort=False).value.sum()
         others = ", ".join(f"{name} {value:+.2f}" for name, value in rest.items())
-        return heatmap(torch.tensor(grid.fillna(0.0).to_numpy(dtype=float)).float(), row_labels, col_labels,
-                       title=f"{title} ({others})" if others else title, row_title=" ".join(rows), col_title=cols)
-
-    def save_html(self, path) -> Path:
-        """Save the picture as a standalone page."""
-        return self.plot().save(path)
+        return heatmap(
+            torch.tensor(grid.fillna(0.0).to_numpy(dtype=float)).float(),
+            row_labels,
+            col_labels,
+            title=f"{title} ({others})" if others else title,
+            row_title=" ".join(rows),
+            col_title=cols,
+        )
 
     def _repr_html_(self) -> str:
         return self.plot().html + super()._repr_html_()
@@ -196,7 +206,9 @@ def _parts(model, store, by, rows, positions, direction) -> list[Part]:
         if by in ("layer", "neuron"):
             parts.append(Part("attn", read(sites.act_name("attn_out", layer)), layer))
         else:
-            head_directions = einops.einsum(model.blocks[layer].attn.W_O, direction, "head d_head d_model, batch d_model -> batch head d_head")
+            head_directions = einops.einsum(
+                model.blocks[layer].attn.W_O, direction, "head d_head d_model, batch d_model -> batch head d_head"
+            )
             if by == "head":
                 z = store[sites.act_name("z", layer)][rows, positions]  # [batch, head, d_head]
                 parts.append(Part("head", (z * head_directions).sum(-1), layer, ("head",)))
@@ -254,13 +266,18 @@ def _frame(model, tokens: Tensor, parts: list[Part], true_value: Tensor, per_pro
     labels.loc[has_source, "token"] = [source_tokens[j] for j in labels["src_pos"][has_source]]
     values = torch.cat([part.values for part in parts], dim=1).double().cpu()  # [batch, n_parts]
     if per_prompt:
-        frame = pd.concat([labels.assign(prompt=b, value=values[b].numpy()) for b in range(len(values))], ignore_index=True)
+        frame = pd.concat(
+            [labels.assign(prompt=b, value=values[b].numpy()) for b in range(len(values))], ignore_index=True
+        )
         frame = frame[["prompt", *COLUMNS]]
     else:
         frame = labels.assign(value=values.mean(0).numpy())
     frame = Attribution(frame.iloc[frame["value"].abs().argsort()[::-1]].reset_index(drop=True))
-    frame.attrs.update(total=values.sum(1).mean().item(), logit_diff=true_value.float().mean().item(),
-                       per_prompt=true_value.float().cpu())
+    frame.attrs.update(
+        total=values.sum(1).mean().item(),
+        logit_diff=true_value.float().mean().item(),
+        per_prompt=true_value.float().cpu(),
+    )
     return frame
 
 

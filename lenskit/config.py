@@ -1,8 +1,8 @@
 """The config a text model is built from: every field checked before TransformerLens sees it.
 
-    check_config(fields, "model/hooked_transformer.json")   # ModelFileError naming the field and its valid range
-    model = build_model(fields, tokenizer, source)           # a HookedTransformer, offline
-    as_dtype("bfloat16"); as_device("cuda:1")                # the dtype / device arguments every loader takes
+check_config(fields, "model/hooked_transformer.json")   # ModelFileError naming the field and its valid range
+model = build_model(fields, tokenizer, source)           # a HookedTransformer, offline
+as_dtype("bfloat16"); as_device("cuda:1")                # the dtype / device arguments every loader takes
 """
 
 from __future__ import annotations
@@ -26,10 +26,20 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 """The dtypes a model is loaded in, by name (``dtype=`` and a config's "dtype")."""
 
 _SIZES = {  # field -> (smallest valid value, other values with a meaning)
-    "n_layers": (1, ()), "d_model": (1, ()), "d_head": (1, ()), "n_ctx": (1, ()),
-    "n_heads": (1, (-1,)), "d_vocab": (1, (-1,)), "d_vocab_out": (1, (-1,)), "d_mlp": (1, (None,)),
-    "n_key_value_heads": (1, (None,)), "rotary_dim": (2, (None,)), "window_size": (1, (None,)),
-    "num_experts": (1, (None,)), "experts_per_token": (1, (None,)), "n_devices": (1, ()),
+    "n_layers": (1, ()),
+    "d_model": (1, ()),
+    "d_head": (1, ()),
+    "n_ctx": (1, ()),
+    "n_heads": (1, (-1,)),
+    "d_vocab": (1, (-1,)),
+    "d_vocab_out": (1, (-1,)),
+    "d_mlp": (1, (None,)),
+    "n_key_value_heads": (1, (None,)),
+    "rotary_dim": (2, (None,)),
+    "window_size": (1, (None,)),
+    "num_experts": (1, (None,)),
+    "experts_per_token": (1, (None,)),
+    "n_devices": (1, ()),
 }
 _CHOICES = {
     "act_fn": tuple(SUPPORTED_ACTIVATIONS),
@@ -56,16 +66,21 @@ def check_config(fields: dict[str, Any], source: str | os.PathLike) -> None:
 
     missing = [name for name in _REQUIRED if name not in fields]
     if missing:
-        raise ModelFileError(f"lenskit.load: {source} lacks the config fields {', '.join(missing)} "
-                             f"(every model needs {', '.join(_REQUIRED)})")
+        raise ModelFileError(
+            f"lenskit.load: {source} lacks the config fields {', '.join(missing)} "
+            f"(every model needs {', '.join(_REQUIRED)})"
+        )
     annotations = {f.name: str(f.type) for f in dataclasses.fields(HookedTransformerConfig)}
     for name, value in fields.items():
         kind = annotations.get(name, "")
         if value is None and (kind.startswith("Optional") or name == "act_fn" and fields.get("attn_only")):
             continue
         if name == "dtype":
-            if not (value in DTYPES.values() if isinstance(value, torch.dtype) else isinstance(value, str)
-                    and value.removeprefix("torch.") in DTYPES):
+            if not (
+                value in DTYPES.values()
+                if isinstance(value, torch.dtype)
+                else isinstance(value, str) and value.removeprefix("torch.") in DTYPES
+            ):
                 refuse(name, f"valid: {', '.join(DTYPES)}")
         elif name == "device":
             if not isinstance(value, (str, torch.device)) or _device_or_none(value) is None:
@@ -101,7 +116,9 @@ def check_config(fields: dict[str, Any], source: str | os.PathLike) -> None:
     if fields.get("positional_embedding_type") == "rotary":
         name = "d_head" if fields.get("rotary_dim") is None else "rotary_dim"  # TL rotates all of d_head by default
         if fields[name] % 2 or fields[name] > d_head:
-            refuse(name, f"rotary embeddings turn pairs of dimensions: valid: an even number of at most d_head={d_head}")
+            refuse(
+                name, f"rotary embeddings turn pairs of dimensions: valid: an even number of at most d_head={d_head}"
+            )
     if fields.get("num_experts") is not None and (fields.get("experts_per_token") or 0) > fields["num_experts"]:
         refuse("experts_per_token", f"valid: at most num_experts={fields['num_experts']}")
 
@@ -158,4 +175,3 @@ def quiet_deprecation() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="HookedTransformer", category=DeprecationWarning)
         yield
-

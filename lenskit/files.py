@@ -61,21 +61,32 @@ def read_torch(path: str | Path, what: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as problem:  # torch raises RuntimeError, EOFError, KeyError, UnpicklingError ... for a bad file
-        raise ModelFileError(f"{path} is not a readable {what} ({type(problem).__name__}: "
-                             f"{str(problem)[:200]})") from None
+        raise ModelFileError(
+            f"{path} is not a readable {what} ({type(problem).__name__}: {str(problem)[:200]})"
+        ) from None
 
 
-def check_weights(weights: Mapping[str, Tensor], expected: Mapping[str, Tensor], path: str | Path, against: str) -> None:
+def check_weights(
+    weights: Mapping[str, Tensor], expected: Mapping[str, Tensor], path: str | Path, against: str
+) -> None:
     """Raise ModelFileError unless `weights` (read from `path`) has exactly the names and shapes of
     `expected` (the model built from `against`, e.g. its config file)."""
     missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
     not_tensors = sorted(name for name, value in weights.items() if not isinstance(value, Tensor))
-    shapes = [f"{name} {tuple(weights[name].shape)} (expected {tuple(expected[name].shape)})"
-              for name in expected.keys() & weights.keys()
-              if isinstance(weights[name], Tensor) and weights[name].shape != expected[name].shape]
-    problems = [f"{label} {', '.join(map(str, names[:5]))}{' ...' if len(names) > 5 else ''}"
-                for label, names in (("missing", missing), ("unexpected", unexpected), ("not tensors:", not_tensors),
-                                     ("shapes differ:", sorted(shapes)))
-                if names]
+    shapes = [
+        f"{name} {tuple(weights[name].shape)} (expected {tuple(expected[name].shape)})"
+        for name in expected.keys() & weights.keys()
+        if isinstance(weights[name], Tensor) and weights[name].shape != expected[name].shape
+    ]
+    problems = [
+        f"{label} {', '.join(map(str, names[:5]))}{' ...' if len(names) > 5 else ''}"
+        for label, names in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("not tensors:", not_tensors),
+            ("shapes differ:", sorted(shapes)),
+        )
+        if names
+    ]
     if problems:
         raise ModelFileError(f"{path} does not match {against}: {'; '.join(problems)}")

@@ -61,8 +61,10 @@ def convert(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     folder = converted_folder(Path(path))
     metadata = read_json(folder / CONVERTED_MARKER)
     if not isinstance(metadata.get("add_bos_token"), bool):
-        raise GGUFError(f"lenskit.load: the cached conversion {folder} of {path} is damaged (its {CONVERTED_MARKER} "
-                        "has no add_bos_token); delete that folder to convert the file again")
+        raise GGUFError(
+            f"lenskit.load: the cached conversion {folder} of {path} is damaged (its {CONVERTED_MARKER} "
+            "has no add_bos_token); delete that folder to convert the file again"
+        )
     return folder, metadata
 
 
@@ -89,9 +91,13 @@ def read_metadata(path: Path) -> dict[str, Any]:
             f"load; supported: {', '.join(ARCHITECTURES)}"
         )
     if isinstance(split_count, int) and split_count > 1:
-        raise GGUFError(f"lenskit.load: {path} is one part of a split GGUF model; merge the parts first "
-                        "(llama.cpp's gguf-split --merge)")
-    unsupported = sorted({tensor.tensor_type.name for tensor in reader.tensors if not _dequantisable(tensor.tensor_type)})
+        raise GGUFError(
+            f"lenskit.load: {path} is one part of a split GGUF model; merge the parts first "
+            "(llama.cpp's gguf-split --merge)"
+        )
+    unsupported = sorted(
+        {tensor.tensor_type.name for tensor in reader.tensors if not _dequantisable(tensor.tensor_type)}
+    )
     if unsupported:
         raise GGUFError(
             f"lenskit.load: {path} has tensors of type {', '.join(unsupported)}, which the gguf package cannot "
@@ -119,8 +125,9 @@ def converted_folder(path: Path) -> Path:
                 tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
                 model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         except Exception as error:  # transformers' GGUF reader: KeyError, ValueError, RuntimeError ... on a bad file
-            raise GGUFError(f"lenskit.load: transformers cannot convert {path} ({type(error).__name__}: "
-                            f"{str(error)[:300]})") from error
+            raise GGUFError(
+                f"lenskit.load: transformers cannot convert {path} ({type(error).__name__}: {str(error)[:300]})"
+            ) from error
         del model.config.quantization_config  # the weights are dequantised: plain float32 from here on
         model.hf_quantizer = None
         model.save_pretrained(staging)

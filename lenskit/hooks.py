@@ -59,6 +59,7 @@ NameOrFilter = Union[str, Callable[[str], bool]]
 Index = Union[int, Sequence[int], None]
 Source = Union[Tensor, Mapping[str, Tensor]]
 
+
 class Hooks(list):
     """An ordered list of ``(name_or_filter, fn)`` pairs, usable as ``fwd_hooks=``.
 
@@ -270,7 +271,9 @@ def skip(
     pairs = []
     for layer in chosen:
         if not -n_layers <= layer < n_layers:
-            raise InputError(f"skip: layer {layer} out of range: {stack} has {n_layers} layers (valid 0..{n_layers - 1})")
+            raise InputError(
+                f"skip: layer {layer} out of range: {stack} has {n_layers} layers (valid 0..{n_layers - 1})"
+            )
         outputs = [f"{stack}.{layer % n_layers}.hook_{p}_out" for p in parts[part]]
         present = [n for n in outputs if n in model.hook_dict]
         if not present:
@@ -288,8 +291,9 @@ def query_heads(model: HookedRootModule, kv_head: int) -> list[int]:
     """
     n_kv = n_key_value_heads(model)
     if not -n_kv <= kv_head < n_kv:
-        raise InputError(f"query_heads: kv_head {kv_head} out of range: the model has {n_kv} key/value heads "
-                         f"(valid 0..{n_kv - 1})")
+        raise InputError(
+            f"query_heads: kv_head {kv_head} out of range: the model has {n_kv} key/value heads (valid 0..{n_kv - 1})"
+        )
     group = model.cfg.n_heads // n_kv
     return list(range((kv_head % n_kv) * group, (kv_head % n_kv + 1) * group))
 
@@ -297,8 +301,11 @@ def query_heads(model: HookedRootModule, kv_head: int) -> list[int]:
 def count_layers(model: HookedRootModule, stack: str = "blocks") -> int:
     """Number of blocks in `stack`, read from the model's hook names."""
     prefix = f"{stack}."
-    layers = {int(n[len(prefix):].split(".")[0]) for n in model.hook_dict if n.startswith(prefix)
-              and n[len(prefix):].split(".")[0].isdigit()}
+    layers = {
+        int(n[len(prefix) :].split(".")[0])
+        for n in model.hook_dict
+        if n.startswith(prefix) and n[len(prefix) :].split(".")[0].isdigit()
+    }
     if not layers:
         raise InputError(f"model has no block stack named {stack!r}")
     return max(layers) + 1
@@ -331,8 +338,9 @@ def _replace(
     return Hooks([(sel, hook_fn) for sel in _selector(name)])
 
 
-def selection_mask(activation: Tensor, name: str, head: Index = None, pos: Index = None,
-                   neuron: Index = None) -> Tensor | None:
+def selection_mask(
+    activation: Tensor, name: str, head: Index = None, pos: Index = None, neuron: Index = None
+) -> Tensor | None:
     """A boolean mask broadcastable to `activation` that is True on the selected entries.
 
     Returns None when nothing is restricted (the whole activation is selected).
@@ -357,13 +365,17 @@ def selection_mask(activation: Tensor, name: str, head: Index = None, pos: Index
         indices = _indices(what, index, name)
         bad = [i for i in indices if not -size <= i < size]
         if bad and what == "head" and sites.is_key_value(name):
-            raise InputError(f"{name}: head {bad[0]} out of range: keys and values here have {size} key/value "
-                             f"heads along dim {dim} (valid 0..{size - 1}, or negative from the end); under "
-                             f"grouped-query attention head= on k/v names a key/value head, shared by a group "
-                             f"of query heads (lenskit.hooks.query_heads)")
+            raise InputError(
+                f"{name}: head {bad[0]} out of range: keys and values here have {size} key/value "
+                f"heads along dim {dim} (valid 0..{size - 1}, or negative from the end); under "
+                f"grouped-query attention head= on k/v names a key/value head, shared by a group "
+                f"of query heads (lenskit.hooks.query_heads)"
+            )
         if bad:
-            raise InputError(f"{name}: {what} {bad[0]} out of range: the activation has {size} "
-                             f"{what}s along dim {dim} (valid 0..{size - 1}, or negative from the end)")
+            raise InputError(
+                f"{name}: {what} {bad[0]} out of range: the activation has {size} "
+                f"{what}s along dim {dim} (valid 0..{size - 1}, or negative from the end)"
+            )
         axis = torch.zeros(size, dtype=torch.bool, device=activation.device)
         axis[indices] = True
         shape = [1] * activation.ndim
@@ -392,12 +404,18 @@ def _source_for(source: Source, hook: HookPoint, who: str) -> Tensor:
         raise InputError(f"{who}: the source cache has no activation for {hook.name}") from None
 
 
-def _check_trailing_shape(reference: Tensor, activation: Tensor, reduced: tuple[int, ...], name: str, what: str) -> None:
+def _check_trailing_shape(
+    reference: Tensor, activation: Tensor, reduced: tuple[int, ...], name: str, what: str
+) -> None:
     """Shapes must agree except along the `reduced` dims."""
     same_rank = reference.ndim == activation.ndim
-    if not same_rank or any(r != a for d, (r, a) in enumerate(zip(reference.shape, activation.shape)) if d not in reduced):
-        raise InputError(f"{name}: {what} has shape {tuple(reference.shape)}, which does not fit the "
-                         f"activation shape {tuple(activation.shape)}")
+    if not same_rank or any(
+        r != a for d, (r, a) in enumerate(zip(reference.shape, activation.shape)) if d not in reduced
+    ):
+        raise InputError(
+            f"{name}: {what} has shape {tuple(reference.shape)}, which does not fit the "
+            f"activation shape {tuple(activation.shape)}"
+        )
 
 
 def _is_glob(name: str) -> bool:

@@ -15,17 +15,17 @@ itself into a tidy pandas DataFrame with `.to_frame()`.
 from __future__ import annotations
 
 import html
-
 from dataclasses import dataclass, field
+
 import pandas as pd
 import torch
 
 from lenskit.errors import InputError
-from lenskit.viz import Figure, heatmap
+from lenskit.viz import Figure, Pictured, heatmap
 
 
 @dataclass
-class LabelledTensor:
+class LabelledTensor(Pictured):
     """A tensor with named dimensions and optional per-index labels.
 
     Attributes:
@@ -50,9 +50,7 @@ class LabelledTensor:
                 raise InputError(f"LabelledTensor: labels given for unknown dim {dim!r}; dims are {self.dims}")
             size = self.tensor.shape[self.dims.index(dim)]
             if len(labels) != size:
-                raise InputError(
-                    f"LabelledTensor: {len(labels)} labels for dim {dim!r} of size {size}"
-                )
+                raise InputError(f"LabelledTensor: {len(labels)} labels for dim {dim!r} of size {size}")
 
     # --- tensor-like conveniences -------------------------------------------------------
     @property
@@ -106,4 +104,3 @@ class LabelledTensor:
         if len(frame) > 200:
             note += f"<p>first 200 of {len(frame)} rows</p>"
         return note + frame.head(200).to_html(index=False)
-

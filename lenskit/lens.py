@@ -20,7 +20,6 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -36,13 +35,13 @@ from lenskit.labelled import LabelledTensor
 from lenskit.readout import Readout
 from lenskit.run import Run, as_run
 from lenskit.tokens import Prompts, TokenLike, str_tokens, token_ids
-from lenskit.viz import Figure, heatmap, top_k_tokens
+from lenskit.viz import Figure, Pictured, heatmap, top_k_tokens
 
 LOGITS_PER_CHUNK = 2**24  # default chunk: about 64 MB of float32 logits at a time
 
 
 @dataclass
-class LensResult:
+class LensResult(Pictured):
     """What the logit lens read at each layer, batch row and position (ranks count from 0 = top token).
 
     Attributes:
@@ -119,12 +118,19 @@ class LensResult:
         positions = list(range(n_pos) if positions is None else positions)
         outside = [p for p in positions if not -n_pos <= p < n_pos]
         if outside:
-            raise InputError(f"positions {outside} out of range: this lens has {n_pos} positions "
-                             f"(valid 0..{n_pos - 1})")
+            raise InputError(
+                f"positions {outside} out of range: this lens has {n_pos} positions (valid 0..{n_pos - 1})"
+            )
         top = self.top_strings[:, batch, positions, 0]
         return heatmap(
-            self.top_probs[:, batch, positions, 0], self.layer_names, list(self.input_strings[batch, positions]),
-            text=top.tolist(), title=title, row_title="layer", col_title="input token", limit=1.0,
+            self.top_probs[:, batch, positions, 0],
+            self.layer_names,
+            list(self.input_strings[batch, positions]),
+            text=top.tolist(),
+            title=title,
+            row_title="layer",
+            col_title="input token",
+            limit=1.0,
         )
 
     def plot_topk(self, batch: int = 0, title: str = "logit lens: top tokens per position") -> Figure:
@@ -136,31 +142,39 @@ class LensResult:
         """
         batch = self._batch_row(batch)
         if self.tokens.shape[1] < 2:
-            raise InputError("plot_topk needs at least two tokens: each position is scored on the token that "
-                             "follows it")
+            raise InputError(
+                "plot_topk needs at least two tokens: each position is scored on the token that follows it"
+            )
         return top_k_tokens(
-            list(self.input_strings[batch]), self.top_strings[:, batch, :-1], self.top_probs[:, batch, :-1],
-            self.next_probs[:, batch], self.next_ranks[:, batch], rows=[f"layer {layer}" for layer in self.layers],
-            row_notes=self.layer_names, title=title,
+            list(self.input_strings[batch]),
+            self.top_strings[:, batch, :-1],
+            self.top_probs[:, batch, :-1],
+            self.next_probs[:, batch],
+            self.next_ranks[:, batch],
+            rows=[f"layer {layer}" for layer in self.layers],
+            row_notes=self.layer_names,
+            title=title,
         )
 
     def _batch_row(self, batch: int) -> int:
         """`batch` as a row index, checked against the batch rows."""
         n_batch = self.tokens.shape[0]
         if not -n_batch <= batch < n_batch:
-            raise InputError(f"batch {batch} out of range: this lens has {n_batch} batch rows "
-                             f"(valid 0..{n_batch - 1})")
+            raise InputError(f"batch {batch} out of range: this lens has {n_batch} batch rows (valid 0..{n_batch - 1})")
         return batch % n_batch
 
     def summary(self, batch: int = 0, pos: int = -1) -> pd.DataFrame:
         """A small table for one position: per layer, the top-k tokens with their probabilities and the targets'."""
         rows = {}
         for i, name in enumerate(self.layer_names):
-            cells = {f"top {k + 1}": f"{s!r} {p:.3f}" for k, (s, p) in
-                     enumerate(zip(self.top_strings[i, batch, pos], self.top_probs[i, batch, pos].tolist()))}
+            cells = {
+                f"top {k + 1}": f"{s!r} {p:.3f}"
+                for k, (s, p) in enumerate(zip(self.top_strings[i, batch, pos], self.top_probs[i, batch, pos].tolist()))
+            }
             for t, target in enumerate(self.target_strings or []):
-                cells[f"{target!r} p / rank"] = (f"{self.target_probs[i, batch, pos, t]:.3f} / "
-                                                  f"{self.target_ranks[i, batch, pos, t]}")
+                cells[f"{target!r} p / rank"] = (
+                    f"{self.target_probs[i, batch, pos, t]:.3f} / {self.target_ranks[i, batch, pos, t]}"
+                )
             rows[name] = cells
         return pd.DataFrame.from_dict(rows, orient="index")
 
@@ -172,12 +186,12 @@ class LensResult:
     def _repr_html_(self) -> str:
         """The heatmap of batch row 0 (its last 32 positions at most) and the summary of its last position."""
         shown = range(max(-32, -self.tokens.shape[1]), 0)
-        return (f"<p><code>{html.escape(repr(self))}</code></p>" + self.plot(positions=shown).html
-                + "<p>last position</p>" + self.summary().to_html())
-
-    def save_html(self, path: str | Path, **kwargs) -> Path:
-        """Write `plot(**kwargs)` as a standalone HTML page that works offline; returns the path."""
-        return self.plot(**kwargs).save(path)
+        return (
+            f"<p><code>{html.escape(repr(self))}</code></p>"
+            + self.plot(positions=shown).html
+            + "<p>last position</p>"
+            + self.summary().to_html()
+        )
 
 
 def logit_lens(
@@ -222,8 +236,9 @@ def logit_lens(
     outside = [layer for layer in layers if not 0 <= layer <= n_layers]
     if outside or not layers:
         what = f"layers {outside} out of range" if outside else "no layers given"
-        raise InputError(f"{what}: logit_lens reads layers 0..{n_layers}, "
-                         f"where {n_layers} is the final residual stream")
+        raise InputError(
+            f"{what}: logit_lens reads layers 0..{n_layers}, where {n_layers} is the final residual stream"
+        )
     names = sites.residual_names(model, "pre", layers)
     target_ids = None if targets is None else token_ids(model, targets).to(tokens.device)
     following = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1).reshape(-1)  # the last position's is a stand-in
@@ -239,13 +254,21 @@ def logit_lens(
     read = {key: value.reshape(len(names), *tokens.shape, -1) for key, value in read.items()}
     ids = tokens.cpu()
     return LensResult(
-        layers=layers, layer_names=names, tokens=ids, input_strings=str_tokens(model, ids),
-        top_ids=read["top_ids"], top_probs=read["top_probs"], top_strings=str_tokens(model, read["top_ids"]),
-        next_probs=read["next_probs"][:, :, :-1, 0], next_ranks=read["next_ranks"][:, :, :-1, 0],
+        layers=layers,
+        layer_names=names,
+        tokens=ids,
+        input_strings=str_tokens(model, ids),
+        top_ids=read["top_ids"],
+        top_probs=read["top_probs"],
+        top_strings=str_tokens(model, read["top_ids"]),
+        next_probs=read["next_probs"][:, :, :-1, 0],
+        next_ranks=read["next_ranks"][:, :, :-1, 0],
         target_ids=None if target_ids is None else target_ids.cpu(),
         target_strings=None if target_ids is None else list(str_tokens(model, target_ids)),
-        target_probs=read.get("target_probs"), target_ranks=read.get("target_ranks"),
-        target_logits=read.get("target_logits"), logits=read.get("logits"),
+        target_probs=read.get("target_probs"),
+        target_ranks=read.get("target_ranks"),
+        target_logits=read.get("target_logits"),
+        logits=read.get("logits"),
     )
 
 
@@ -257,8 +280,14 @@ class _ChunkedReadout:
     statistics are kept (and the logits themselves when `keep_logits`), on the CPU.
     """
 
-    def __init__(self, readout: Readout, top_k: int, target_ids: Int[Tensor, " target"] | None,
-                 keep_logits: bool, chunk_size: int):
+    def __init__(
+        self,
+        readout: Readout,
+        top_k: int,
+        target_ids: Int[Tensor, " target"] | None,
+        keep_logits: bool,
+        chunk_size: int,
+    ):
         self.readout, self.top_k, self.target_ids, self.keep_logits = readout, top_k, target_ids, keep_logits
         self.chunk_size = chunk_size
         self.pending: list[tuple[Tensor, Tensor]] = []
@@ -278,8 +307,10 @@ class _ChunkedReadout:
     def _read(self, everything: bool) -> None:
         rows, following = (torch.cat(parts) for parts in zip(*self.pending))
         end = len(rows) if everything else len(rows) - len(rows) % self.chunk_size
-        self.reads += [self._statistics(rows[start:start + self.chunk_size], following[start:start + self.chunk_size])
-                       for start in range(0, end, self.chunk_size)]
+        self.reads += [
+            self._statistics(rows[start : start + self.chunk_size], following[start : start + self.chunk_size])
+            for start in range(0, end, self.chunk_size)
+        ]
         self.pending = [(rows[end:], following[end:])]
 
     def _statistics(self, rows: Float[Tensor, "chunk d_model"], following: Int[Tensor, " chunk"]) -> dict[str, Tensor]:

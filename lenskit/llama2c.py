@@ -27,8 +27,8 @@ from jaxtyping import Float
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizer
 
-from lenskit.errors import InputError, MissingFileError, ModelFileError
 from lenskit.config import as_device, as_dtype
+from lenskit.errors import InputError, MissingFileError, ModelFileError
 
 HEADER_FIELDS = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
 HEADER_BYTES = 4 * len(HEADER_FIELDS)

@@ -186,8 +186,10 @@ class KLTo(Metric):
     def per_prompt(self, selected: Tensor) -> Tensor:
         reference = _required(self.reference, "kl_to", "reference logits [batch, pos, d_vocab]")
         if not reference.is_floating_point() or reference.ndim != 3:
-            raise InputError(f"kl_to: the reference must be logits [batch, pos, d_vocab], got a "
-                             f"{reference.dtype} tensor of shape {tuple(reference.shape)}")
+            raise InputError(
+                f"kl_to: the reference must be logits [batch, pos, d_vocab], got a "
+                f"{reference.dtype} tensor of shape {tuple(reference.shape)}"
+            )
         reference = self.select(reference.to(selected.device)).log_softmax(-1)
         _check_batch(reference[..., 0], selected, "kl_to reference")
         log_probs = selected.log_softmax(-1)
@@ -287,8 +289,10 @@ def _positions(pos: Positions, n_pos: int) -> list[int]:
     chosen = [pos] if isinstance(pos, int) else [int(p) for p in pos]
     bad = [p for p in chosen if not -n_pos <= p < n_pos]
     if bad:
-        raise InputError(f"metric position {bad[0]} out of range for {n_pos} positions "
-                         f"(valid 0..{n_pos - 1}, or negative from the end)")
+        raise InputError(
+            f"metric position {bad[0]} out of range for {n_pos} positions "
+            f"(valid 0..{n_pos - 1}, or negative from the end)"
+        )
     return [p % n_pos for p in chosen]
 
 
@@ -318,8 +322,10 @@ def _pick(values: Tensor, ids: Tensor) -> Tensor:
 
 def _required(value: Tensor | None, who: str, what: str) -> Tensor:
     if value is None:
-        raise InputError(f"{who}: no {what} given; pass them, or bind the metric to a run "
-                         f"(lenskit.patch does this with the clean run)")
+        raise InputError(
+            f"{who}: no {what} given; pass them, or bind the metric to a run "
+            f"(lenskit.patch does this with the clean run)"
+        )
     return value
 
 

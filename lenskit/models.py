@@ -25,6 +25,10 @@ Errors are lenskit's (`lenskit.errors`) and name the file or argument, the value
 range, weights that do not fit the config, a truncated weights file, a corrupt tokenizer); `InputError`
 for a bad argument (an unknown name, with close matches; a dtype, device or option the loader does not
 take). A config is checked field by field before a model is built from it (`lenskit.config`).
+
+(This module is long because `load` is one dispatch over every source a user may have, and each
+source's loader is short and reads best beside the others; config checks live in `lenskit.config`,
+file reading in `lenskit.files`, GGUF, llama2.c and the wheels in their own modules.)
 """
 
 from __future__ import annotations
@@ -49,9 +53,9 @@ from transformer_lens.supported_models import MODEL_ALIASES, OFFICIAL_MODEL_NAME
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from lenskit.config import as_device, as_dtype, build_model, check_config, quiet_deprecation
 from lenskit.errors import InputError, MissingFileError, ModelFileError
 from lenskit.files import check_weights, read_json, read_safetensors
-from lenskit.config import as_device, as_dtype, build_model, check_config, quiet_deprecation
 from lenskit.offline import hf_offline
 from lenskit.packaged import PACKAGED, packaged
 
@@ -126,8 +130,9 @@ def load(name_or_path: str | os.PathLike, **kwargs: Any) -> HookedTransformer:
 def name_argument(name_or_path: Any, who: str) -> str:
     """`name_or_path` as a string: InputError unless it is a non-empty str or path (`who` names the caller)."""
     if not isinstance(name_or_path, (str, os.PathLike)):
-        raise InputError(f"{who}: name_or_path must be a model name or a path, got {type(name_or_path).__name__} "
-                         f"{name_or_path!r}")
+        raise InputError(
+            f"{who}: name_or_path must be a model name or a path, got {type(name_or_path).__name__} {name_or_path!r}"
+        )
     name = str(name_or_path)
     if not name.strip():
         raise InputError(f"{who}: name_or_path is empty; give a model name or the path of a model file or folder")
@@ -137,8 +142,13 @@ def name_argument(name_or_path: Any, who: str) -> str:
 def looks_like_path(name: str) -> bool:
     """Whether `name` can only be a path (absolute, ``~`` / ``.`` relative, a model file's suffix, or
     more than one ``/``), not a model name or a hub id (``org/name``)."""
-    return (Path(name).is_absolute() or name.startswith(("~", ".")) or Path(name).suffix in PATH_SUFFIXES
-            or name.count("/") > 1 or (os.sep != "/" and os.sep in name))
+    return (
+        Path(name).is_absolute()
+        or name.startswith(("~", "."))
+        or Path(name).suffix in PATH_SUFFIXES
+        or name.count("/") > 1
+        or (os.sep != "/" and os.sep in name)
+    )
 
 
 def save(model: HookedTransformer, folder: str | os.PathLike) -> None:
@@ -150,8 +160,10 @@ def save(model: HookedTransformer, folder: str | os.PathLike) -> None:
     folder has none.
     """
     if not isinstance(model, HookedTransformer):
-        raise InputError(f"lenskit.save: model must be a HookedTransformer, got {type(model).__name__}"
-                         " (save a HookedWhisper with lenskit.whisper.save)")
+        raise InputError(
+            f"lenskit.save: model must be a HookedTransformer, got {type(model).__name__}"
+            " (save a HookedWhisper with lenskit.whisper.save)"
+        )
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise InputError(f"lenskit.save: folder {folder} is a file; give a folder to write the model into")
@@ -243,8 +255,10 @@ def _tokenizer_file(path: Path, special: Any, config_path: Path) -> PreTrainedTo
     its config lists."""
     valid = {key: str for key in SPECIAL_TOKENS} | {"add_bos_token": bool}
     if not isinstance(special, dict) or any(type(value) is not valid.get(key) for key, value in special.items()):
-        raise ModelFileError(f"lenskit.load: {config_path}: 'tokenizer' should map {', '.join(SPECIAL_TOKENS)} to "
-                             f"token strings and add_bos_token to true / false, got {str(special)[:120]}")
+        raise ModelFileError(
+            f"lenskit.load: {config_path}: 'tokenizer' should map {', '.join(SPECIAL_TOKENS)} to "
+            f"token strings and add_bos_token to true / false, got {str(special)[:120]}"
+        )
     if not path.is_file():
         return None
     try:
@@ -300,19 +314,31 @@ def load_hf_folder(
         if any((folder / name).is_file() for name in HF_TOKENIZER_FILES):
             tokenizer = _hf_tokenizer(folder, trust_remote_code)
         try:
-            hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True,
-                                                            trust_remote_code=trust_remote_code)
+            hf_model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
+            )
         except (SafetensorError, OSError) as error:
-            raise ModelFileError(f"lenskit.load: cannot read {weights_path} (truncated or corrupt?): {error}") from error
+            raise ModelFileError(
+                f"lenskit.load: cannot read {weights_path} (truncated or corrupt?): {error}"
+            ) from error
         except Exception as error:  # transformers' own checks of config.json and the weights raise many kinds
-            raise ModelFileError(f"lenskit.load: transformers cannot build a {architectures[0]} from {config_path} and "
-                                 f"{weights_path.name} ({type(error).__name__}: {str(error)[:300]})") from error
+            raise ModelFileError(
+                f"lenskit.load: transformers cannot build a {architectures[0]} from {config_path} and "
+                f"{weights_path.name} ({type(error).__name__}: {str(error)[:300]})"
+            ) from error
         try:
-            cfg = _tl_config(hf_config, hf_cfg=hf_model.config.to_dict(), fold_ln=fold_ln, device=device, dtype=dtype,
-                             default_prepend_bos=default_prepend_bos)
+            cfg = _tl_config(
+                hf_config,
+                hf_cfg=hf_model.config.to_dict(),
+                fold_ln=fold_ln,
+                device=device,
+                dtype=dtype,
+                default_prepend_bos=default_prepend_bos,
+            )
         except Exception as error:  # TransformerLens reads config.json's fields without checking them
-            raise ModelFileError(f"lenskit.load: TransformerLens cannot convert {config_path} "
-                                 f"({type(error).__name__}: {error})") from error
+            raise ModelFileError(
+                f"lenskit.load: TransformerLens cannot convert {config_path} ({type(error).__name__}: {error})"
+            ) from error
         check_config(dataclasses.asdict(cfg), config_path)
         cfg.model_name = folder.resolve().name
         cfg.tokenizer_name = str(folder) if tokenizer is not None else None
@@ -340,8 +366,9 @@ def _hf_tokenizer(folder: Path, trust_remote_code: bool):
         raise ModelFileError(f"lenskit.load: cannot read the tokenizer in {folder} ({error})") from error
 
 
-def load_config_file(path: str | os.PathLike, *, device: str | None = None, seed: int | None = None,
-                     trust_remote_code: bool = False) -> HookedTransformer:
+def load_config_file(
+    path: str | os.PathLike, *, device: str | None = None, seed: int | None = None, trust_remote_code: bool = False
+) -> HookedTransformer:
     """A model with random weights built from a JSON file of `HookedTransformerConfig` fields.
 
     The weights follow TransformerLens' initialisation, seeded by `seed` (default: the file's
@@ -354,8 +381,9 @@ def load_config_file(path: str | os.PathLike, *, device: str | None = None, seed
     known = {f.name for f in dataclasses.fields(HookedTransformerConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise ModelFileError(f"lenskit.load: {path} has fields HookedTransformerConfig does not know: "
-                             f"{', '.join(unknown)}")
+        raise ModelFileError(
+            f"lenskit.load: {path} has fields HookedTransformerConfig does not know: {', '.join(unknown)}"
+        )
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise InputError(f"lenskit.load: seed must be a whole number, got {seed!r}")
     fields["seed"] = fields.get("seed", 0) if seed is None else seed
@@ -373,8 +401,10 @@ def _local_tokenizer(config_path: Path, name: Any, trust_remote_code: bool):
     root = config_path.resolve().parent
     folder = (root / name).resolve() if isinstance(name, str) else None
     if folder is None or not (folder == root or root in folder.parents) or not folder.is_dir():
-        raise ModelFileError(f"lenskit.load: {config_path} names tokenizer_name={name!r}; a config file may name only "
-                             f"a tokenizer folder inside its own folder {root} (it is read offline, never from a hub)")
+        raise ModelFileError(
+            f"lenskit.load: {config_path} names tokenizer_name={name!r}; a config file may name only "
+            f"a tokenizer folder inside its own folder {root} (it is read offline, never from a hub)"
+        )
     with hf_offline():
         return _hf_tokenizer(folder, trust_remote_code)
 
@@ -383,16 +413,20 @@ def zoo_folder(name: str) -> Path:
     """The folder of zoo checkpoint `name` (without the ``lenskit/`` prefix): always a folder directly
     inside `ZOO_ROOT`, so a name can never reach outside the zoo (``lenskit/../x`` is refused)."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or ".." in name:
-        raise InputError(f"lenskit.load: {ZOO_PREFIX}{name!r} is not a zoo name: zoo names are plain names "
-                         f"(letters, digits, '.', '_', '-'); the zoo holds: {', '.join(zoo_names()) or 'nothing'}")
+        raise InputError(
+            f"lenskit.load: {ZOO_PREFIX}{name!r} is not a zoo name: zoo names are plain names "
+            f"(letters, digits, '.', '_', '-'); the zoo holds: {', '.join(zoo_names()) or 'nothing'}"
+        )
     return ZOO_ROOT / name
 
 
 def _load_zoo(name: str, **kwargs: Any) -> HookedTransformer:
     folder = zoo_folder(name)
     if (folder / WHISPER_CONFIG_FILE).is_file():
-        raise InputError(f"lenskit.load: {ZOO_PREFIX}{name} is a speech model; load it with "
-                         f"lenskit.whisper.load({ZOO_PREFIX + name!r})")
+        raise InputError(
+            f"lenskit.load: {ZOO_PREFIX}{name} is a speech model; load it with "
+            f"lenskit.whisper.load({ZOO_PREFIX + name!r})"
+        )
     if not (folder / CONFIG_FILE).is_file():
         raise InputError(
             f"lenskit.load: no zoo checkpoint {ZOO_PREFIX}{name}; the zoo holds: "
@@ -450,8 +484,10 @@ def _call(loader, path: Path, kwargs: dict[str, Any], what: str) -> HookedTransf
         accepted = [p.name for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL]
         unknown = sorted(set(kwargs) - set(accepted))
         if unknown:
-            raise InputError(f"lenskit.load: {path} is {what}, whose loader does not take {', '.join(unknown)}; "
-                             f"it takes {', '.join(accepted) or 'no options'}")
+            raise InputError(
+                f"lenskit.load: {path} is {what}, whose loader does not take {', '.join(unknown)}; "
+                f"it takes {', '.join(accepted) or 'no options'}"
+            )
     return loader(path, **kwargs)
 
 

@@ -67,8 +67,10 @@ from lenskit.run import Run, as_run
 from lenskit.tokens import Prompts, as_tokens, token_labels
 from lenskit.viz import Figure, heatmap
 
-SITES = {site: sites.act_name(site, 0).replace(".0.", ".{}.") for site in
-         ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern")}
+SITES = {
+    site: sites.act_name(site, 0).replace(".0.", ".{}.")
+    for site in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern")
+}
 """Patchable sites and their TransformerLens hook names (per layer: ``SITES[site].format(layer)``)."""
 
 GRANULARITIES = {
@@ -88,6 +90,7 @@ _LAYOUTS = {
     "pattern": (("head", "pos", "src"), False),
 }
 
+
 @dataclass(repr=False)
 class PatchResult(LabelledTensor):
     """A patching grid: the metric after each patch, with the clean and corrupted runs' values.
@@ -105,7 +108,9 @@ class PatchResult(LabelledTensor):
         """The grid rescaled so that 0 is the corrupted run's metric and 1 the clean run's."""
         span = self.clean_value - self.corrupted_value
         if span == 0 or math.isnan(span):
-            raise InputError(f"cannot normalise: the clean and corrupted runs have the same metric value ({self.clean_value})")
+            raise InputError(
+                f"cannot normalise: the clean and corrupted runs have the same metric value ({self.clean_value})"
+            )
         return PatchResult((self.tensor - self.corrupted_value) / span, self.dims, self.labels, 1.0, 0.0)
 
     def plot(self, title: str = "") -> Figure:
@@ -116,12 +121,13 @@ class PatchResult(LabelledTensor):
         *lead, last = self.dims
         if not lead:
             lead, last = [last], "value"
-        rows = [" ".join(_index_label(d, self.labels[d][i]) for d, i in zip(lead, index))
-                for index in itertools.product(*(range(len(self.labels[d])) for d in lead))]
+        rows = [
+            " ".join(_index_label(d, self.labels[d][i]) for d, i in zip(lead, index))
+            for index in itertools.product(*(range(len(self.labels[d])) for d in lead))
+        ]
         cols = self.labels[last] if last in self.labels else [last]
         values = self.tensor.reshape(len(rows), len(cols))
-        return heatmap(values, rows, [str(c) for c in cols], title=title,
-                       row_title=" ".join(lead), col_title=last)
+        return heatmap(values, rows, [str(c) for c in cols], title=title, row_title=" ".join(lead), col_title=last)
 
 
 def patch(
@@ -167,8 +173,11 @@ def patch(
         values = torch.full(grid.shape, corrupted_value, dtype=torch.float32)
         plan = grid.plan(clean_store, corrupted_run.site)
         reader = MetricReader(model, metric, corrupted_run.logits)
-        chunks = [(start, chunk) for start, cells in plan.items()
-                  for chunk in _chunks(cells, max_cells or grid.cells_per_batch(start, reader))]
+        chunks = [
+            (start, chunk)
+            for start, cells in plan.items()
+            for chunk in _chunks(cells, max_cells or grid.cells_per_batch(start, reader))
+        ]
         for start, cells in tqdm(chunks, desc=f"patch {site} by {by}", disable=not progress):
             patched = corrupted_run.resume(cells, start, clean_store)
             values[tuple(cells.T)] = reader.values(patched, start).float().cpu()
@@ -227,10 +236,12 @@ def _attribution_patch(model, clean, corrupted, metric, site, by, layers, heads,
             value = scalar_tensor(metric, model(grid.corrupted))
         names = grid.hook_names()
         grads = torch.autograd.grad(value, [saved[n] for n in names], allow_unused=True)
-    values = torch.stack([
-        grid.reduce_to_cells((clean_store[n] - saved[n].detach()) * _zero_if_none(g, saved[n]))
-        for n, g in zip(names, grads)
-    ])
+    values = torch.stack(
+        [
+            grid.reduce_to_cells((clean_store[n] - saved[n].detach()) * _zero_if_none(g, saved[n]))
+            for n, g in zip(names, grads)
+        ]
+    )
     corrupted_value = value.item()
     return grid.result(corrupted_value + values.float().cpu(), clean_value, corrupted_value)
 
@@ -259,16 +270,20 @@ class _Grid:
         layout = _layout(site)
         missing = [d for d in GRANULARITIES[by] if d not in _LAYOUTS[layout][0]]
         if missing:
-            raise InputError(f"by={by!r} does not apply to site {site!r}: it has no {missing[0]} dimension "
-                             f"(per-head sites: z, q, k, v, pattern; layer_head_dest_src: pattern only)")
+            raise InputError(
+                f"by={by!r} does not apply to site {site!r}: it has no {missing[0]} dimension "
+                f"(per-head sites: z, q, k, v, pattern; layer_head_dest_src: pattern only)"
+            )
         if SITES[site].format(0) not in model.hook_dict:
             raise InputError(f"site {site!r} does not exist in this model (no hook {SITES[site].format(0)!r})")
         if model.cfg.positional_embedding_type == "shortformer":
             raise InputError("patching does not support shortformer positional embeddings")
         clean, corrupted = as_tokens(model, clean, "clean"), as_tokens(model, corrupted, "corrupted")
         if clean.shape != corrupted.shape:
-            raise InputError(f"clean and corrupted tokens must have the same shape [batch, pos]; got "
-                             f"{tuple(clean.shape)} and {tuple(corrupted.shape)}")
+            raise InputError(
+                f"clean and corrupted tokens must have the same shape [batch, pos]; got "
+                f"{tuple(clean.shape)} and {tuple(corrupted.shape)}"
+            )
         n_pos = clean.shape[1]
         sizes = {"pos": n_pos, "src": n_pos, "head": sites.n_heads_at(model, SITES[site])}
         wanted = {"head": heads, "pos": positions}
@@ -353,8 +368,9 @@ class _Grid:
 
     def reduce_to_cells(self, contribution: Tensor) -> Tensor:
         """Sum a per-entry contribution [batch, *index dims, (feature)] over each cell: [*cell dims]."""
-        summed = _keep_dims(_entries(contribution, self.index_dims).sum(-1).sum(0), self.index_dims,
-                            self.cell_dims, torch.sum)
+        summed = _keep_dims(
+            _entries(contribution, self.index_dims).sum(-1).sum(0), self.index_dims, self.cell_dims, torch.sum
+        )
         for axis, dim in enumerate(self.cell_dims):
             summed = summed.index_select(axis, torch.tensor(self.choices[dim], device=summed.device))
         return summed
@@ -413,7 +429,7 @@ class _CorruptedRun:
         for row in cells[:, 0].unique_consecutive().tolist():  # cells come sorted by layer
             layer_cells = cells[cells[:, 0] == row]
             layer, name = grid.layers[row], grid.hook_names()[row]
-            masks = grid.masks(layer_cells, self.site[name].shape[1:1 + len(grid.index_dims)])
+            masks = grid.masks(layer_cells, self.site[name].shape[1 : 1 + len(grid.index_dims)])
             masks = _window(masks, grid.index_dims, start, stop, offset=1)
             masks = masks.reshape(*masks.shape, *[1] * _LAYOUTS[_layout(grid.site)][1]).unsqueeze(1)
             source = _window(clean[name], grid.index_dims, start, stop, offset=1)
@@ -459,11 +475,13 @@ def _check_key_value_heads(model: HookedTransformer, site: str, heads) -> None:
     group = model.cfg.n_heads // n_kv
     bad = [h for h in ([heads] if isinstance(heads, int) else [int(h) for h in heads]) if not -n_kv <= h < n_kv]
     if bad:
-        raise InputError(f"head {bad[0]} out of range for site {site!r}: this grouped-query model has {n_kv} "
-                         f"key/value heads (valid 0..{n_kv - 1}, or negative from the end) shared by "
-                         f"{model.cfg.n_heads} query heads; key/value head h is read by query heads "
-                         f"{group}h..{group}h+{group - 1}. To patch one query head's {site}, first call "
-                         f"model.set_ungroup_grouped_query_attention(True)")
+        raise InputError(
+            f"head {bad[0]} out of range for site {site!r}: this grouped-query model has {n_kv} "
+            f"key/value heads (valid 0..{n_kv - 1}, or negative from the end) shared by "
+            f"{model.cfg.n_heads} query heads; key/value head h is read by query heads "
+            f"{group}h..{group}h+{group - 1}. To patch one query head's {site}, first call "
+            f"model.set_ungroup_grouped_query_attention(True)"
+        )
 
 
 def _choose(chosen: Sequence[int] | None, size: int, what: str) -> list[int]:
@@ -472,8 +490,9 @@ def _choose(chosen: Sequence[int] | None, size: int, what: str) -> list[int]:
     chosen = [chosen] if isinstance(chosen, int) else [int(i) for i in chosen]
     bad = [i for i in chosen if not -size <= i < size]
     if bad:
-        raise InputError(f"{what} {bad[0]} out of range: there are {size} {what}s (valid 0..{size - 1}, "
-                         f"or negative from the end)")
+        raise InputError(
+            f"{what} {bad[0]} out of range: there are {size} {what}s (valid 0..{size - 1}, or negative from the end)"
+        )
     chosen = [i % size for i in chosen]
     if len(set(chosen)) < len(chosen):
         raise InputError(f"{what}s {chosen} name the same {what} twice")
@@ -487,7 +506,7 @@ def _zero_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
 
 def _entries(activation: Tensor, index_dims: Sequence[str]) -> Tensor:
     """[batch, *index dims, (feature ...)] -> [batch, *index dims, features] (a dim of 1 when none)."""
-    return activation.reshape(*activation.shape[:1 + len(index_dims)], -1)
+    return activation.reshape(*activation.shape[: 1 + len(index_dims)], -1)
 
 
 def _keep_dims(values: Tensor, index_dims: Sequence[str], dims: Sequence[str], reduce) -> Tensor:
@@ -514,7 +533,7 @@ def _sorted_by(cells: Tensor, layer_of: Tensor) -> Tensor:
 
 
 def _chunks(cells: Tensor, size: int) -> list[Tensor]:
-    return [cells[i:i + size] for i in range(0, len(cells), size)]
+    return [cells[i : i + size] for i in range(0, len(cells), size)]
 
 
 def _index_label(dim: str, label) -> str:

@@ -81,15 +81,20 @@ def path_patch(
     clean_run = as_run(model, clean)
     clean_tokens, corrupted_tokens = clean_run.tokens, as_tokens(model, corrupted, "corrupted")
     if clean_tokens.shape != corrupted_tokens.shape:
-        raise InputError(f"path_patch: clean and corrupted tokens must have the same shape [batch, pos]; got "
-                         f"{tuple(clean_tokens.shape)} and {tuple(corrupted_tokens.shape)}")
+        raise InputError(
+            f"path_patch: clean and corrupted tokens must have the same shape [batch, pos]; got "
+            f"{tuple(clean_tokens.shape)} and {tuple(corrupted_tokens.shape)}"
+        )
     sender_list, dims, labels = _senders(model, senders)
     receiver_list = _receivers(model, receivers)
     if max_senders is not None and max_senders < 1:
         raise InputError(f"path_patch: max_senders must be at least 1, not {max_senders}")
     names = sorted({_output_hook(sender) for sender in sender_list})
-    resid_names = ([sites.final_residual(model)] if receiver_list is None
-                   else [sites.act_name("resid_pre", layer) for layer in sorted({r[0] for r in receiver_list})])
+    resid_names = (
+        [sites.final_residual(model)]
+        if receiver_list is None
+        else [sites.act_name("resid_pre", layer) for layer in sorted({r[0] for r in receiver_list})]
+    )
     clean_store = clean_run.require([*names, sites.final_residual(model)])
     clean_logits = clean_run.logits
     with torch.inference_mode():
@@ -99,25 +104,43 @@ def path_patch(
         clean_value, corrupted_value = scalar(metric, clean_logits), scalar(metric, corrupted_logits)
         reader = MetricReader(model, metric, corrupted_logits)
         values = torch.full((len(sender_list),), float("nan"), dtype=torch.float32)
-        reaching = [i for i, s in enumerate(sender_list)
-                    if receiver_list is None or any(r[0] > s[0] for r in receiver_list)]
+        reaching = [
+            i for i, s in enumerate(sender_list) if receiver_list is None or any(r[0] > s[0] for r in receiver_list)
+        ]
         size = max_senders or _senders_per_batch(model, corrupted_tokens, reader, receiver_list)
-        chunks = [reaching[i:i + size] for i in range(0, len(reaching), size)]
-        for chunk in tqdm(chunks, desc=f"path patch to {'logits' if receiver_list is None else 'receivers'}",
-                          disable=not progress):
-            deltas = torch.stack([_output(model, clean_store, s) - _output(model, corrupted_cache.store, s)
-                                  for s in (sender_list[i] for i in chunk)])  # [senders, batch, pos, d_model]
+        chunks = [reaching[i : i + size] for i in range(0, len(reaching), size)]
+        for chunk in tqdm(
+            chunks, desc=f"path patch to {'logits' if receiver_list is None else 'receivers'}", disable=not progress
+        ):
+            deltas = torch.stack(
+                [
+                    _output(model, clean_store, s) - _output(model, corrupted_cache.store, s)
+                    for s in (sender_list[i] for i in chunk)
+                ]
+            )  # [senders, batch, pos, d_model]
             if receiver_list is None:
                 final = corrupted_cache.store[resid_names[0]] + deltas
             else:
-                final = _run_from_receivers(model, corrupted_cache.store, deltas, [sender_list[i] for i in chunk],
-                                            receiver_list, corrupted_tokens)
+                final = _run_from_receivers(
+                    model,
+                    corrupted_cache.store,
+                    deltas,
+                    [sender_list[i] for i in chunk],
+                    receiver_list,
+                    corrupted_tokens,
+                )
             values[chunk] = reader.values(final, 0).float().cpu()
     return PatchResult(values.reshape([len(l) for l in labels.values()]), dims, labels, clean_value, corrupted_value)
 
 
-def _run_from_receivers(model, corrupted: dict[str, Tensor], deltas: Float[Tensor, "senders batch pos d_model"],
-                        senders: list[tuple[int, int | None]], receivers: list[Receiver], tokens: Tensor) -> Tensor:
+def _run_from_receivers(
+    model,
+    corrupted: dict[str, Tensor],
+    deltas: Float[Tensor, "senders batch pos d_model"],
+    senders: list[tuple[int, int | None]],
+    receivers: list[Receiver],
+    tokens: Tensor,
+) -> Tensor:
     """Final residual streams [senders, batch, pos, d_model] of the corrupted run with each receiver's
     q/k/v recomputed from the corrupted input plus its sender's delta (where the sender is earlier)."""
     n_senders, batch = deltas.shape[:2]
@@ -176,21 +199,29 @@ def _senders(model, senders) -> tuple[list[tuple[int, int | None]], tuple[str, .
     """Senders as (layer, head or None for the MLP), with the result's dims and labels."""
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     if senders == "heads":
-        return ([(layer, head) for layer in range(n_layers) for head in range(n_heads)], ("layer", "head"),
-                {"layer": list(range(n_layers)), "head": list(range(n_heads))})
+        return (
+            [(layer, head) for layer in range(n_layers) for head in range(n_heads)],
+            ("layer", "head"),
+            {"layer": list(range(n_layers)), "head": list(range(n_heads))},
+        )
     if senders == "mlps":
         if model.cfg.attn_only:
             raise InputError("path_patch: senders='mlps' but this model has no MLPs (attn_only)")
         return [(layer, None) for layer in range(n_layers)], ("layer",), {"layer": list(range(n_layers))}
     if isinstance(senders, str) or not isinstance(senders, Sequence) or not senders:
-        raise InputError(f"path_patch: senders must be 'heads', 'mlps' or a non-empty list of (layer, head) "
-                         f"pairs and MLP layer ints; got {senders!r}")
+        raise InputError(
+            f"path_patch: senders must be 'heads', 'mlps' or a non-empty list of (layer, head) "
+            f"pairs and MLP layer ints; got {senders!r}"
+        )
     parsed = []
     for sender in senders:
         if isinstance(sender, int) and not isinstance(sender, bool):
             layer, head = sender, None
-        elif (isinstance(sender, Sequence) and len(sender) == 2
-              and all(isinstance(i, int) and not isinstance(i, bool) for i in sender)):
+        elif (
+            isinstance(sender, Sequence)
+            and len(sender) == 2
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in sender)
+        ):
             layer, head = sender
         else:
             raise InputError(f"path_patch: sender {sender!r} is neither (layer, head) nor an MLP layer int")
@@ -206,23 +237,32 @@ def _receivers(model, receivers) -> list[Receiver] | None:
     """None for the logits, else checked (layer, head, kind) triples."""
     if isinstance(receivers, str):
         if receivers != "logits":
-            raise InputError(f"path_patch: receivers must be 'logits' or a list of (layer, head, 'q'|'k'|'v'); "
-                             f"got {receivers!r}")
+            raise InputError(
+                f"path_patch: receivers must be 'logits' or a list of (layer, head, 'q'|'k'|'v'); got {receivers!r}"
+            )
         return None
     if not isinstance(receivers, Sequence) or not receivers:
-        raise InputError(f"path_patch: receivers must be 'logits' or a non-empty list of (layer, head, kind); "
-                         f"got {receivers!r}")
-    if model.cfg.original_architecture in POST_NORM_ARCHITECTURES or model.cfg.use_split_qkv_input \
-            or model.cfg.use_attn_in or model.cfg.positional_embedding_type == "shortformer":
-        raise InputError("path_patch: q/k/v receivers need a pre-norm model without split q/k/v inputs "
-                         "or shortformer positions")
+        raise InputError(
+            f"path_patch: receivers must be 'logits' or a non-empty list of (layer, head, kind); got {receivers!r}"
+        )
+    if (
+        model.cfg.original_architecture in POST_NORM_ARCHITECTURES
+        or model.cfg.use_split_qkv_input
+        or model.cfg.use_attn_in
+        or model.cfg.positional_embedding_type == "shortformer"
+    ):
+        raise InputError(
+            "path_patch: q/k/v receivers need a pre-norm model without split q/k/v inputs or shortformer positions"
+        )
     checked = []
     for receiver in receivers:
         if not (isinstance(receiver, Sequence) and len(receiver) == 3 and receiver[2] in RECEIVER_KINDS):
             raise InputError(f"path_patch: receiver {receiver!r} is not (layer, head, 'q'|'k'|'v')")
         layer, head, kind = receiver
         _check_index("receiver layer", layer, model.cfg.n_layers)
-        _check_index(f"receiver {kind} head", head, sites.n_key_value_heads(model) if kind != "q" else model.cfg.n_heads)
+        _check_index(
+            f"receiver {kind} head", head, sites.n_key_value_heads(model) if kind != "q" else model.cfg.n_heads
+        )
         if layer == 0:
             raise InputError(f"path_patch: receiver {tuple(receiver)} is in layer 0: no sender comes before it")
         checked.append((layer, head, kind))
@@ -237,6 +277,10 @@ def _check_index(what: str, index, size: int) -> None:
 def _senders_per_batch(model, tokens: Tensor, reader: MetricReader, receivers) -> int:
     """Senders per chunk so that one chunk's activations stay near `MEMORY_BUDGET`."""
     batch, n_pos = tokens.shape
-    per_sender = batch * n_pos * (model.cfg.d_model * (2 if receivers is None else 6 * model.cfg.n_layers // 4 + 1)
-                                  + reader.width()) * 4
+    per_sender = (
+        batch
+        * n_pos
+        * (model.cfg.d_model * (2 if receivers is None else 6 * model.cfg.n_layers // 4 + 1) + reader.width())
+        * 4
+    )
     return max(1, MEMORY_BUDGET // per_sender)

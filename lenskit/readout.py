@@ -45,8 +45,9 @@ class Readout:
     def d_vocab(self) -> int:
         return self.W_U.shape[1]
 
-    def __call__(self, resid: Float[Tensor, "... d_model"], columns: Int[Tensor, " column"] | None = None,
-                 normalize: bool = True) -> Float[Tensor, "... column"]:
+    def __call__(
+        self, resid: Float[Tensor, "... d_model"], columns: Int[Tensor, " column"] | None = None, normalize: bool = True
+    ) -> Float[Tensor, "... column"]:
         """Logits of residual streams: the final norm (computing its own scale; skipped when not
         `normalize`), then the unembedding of `columns` (all when None)."""
         return self.logits(self.normalize(resid) if normalize else resid, columns)
@@ -68,8 +69,9 @@ class Readout:
             normalized, scale = normalized[:, 0], scale[:, 0]
         return normalized, scale
 
-    def logits(self, normalized: Float[Tensor, "... d_model"],
-               columns: Int[Tensor, " column"] | None = None) -> Float[Tensor, "... column"]:
+    def logits(
+        self, normalized: Float[Tensor, "... d_model"], columns: Int[Tensor, " column"] | None = None
+    ) -> Float[Tensor, "... column"]:
         """The unembedding of already normalised streams: W_U (and b_U) of `columns`, then the soft-cap."""
         W_U, b_U = self.W_U, self.b_U
         if columns is not None:
@@ -80,14 +82,17 @@ class Readout:
             logits = logits + b_U
         return apply_softcap(logits, self.softcap) if self.softcap else logits
 
-    def row_logits(self, normalized: Float[Tensor, "batch d_model"], ids: Int[Tensor, " batch"]) -> Float[Tensor, " batch"]:
+    def row_logits(
+        self, normalized: Float[Tensor, "batch d_model"], ids: Int[Tensor, " batch"]
+    ) -> Float[Tensor, " batch"]:
         """The logit of token ids[b] for each row b of normalised streams (one column per row; no soft-cap,
         so that it equals the sum of `direction`'s linear parts)."""
         logits = (normalized * self.W_U[:, ids].T).sum(-1)
         return logits if self.b_U is None else logits + self.b_U[ids]
 
-    def direction(self, answer: Int[Tensor, " batch"], wrong: Int[Tensor, " batch"] | None = None
-                  ) -> tuple[Float[Tensor, "batch d_model"], Float[Tensor, " batch"]]:
+    def direction(
+        self, answer: Int[Tensor, " batch"], wrong: Int[Tensor, " batch"] | None = None
+    ) -> tuple[Float[Tensor, "batch d_model"], Float[Tensor, " batch"]]:
         """The residual direction that logit(answer) - logit(wrong) reads before the final norm's scale,
         and the constant the norm's bias and b_U add: with s the scale, logit = (resid / s) . direction + constant.
 
@@ -109,8 +114,9 @@ class Readout:
             direction = direction - direction.mean(-1, keepdim=True)
         return direction, constant
 
-    def contributions(self, vectors: Float[Tensor, "... d_model"], scale: Float[Tensor, "... 1"] | None = None,
-                      normalize: bool = True) -> Float[Tensor, "... vocab"]:
+    def contributions(
+        self, vectors: Float[Tensor, "... d_model"], scale: Float[Tensor, "... 1"] | None = None, normalize: bool = True
+    ) -> Float[Tensor, "... vocab"]:
         """What vectors written into the final stream add to the logits, without b_U.
 
         With `normalize`: centred (LayerNorm), divided by `scale` (the run's final-norm scale) if

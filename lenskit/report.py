@@ -53,13 +53,15 @@ class Report:
 
     def summary(self) -> str:
         heads = ", ".join(f"L{r.layer}H{r.head} {r.value:+.2f}" for r in self.top_heads.itertuples())
-        return "\n".join([
-            f"model      {self.model_name}",
-            f"prompt     {self.prompt!r}",
-            f"logit diff {self.answer!r} - {self.wrong!r}: {self.logit_diff:.3f} "
-            f"(corrupted {self.corrupted!r}: {self.corrupted_logit_diff:.3f})",
-            f"top heads  {heads}",
-        ])
+        return "\n".join(
+            [
+                f"model      {self.model_name}",
+                f"prompt     {self.prompt!r}",
+                f"logit diff {self.answer!r} - {self.wrong!r}: {self.logit_diff:.3f} "
+                f"(corrupted {self.corrupted!r}: {self.corrupted_logit_diff:.3f})",
+                f"top heads  {heads}",
+            ]
+        )
 
     def save(self, path: str | Path) -> Path:
         return viz.save_page(self.figures, path, title=f"lenskit report: {self.model_name}")
@@ -78,31 +80,54 @@ def build_report(
     run = Run.everything(model, as_tokens(model, prompt, "prompt"))
     corrupted_tokens = as_tokens(model, corrupted, "corrupted")
     if corrupted_tokens.shape != run.tokens.shape:
-        raise InputError(f"the corrupted prompt must have as many tokens as the prompt "
-                         f"({corrupted_tokens.shape[1]} vs {run.tokens.shape[1]}): {model.to_str_tokens(corrupted)}")
+        raise InputError(
+            f"the corrupted prompt must have as many tokens as the prompt "
+            f"({corrupted_tokens.shape[1]} vs {run.tokens.shape[1]}): {model.to_str_tokens(corrupted)}"
+        )
     answer_id, wrong_id = token_id(model, answer, "answer"), token_id(model, wrong, "wrong")
     str_tokens = run.str_tokens()
 
     by_layer = attribute(model, run, answer_id, wrong_id, by="layer")
     by_head = attribute(model, run, answer_id, wrong_id, by="head")
     top_heads = by_head[by_head.component == "head"].head(TOP_HEADS)[["layer", "head", "value"]].reset_index(drop=True)
-    patching = patch(model, run, corrupted_tokens, metrics.logit_diff(answer_id, wrong_id), site="resid_pre",
-                     by="layer_pos", progress=progress)
+    patching = patch(
+        model,
+        run,
+        corrupted_tokens,
+        metrics.logit_diff(answer_id, wrong_id),
+        site="resid_pre",
+        by="layer_pos",
+        progress=progress,
+    )
     surprise = [0.0, *model.loss_fn(run.logits, run.tokens, per_token=True)[0].tolist()]  # -log p(token | prefix)
 
     title = f"logit({answer!r}) - logit({wrong!r})"
     figures = [
-        viz.colored_tokens(str_tokens, surprise, title=f"prompt ({len(str_tokens)} tokens), coloured by -log p(token | prefix)"),
-        logit_lens(model, run, targets=[answer_id, wrong_id], progress=progress).plot(title="logit lens: top token by layer"),
+        viz.colored_tokens(
+            str_tokens, surprise, title=f"prompt ({len(str_tokens)} tokens), coloured by -log p(token | prefix)"
+        ),
+        logit_lens(model, run, targets=[answer_id, wrong_id], progress=progress).plot(
+            title="logit lens: top token by layer"
+        ),
         by_layer.plot(title=f"attribution per layer of {title}"),
         by_head.plot(title=f"attribution per head of {title}"),
         *[run.attention_patterns(layer) for layer in sorted(set(top_heads.layer.astype(int)))],
-        patching.normalised().plot(title=f"residual stream patching: clean {prompt!r} into corrupted {corrupted!r} "
-                                         "(0 = corrupted, 1 = clean)"),
+        patching.normalised().plot(
+            title=f"residual stream patching: clean {prompt!r} into corrupted {corrupted!r} (0 = corrupted, 1 = clean)"
+        ),
         flow(model, run, progress=progress).plot(),
     ]
-    return Report(model_name, prompt, answer, wrong, corrupted, by_layer.attrs["logit_diff"], patching.corrupted_value,
-                  top_heads, figures)
+    return Report(
+        model_name,
+        prompt,
+        answer,
+        wrong,
+        corrupted,
+        by_layer.attrs["logit_diff"],
+        patching.corrupted_value,
+        top_heads,
+        figures,
+    )
 
 
 def main(model_name: str | None, out: str | Path, **options) -> Report:

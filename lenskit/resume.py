@@ -27,8 +27,9 @@ Entry = Callable[[int, int], "TransformerLensKeyValueCacheEntry | None"]
 """entry(layer, n_rows): the key/value cache entry holding a layer's earlier positions (None: there are none)."""
 
 
-def run_blocks(model: HookedTransformer, joins: dict[int, Tensor], entry: Entry,
-               attention_mask: Tensor | None) -> Tensor:
+def run_blocks(
+    model: HookedTransformer, joins: dict[int, Tensor], entry: Entry, attention_mask: Tensor | None
+) -> Tensor:
     """Run the blocks from the first layer in `joins` to the end; ``joins[L]`` rows [rows, pos, d_model]
     enter before block L (``joins[n_layers]`` after the last block). Returns the final streams."""
     resid = None
@@ -40,8 +41,9 @@ def run_blocks(model: HookedTransformer, joins: dict[int, Tensor], entry: Entry,
     return resid
 
 
-def run_block(model: HookedTransformer, layer: int, resid: Tensor, entry: Entry,
-              attention_mask: Tensor | None) -> Tensor:
+def run_block(
+    model: HookedTransformer, layer: int, resid: Tensor, entry: Entry, attention_mask: Tensor | None
+) -> Tensor:
     """One block on `resid` [rows, positions, d_model], after the positions held by entry(layer, rows).
 
     attention_mask: the run's padding mask [batch, pos] (None when nothing is padded), tiled over rows.
@@ -58,6 +60,5 @@ def empty_entry(model: HookedTransformer, resid: Tensor) -> TransformerLensKeyVa
     """An empty key/value cache entry for a batch like `resid`, with as many heads as hook_k has
     (TransformerLens' init_cache_entry ignores ``ungroup_grouped_query_attention``)."""
     cfg = model.cfg
-    empty = torch.empty(len(resid), 0, sites.n_key_value_heads(model), cfg.d_head, device=resid.device,
-                        dtype=cfg.dtype)
+    empty = torch.empty(len(resid), 0, sites.n_key_value_heads(model), cfg.d_head, device=resid.device, dtype=cfg.dtype)
     return TransformerLensKeyValueCacheEntry(empty, empty.clone())

@@ -44,8 +44,13 @@ class Run:
             (a cache the caller vouches for).
     """
 
-    def __init__(self, model: HookedTransformer, tokens: Prompts, activations: Mapping[str, Tensor] | None = None,
-                 extend: bool = True):
+    def __init__(
+        self,
+        model: HookedTransformer,
+        tokens: Prompts,
+        activations: Mapping[str, Tensor] | None = None,
+        extend: bool = True,
+    ):
         self.model = model
         self.tokens: Int[Tensor, "batch pos"] = as_tokens(model, tokens)
         self.activations: dict[str, Tensor] = dict(getattr(activations, "cache_dict", activations) or {})
@@ -53,8 +58,9 @@ class Run:
         self._logits: Tensor | None = None
         embed = self.activations.get("hook_embed")
         if embed is not None and tuple(embed.shape[:2]) != tuple(self.tokens.shape):
-            raise InputError(f"cache holds a run on {tuple(embed.shape[:2])} tokens, not on tokens "
-                             f"{tuple(self.tokens.shape)}")
+            raise InputError(
+                f"cache holds a run on {tuple(embed.shape[:2])} tokens, not on tokens {tuple(self.tokens.shape)}"
+            )
 
     @classmethod
     def everything(cls, model: HookedTransformer, tokens: Prompts) -> "Run":
@@ -115,15 +121,22 @@ class Run:
         layer %= n_layers
         name = sites.act_name("pattern", layer)
         if name not in self and not self.extend:
-            raise InputError(f"the cache holds no {name!r}; cache it (model.run_with_cache) or build the Run with extend=True")
+            raise InputError(
+                f"the cache holds no {name!r}; cache it (model.run_with_cache) or build the Run with extend=True"
+            )
         pattern = self[name]
         expected = (n_batch, sites.n_heads_at(self.model, name), n_pos, n_pos)
         if tuple(pattern.shape) != expected:
-            raise InputError(f"{name} in this run has shape {tuple(pattern.shape)}, but these tokens need {expected} "
-                             "[batch, head, query_pos, key_pos]")
-        return viz.attention_patterns(pattern[batch], self.str_tokens(batch),
-                                      [f"L{layer}H{head}" for head in range(expected[1])],
-                                      title=f"attention patterns, layer {layer}" if title is None else title)
+            raise InputError(
+                f"{name} in this run has shape {tuple(pattern.shape)}, but these tokens need {expected} "
+                "[batch, head, query_pos, key_pos]"
+            )
+        return viz.attention_patterns(
+            pattern[batch],
+            self.str_tokens(batch),
+            [f"L{layer}H{head}" for head in range(expected[1])],
+            title=f"attention patterns, layer {layer}" if title is None else title,
+        )
 
     def str_tokens(self, row: int = 0) -> list[str]:
         """The string of each token of prompt `row` (the ids themselves without a tokenizer)."""

@@ -40,6 +40,7 @@ MANIFEST = "manifest.json"
 
 # --- to disk ------------------------------------------------------------------------------
 
+
 def stream_cache(
     model: HookedTransformer,
     dataset: Iterable[str] | Iterable[Int[torch.Tensor, "batch pos"]],
@@ -74,8 +75,10 @@ def stream_cache(
     bytes as an uninterrupted run. Returns `out_dir` as a Path.
     """
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise InputError(f"stream_cache: dtype must be a floating-point torch dtype (torch.float16, torch.bfloat16, "
-                         f"torch.float32), not {dtype!r}")
+        raise InputError(
+            f"stream_cache: dtype must be a floating-point torch dtype (torch.float16, torch.bfloat16, "
+            f"torch.float32), not {dtype!r}"
+        )
     out_dir = Path(out_dir)
     names = _fired_hook_names(model, names)
     items = iter(dataset)
@@ -136,7 +139,9 @@ def _fired_hook_names(model: HookedTransformer, names: HookNames) -> list[str]:
     exact = [] if callable(names) else [names] if isinstance(names, str) else names
     silent = [name for name in exact if name in model.hook_dict and name not in fired]
     if silent or not fired:
-        raise InputError(f"stream_cache: {silent or names!r} selects hooks that do not fire in a forward pass of this model")
+        raise InputError(
+            f"stream_cache: {silent or names!r} selects hooks that do not fire in a forward pass of this model"
+        )
     return fired
 
 
@@ -170,7 +175,9 @@ def _tensor_rows(batches: Iterable[torch.Tensor]) -> Iterator[Int[torch.Tensor, 
         batch = torch.as_tensor(batch)
         row_len = row_len or batch.shape[-1]
         if batch.shape[-1] != row_len:
-            raise InputError(f"stream_cache: token rows must all have one length; got {row_len}, then {batch.shape[-1]}")
+            raise InputError(
+                f"stream_cache: token rows must all have one length; got {row_len}, then {batch.shape[-1]}"
+            )
         yield from batch.reshape(-1, row_len).long().cpu()
 
 
@@ -208,8 +215,10 @@ def _check_finished_shard(path: Path, tokens: Int[torch.Tensor, "rows pos"], nam
     """Raise InputError unless a shard left by an earlier run holds `tokens` and `names`."""
     with safe_open(path, framework="pt") as shard:
         if set(shard.keys()) != {"tokens", *names} or not torch.equal(shard.get_tensor("tokens"), tokens):
-            raise InputError(f"stream_cache: {path} holds other tokens or hooks than this run gives it; "
-                             "was the out_dir made from another dataset?")
+            raise InputError(
+                f"stream_cache: {path} holds other tokens or hooks than this run gives it; "
+                "was the out_dir made from another dataset?"
+            )
 
 
 def _row_shapes(path: Path, names: list[str]) -> dict[str, list[int]]:
@@ -221,8 +230,19 @@ def _row_shapes(path: Path, names: list[str]) -> dict[str, list[int]]:
 def _model_summary(model: HookedTransformer) -> dict:
     """The config fields that tell models apart, and a fingerprint of the weights."""
     cfg = model.cfg
-    fields = ("model_name", "n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx",
-              "act_fn", "normalization_type", "positional_embedding_type")
+    fields = (
+        "model_name",
+        "n_layers",
+        "d_model",
+        "n_heads",
+        "d_head",
+        "d_mlp",
+        "d_vocab",
+        "n_ctx",
+        "act_fn",
+        "normalization_type",
+        "positional_embedding_type",
+    )
     summary = {field: getattr(cfg, field) for field in fields}
     summary["dtype"] = str(cfg.dtype).removeprefix("torch.")
     digest = hashlib.sha256()
@@ -241,8 +261,10 @@ def _check_same_settings(out_dir: Path, settings: dict) -> None:
     differ = [key for key in settings if old.get(key) != settings[key]]
     if differ:
         details = "; ".join(f"{key}: {old.get(key)!r} there, {settings[key]!r} now" for key in differ)
-        raise InputError(f"stream_cache: {out_dir} holds a cache made with a different {' and '.join(differ)} "
-                         f"({details}); use another out_dir, or empty this one")
+        raise InputError(
+            f"stream_cache: {out_dir} holds a cache made with a different {' and '.join(differ)} "
+            f"({details}); use another out_dir, or empty this one"
+        )
 
 
 def _save_atomically(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -260,6 +282,7 @@ def _save_json_atomically(data: dict, path: Path) -> None:
 
 # --- from disk ----------------------------------------------------------------------------
 
+
 def load_cache(out_dir: str | os.PathLike) -> ShardedCache:
     """Open a cache written by `stream_cache`; tensors are memory-mapped from the shards, not read."""
     out_dir = Path(out_dir)
@@ -275,8 +298,10 @@ def load_cache(out_dir: str | os.PathLike) -> ShardedCache:
     for shard in shards:  # shard files are plain names inside out_dir: a manifest cannot point elsewhere
         name = shard.get("file") if isinstance(shard, dict) else None
         if not isinstance(name, str) or not re.fullmatch(r"shard_\d+\.safetensors", name):
-            raise InputError(f"load_cache: {out_dir / MANIFEST} names shard file {name!r}; shards are files "
-                             "shard_NNNNN.safetensors inside the cache folder")
+            raise InputError(
+                f"load_cache: {out_dir / MANIFEST} names shard file {name!r}; shards are files "
+                "shard_NNNNN.safetensors inside the cache folder"
+            )
     return ShardedCache(out_dir, manifest)
 
 
@@ -284,11 +309,11 @@ def load_cache(out_dir: str | os.PathLike) -> ShardedCache:
 class ShardedCache:
     """Activations written by `stream_cache`, memory-mapped from their safetensors shards.
 
-        cache.names, cache.manifest     hook names, and the manifest dict
-        len(cache)                      rows (sequences) over all shards
-        cache.shard(i)                  {"tokens": [rows, pos], name: [rows, ...]}: shard i, memory-mapped
-        cache.iter_shards()             those dicts, shard by shard, memory-mapped
-        cache[name], cache.tokens       all shards concatenated: [rows, ...], a copy in RAM
+    cache.names, cache.manifest     hook names, and the manifest dict
+    len(cache)                      rows (sequences) over all shards
+    cache.shard(i)                  {"tokens": [rows, pos], name: [rows, ...]}: shard i, memory-mapped
+    cache.iter_shards()             those dicts, shard by shard, memory-mapped
+    cache[name], cache.tokens       all shards concatenated: [rows, ...], a copy in RAM
     """
 
     path: Path
@@ -325,5 +350,7 @@ class ShardedCache:
         return torch.cat([self.shard(index)["tokens"] for index in range(self.n_shards)])
 
     def __repr__(self) -> str:
-        return (f"ShardedCache({str(self.path)!r}, {len(self)} rows x {self.manifest['row_len']} tokens "
-                f"in {self.n_shards} shards, {len(self.names)} hooks, {self.manifest['dtype']})")
+        return (
+            f"ShardedCache({str(self.path)!r}, {len(self)} rows x {self.manifest['row_len']} tokens "
+            f"in {self.n_shards} shards, {len(self.names)} hooks, {self.manifest['dtype']})"
+        )

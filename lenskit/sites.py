@@ -21,8 +21,21 @@ from transformer_lens.utilities import get_act_name
 
 from lenskit.errors import InputError
 
-PER_HEAD = frozenset({"hook_q", "hook_k", "hook_v", "hook_z", "hook_result", "hook_rot_q", "hook_rot_k",
-                      "hook_q_input", "hook_k_input", "hook_v_input", "hook_attn_in"})
+PER_HEAD = frozenset(
+    {
+        "hook_q",
+        "hook_k",
+        "hook_v",
+        "hook_z",
+        "hook_result",
+        "hook_rot_q",
+        "hook_rot_k",
+        "hook_q_input",
+        "hook_k_input",
+        "hook_v_input",
+        "hook_attn_in",
+    }
+)
 """Leaf names of hooks whose activations are [batch, pos, head, ...]."""
 
 KEY_VALUE = frozenset({"hook_k", "hook_v", "hook_rot_k", "hook_k_input", "hook_v_input"})
@@ -90,20 +103,25 @@ def n_heads_at(model: HookedRootModule, name: str) -> int:
 def residual_names(model: HookedRootModule, kind: str = "pre", layers: Iterable[int] | None = None) -> list[str]:
     """Residual-stream hook names, one per layer (the final stream counts as layer L for "pre" and "all").
 
-      kind="pre":  blocks.{l}.hook_resid_pre for l in 0..L-1, and the final blocks.{L-1}.hook_resid_post as L;
-      kind="mid":  blocks.{l}.hook_resid_mid;   kind="post": blocks.{l}.hook_resid_post;
-      kind="all":  resid_pre 0, resid_mid 0, resid_pre 1, ..., resid_mid L-1, final resid_post.
+    kind="pre":  blocks.{l}.hook_resid_pre for l in 0..L-1, and the final blocks.{L-1}.hook_resid_post as L;
+    kind="mid":  blocks.{l}.hook_resid_mid;   kind="post": blocks.{l}.hook_resid_post;
+    kind="all":  resid_pre 0, resid_mid 0, resid_pre 1, ..., resid_mid L-1, final resid_post.
     """
     n_layers = model.cfg.n_layers
     if kind not in RESIDUAL_KINDS:
         raise InputError(f"kind must be one of {RESIDUAL_KINDS}, not {kind!r}")
     if kind in ("mid", "all") and act_name("resid_mid", 0) not in model.hook_dict:
-        why = ("attention and MLP both read resid_pre (parallel_attn_mlp)" if model.cfg.parallel_attn_mlp
-               else "it is attention-only")
+        why = (
+            "attention and MLP both read resid_pre (parallel_attn_mlp)"
+            if model.cfg.parallel_attn_mlp
+            else "it is attention-only"
+        )
         raise InputError(f"kind={kind!r} needs blocks.*.hook_resid_mid, which this model has not: {why}")
     top = n_layers if kind in ("pre", "all") else n_layers - 1
     layers = list(range(top + 1)) if layers is None else list(layers)
-    outside = [layer for layer in layers if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= top]
+    outside = [
+        layer for layer in layers if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= top
+    ]
     if outside:
         final = f", where {n_layers} is the final residual stream" if top == n_layers else ""
         raise InputError(f"layers {outside} out of range: kind={kind!r} takes layers 0..{top}{final}")

@@ -89,8 +89,10 @@ class Schedule:
         n_layers = _n_layers(model)
         outside = [block for block in self.blocks if block >= n_layers]
         if outside:
-            raise InputError(f"schedule {self.name!r}: block {outside[0]} out of range: "
-                             f"the model has {n_layers} blocks (valid 0..{n_layers - 1})")
+            raise InputError(
+                f"schedule {self.name!r}: block {outside[0]} out of range: "
+                f"the model has {n_layers} blocks (valid 0..{n_layers - 1})"
+            )
 
     def hooks(self, model: HookedTransformer) -> hooks.Hooks:
         """The `hooks.skip` hooks that make the model's forward pass run this schedule.
@@ -100,8 +102,10 @@ class Schedule:
         """
         self.validate(model)
         if not self.in_order:
-            raise InputError(f"schedule {self.name!r} repeats or reorders blocks, which skip hooks cannot "
-                             "express: run it with surgery.run or surgery.run_blocks")
+            raise InputError(
+                f"schedule {self.name!r} repeats or reorders blocks, which skip hooks cannot "
+                "express: run it with surgery.run or surgery.run_blocks"
+            )
         left_out = sorted(set(range(model.cfg.n_layers)) - set(self.blocks))
         return hooks.skip(model, left_out)
 
@@ -132,8 +136,10 @@ def skip_range(model: ModelOrLayers, start: int, stop: int) -> Schedule:
     """Leave out blocks start, ..., stop - 1 (a middle range, like a Python slice)."""
     n_layers = _n_layers(model)
     if not 0 <= start < stop <= n_layers:
-        raise InputError(f"skip_range: start={start}, stop={stop} is not a range of blocks: "
-                         f"need 0 <= start < stop <= {n_layers} (the model has {n_layers} blocks)")
+        raise InputError(
+            f"skip_range: start={start}, stop={stop} is not a range of blocks: "
+            f"need 0 <= start < stop <= {n_layers} (the model has {n_layers} blocks)"
+        )
     _check_count("skip_range", stop - start, n_layers)
     kept = tuple(block for block in range(n_layers) if not start <= block < stop)
     return Schedule(kept, f"skip {start}..{stop - 1}")
@@ -143,8 +149,9 @@ def repeat(model: ModelOrLayers, layer: int, times: int = 2) -> Schedule:
     """Every block in order, with block `layer` run `times` times in a row."""
     n_layers = _n_layers(model)
     if not 0 <= layer < n_layers:
-        raise InputError(f"repeat: block {layer} out of range: the model has {n_layers} blocks "
-                         f"(valid 0..{n_layers - 1})")
+        raise InputError(
+            f"repeat: block {layer} out of range: the model has {n_layers} blocks (valid 0..{n_layers - 1})"
+        )
     if times < 1:
         raise InputError(f"repeat: times must be at least 1, not {times}")
     blocks = (*range(layer), *[layer] * times, *range(layer + 1, n_layers))
@@ -196,10 +203,12 @@ def run_blocks(
     schedule = as_schedule(schedule)
     schedule.validate(model)
     residual, _, shortformer_pos_embed, attention_mask = model.input_to_embed(
-        as_tokens(model, tokens), attention_mask=attention_mask)
+        as_tokens(model, tokens), attention_mask=attention_mask
+    )
     for block in schedule.blocks:
-        residual = model.blocks[block](residual, shortformer_pos_embed=shortformer_pos_embed,
-                                       attention_mask=attention_mask)
+        residual = model.blocks[block](
+            residual, shortformer_pos_embed=shortformer_pos_embed, attention_mask=attention_mask
+        )
     return Readout(model)(residual)
 
 
@@ -221,8 +230,10 @@ def generate(
     if n_tokens < 0:
         raise InputError(f"generate: n_tokens must be at least 0, not {n_tokens}")
     if tokens.shape[-1] + n_tokens > model.cfg.n_ctx:
-        raise InputError(f"generate: {tokens.shape[-1]} prompt tokens + {n_tokens} new ones exceed "
-                         f"the model's context of {model.cfg.n_ctx}")
+        raise InputError(
+            f"generate: {tokens.shape[-1]} prompt tokens + {n_tokens} new ones exceed "
+            f"the model's context of {model.cfg.n_ctx}"
+        )
     for _ in range(n_tokens):
         next_tokens = run(model, tokens, schedule)[:, -1].argmax(dim=-1, keepdim=True)
         tokens = torch.cat([tokens, next_tokens.to(tokens.device)], dim=-1)
@@ -268,19 +279,28 @@ def evaluate(
     prompt_length = token_rows[0].shape[-1]
     for pos in positions:
         if not -prompt_length <= pos < prompt_length:
-            raise InputError(f"evaluate: position {pos} out of range: the first text has {prompt_length} "
-                             f"tokens (valid 0..{prompt_length - 1}, or negative from the end)")
+            raise InputError(
+                f"evaluate: position {pos} out of range: the first text has {prompt_length} "
+                f"tokens (valid 0..{prompt_length - 1}, or negative from the end)"
+            )
 
     rows = []
     for schedule in tqdm(schedules, desc="surgery", disable=not progress):
         all_logits = [run(model, row, schedule) for row in token_rows]
-        losses = torch.cat([model.loss_fn(logits, row, per_token=True).flatten()
-                            for logits, row in zip(all_logits, token_rows)])
-        top = {f"top{top_k}@{pos}": model.to_str_tokens(all_logits[0][0, pos].topk(top_k).indices)
-               for pos in positions}
+        losses = torch.cat(
+            [model.loss_fn(logits, row, per_token=True).flatten() for logits, row in zip(all_logits, token_rows)]
+        )
+        top = {f"top{top_k}@{pos}": model.to_str_tokens(all_logits[0][0, pos].topk(top_k).indices) for pos in positions}
         continuation = generate(model, token_rows[0], schedule, generate_tokens)[0, prompt_length:]
-        rows.append({"schedule": schedule.name, "blocks": schedule.blocks, "loss": losses.mean().item(),
-                     **top, "generation": model.to_string(continuation)})
+        rows.append(
+            {
+                "schedule": schedule.name,
+                "blocks": schedule.blocks,
+                "loss": losses.mean().item(),
+                **top,
+                "generation": model.to_string(continuation),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -294,5 +314,7 @@ def _n_layers(model: ModelOrLayers) -> int:
 def _check_count(who: str, n: int, n_layers: int) -> None:
     """`n` blocks may be left out of `n_layers` when at least one block still runs."""
     if not 0 <= n < n_layers:
-        raise InputError(f"{who}: cannot leave out {n} blocks: the model has {n_layers} blocks, so 0..{n_layers - 1} "
-                         "may be left out (at least one must run)")
+        raise InputError(
+            f"{who}: cannot leave out {n} blocks: the model has {n_layers} blocks, so 0..{n_layers - 1} "
+            "may be left out (at least one must run)"
+        )

@@ -34,6 +34,7 @@ TokenLike = str | int
 class UnknownTokenWarning(UserWarning):
     """A prompt holds words the tokenizer reads as its unknown token."""
 
+
 Prompts = str | Sequence[str] | Int[Tensor, "batch pos"] | Int[Tensor, "pos"]
 
 
@@ -68,12 +69,16 @@ def token_id(model: HookedTransformer, token: TokenLike, what: str = "token") ->
         )
     unk = getattr(model.tokenizer, "unk_token_id", None)
     if unk is not None and int(ids[0]) == unk:
-        raise InputError(f"{what}: {token!r} is not in the vocabulary (the tokenizer reads it as its unknown "
-                         f"token {model.tokenizer.unk_token!r})")
+        raise InputError(
+            f"{what}: {token!r} is not in the vocabulary (the tokenizer reads it as its unknown "
+            f"token {model.tokenizer.unk_token!r})"
+        )
     return int(ids[0])
 
 
-def token_ids(model: HookedTransformer, tokens: TokenLike | Sequence[TokenLike] | Tensor, what: str = "token") -> Tensor:
+def token_ids(
+    model: HookedTransformer, tokens: TokenLike | Sequence[TokenLike] | Tensor, what: str = "token"
+) -> Tensor:
     """Token ids [n] for one token or a sequence of them (strings or ids), each checked by `token_id`."""
     if not isinstance(tokens, (Sequence, Tensor, np.ndarray)) or (isinstance(tokens, Tensor) and tokens.ndim == 0):
         tokens = [tokens]  # one token: token_id checks what it is
@@ -87,15 +92,20 @@ def token_ids(model: HookedTransformer, tokens: TokenLike | Sequence[TokenLike] 
     return torch.tensor([token_id(model, t, what) for t in tokens], dtype=torch.long)
 
 
-def as_tokens(model: HookedTransformer, tokens: Prompts, what: str = "tokens",
-              prepend_bos: bool | None = None) -> Int[Tensor, "batch pos"]:
+def as_tokens(
+    model: HookedTransformer, tokens: Prompts, what: str = "tokens", prepend_bos: bool | None = None
+) -> Int[Tensor, "batch pos"]:
     """Token ids [batch, pos] on the model's device from a text (BOS prepended as the model does, or as
     `prepend_bos` says), a list of texts, or integer ids [pos] / [batch, pos]; a `lenskit.Run` gives its own."""
     run_tokens = getattr(tokens, "tokens", None)
     if isinstance(run_tokens, Tensor):  # a Run
         return run_tokens
-    if isinstance(tokens, str) or (isinstance(tokens, Sequence) and not isinstance(tokens, Tensor) and tokens
-                                   and all(isinstance(t, str) for t in tokens)):
+    if isinstance(tokens, str) or (
+        isinstance(tokens, Sequence)
+        and not isinstance(tokens, Tensor)
+        and tokens
+        and all(isinstance(t, str) for t in tokens)
+    ):
         if model.tokenizer is None:
             raise InputError(f"{what}: this model has no tokenizer, so give token ids rather than text")
         ids = model.to_tokens(tokens, prepend_bos=prepend_bos, truncate=False)
@@ -109,21 +119,27 @@ def as_tokens(model: HookedTransformer, tokens: Prompts, what: str = "tokens",
     try:
         ids = torch.as_tensor(tokens)
     except (TypeError, ValueError, RuntimeError) as error:
-        raise InputError(f"{what}: expected a text, a list of texts or integer token ids, got "
-                         f"{type(tokens).__name__} ({error})") from None
+        raise InputError(
+            f"{what}: expected a text, a list of texts or integer token ids, got {type(tokens).__name__} ({error})"
+        ) from None
     if ids.ndim == 1:
         ids = ids[None]
     if ids.ndim != 2 or ids.numel() == 0:
-        raise InputError(f"{what}: expected a text or token ids [pos] / [batch, pos], got a tensor of shape "
-                         f"{tuple(ids.shape)}")
+        raise InputError(
+            f"{what}: expected a text or token ids [pos] / [batch, pos], got a tensor of shape {tuple(ids.shape)}"
+        )
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise InputError(f"{what} must be a text, a list of texts or integer token ids [batch, pos] or [pos], "
-                         f"not a {ids.dtype} tensor of shape {tuple(ids.shape)}: token ids must be integer ids "
-                         "(cast with .long() if you mean it)")
+        raise InputError(
+            f"{what} must be a text, a list of texts or integer token ids [batch, pos] or [pos], "
+            f"not a {ids.dtype} tensor of shape {tuple(ids.shape)}: token ids must be integer ids "
+            "(cast with .long() if you mean it)"
+        )
     outside = ids[(ids < 0) | (ids >= model.cfg.d_vocab)].unique()
     if len(outside):
-        raise InputError(f"{what}: token ids {outside[:10].tolist()} are outside the vocabulary; token ids must "
-                         f"lie in 0..{model.cfg.d_vocab - 1}")
+        raise InputError(
+            f"{what}: token ids {outside[:10].tolist()} are outside the vocabulary; token ids must "
+            f"lie in 0..{model.cfg.d_vocab - 1}"
+        )
     check_context(model, ids.shape[1], what)
     return ids.long().to(model.cfg.device)
 
@@ -134,8 +150,12 @@ def _warn_unknown(model: HookedTransformer, texts: list[str], what: str) -> None
     unk = getattr(model.tokenizer, "unk_token", None)
     for text in texts:
         if unk is not None and unk not in text and not knows_every_word(model, text):
-            warnings.warn(f"{what}: the tokenizer does not know {_unknown_words(model, text)} in {text!r} and "
-                          f"reads {unk!r} there", UnknownTokenWarning, stacklevel=3)
+            warnings.warn(
+                f"{what}: the tokenizer does not know {_unknown_words(model, text)} in {text!r} and "
+                f"reads {unk!r} there",
+                UnknownTokenWarning,
+                stacklevel=3,
+            )
 
 
 def _unknown_words(model: HookedTransformer, text: str) -> list[str] | str:
@@ -144,8 +164,11 @@ def _unknown_words(model: HookedTransformer, text: str) -> list[str] | str:
         encoded = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     except (NotImplementedError, TypeError, ValueError):
         return text
-    return [text[start:end] for id_, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"])
-            if id_ == model.tokenizer.unk_token_id]
+    return [
+        text[start:end]
+        for id_, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"])
+        if id_ == model.tokenizer.unk_token_id
+    ]
 
 
 def knows_every_word(model: HookedTransformer, text: str) -> bool:
@@ -165,8 +188,10 @@ def document_ids(model: HookedTransformer, text: str, what: str = "text") -> Int
 def check_context(model: HookedTransformer, n_pos: int, what: str = "tokens") -> None:
     """InputError unless `n_pos` positions fit the model's context (cfg.n_ctx)."""
     if n_pos > model.cfg.n_ctx:
-        raise InputError(f"{what}: {n_pos} tokens do not fit the model's context of n_ctx={model.cfg.n_ctx} "
-                         f"tokens; shorten the prompt (lenskit never truncates silently)")
+        raise InputError(
+            f"{what}: {n_pos} tokens do not fit the model's context of n_ctx={model.cfg.n_ctx} "
+            f"tokens; shorten the prompt (lenskit never truncates silently)"
+        )
 
 
 def str_tokens(model: HookedTransformer, ids: Int[Tensor, "..."]) -> np.ndarray:

@@ -54,13 +54,15 @@ ERROR_MEASURES = ("mul", "abs")
 # --- vocabulary projection -----------------------------------------------------------------
 
 
-def project(model: HookedTransformer, direction: Float[Tensor, " d_model"], k: int = 10,
-            normalize: bool = True) -> pd.DataFrame:
+def project(
+    model: HookedTransformer, direction: Float[Tensor, " d_model"], k: int = 10, normalize: bool = True
+) -> pd.DataFrame:
     """The k tokens a residual direction promotes most and the k it suppresses most."""
     if not isinstance(direction, Tensor) or tuple(direction.shape) != (model.cfg.d_model,):
         shape = tuple(direction.shape) if isinstance(direction, Tensor) else type(direction).__name__
-        raise InputError(f"project: direction must be a tensor of shape (d_model,) = ({model.cfg.d_model},), "
-                         f"got {shape}")
+        raise InputError(
+            f"project: direction must be a tensor of shape (d_model,) = ({model.cfg.d_model},), got {shape}"
+        )
     readout = Readout(model)
     vector = direction.to(readout.W_U.device, readout.W_U.dtype)
     return top_tokens(model, readout.contributions(vector, normalize=normalize), k, source="direction")
@@ -80,8 +82,16 @@ def neuron(model: HookedTransformer, layer: int, neuron: int, k: int = 10, norma
     return top_tokens(model, logits, k, source=f"L{layer}N{neuron}")
 
 
-def head_output(model: HookedTransformer, tokens: Prompts, layer: int, head: int, pos: int = -1, k: int = 10,
-                normalize: bool = True, progress: bool = True) -> pd.DataFrame:
+def head_output(
+    model: HookedTransformer,
+    tokens: Prompts,
+    layer: int,
+    head: int,
+    pos: int = -1,
+    k: int = 10,
+    normalize: bool = True,
+    progress: bool = True,
+) -> pd.DataFrame:
     """The tokens promoted / suppressed by one head's output at a position.
 
     The head's output is ``hook_z[pos, head] @ W_O[layer, head]`` (its share of the attention
@@ -117,13 +127,15 @@ def top_tokens(model: HookedTransformer, logits: Float[Tensor, " d_vocab"], k: i
     promoted = logits.topk(k)
     suppressed = (-logits).topk(k)
     ids = torch.cat([promoted.indices, suppressed.indices]).tolist()
-    frame = pd.DataFrame({
-        "kind": ["promoted"] * k + ["suppressed"] * k,
-        "rank": list(range(k)) * 2,
-        "token": _token_strings(model, ids),
-        "token_id": ids,
-        "value": torch.cat([promoted.values, -suppressed.values]).detach().float().cpu().numpy(),
-    })
+    frame = pd.DataFrame(
+        {
+            "kind": ["promoted"] * k + ["suppressed"] * k,
+            "rank": list(range(k)) * 2,
+            "token": _token_strings(model, ids),
+            "token_id": ids,
+            "value": torch.cat([promoted.values, -suppressed.values]).detach().float().cpu().numpy(),
+        }
+    )
     frame.attrs["source"] = source
     return frame
 
@@ -179,8 +191,12 @@ def head_scores(
     return LabelledTensor((total / count).cpu(), dims=("layer", "head"))
 
 
-def _similarity(pattern: Float[Tensor, "batch head q k"], target: Float[Tensor, "batch 1 q k"],
-                keep: Float[Tensor, "q k"], error_measure: str) -> Float[Tensor, "batch head"]:
+def _similarity(
+    pattern: Float[Tensor, "batch head q k"],
+    target: Float[Tensor, "batch 1 q k"],
+    keep: Float[Tensor, "q k"],
+    error_measure: str,
+) -> Float[Tensor, "batch head"]:
     """detect_head's score of each attention pattern against the detection pattern, on the kept pairs."""
     target, keep = target.to(pattern.device), keep.to(pattern.device)
     if error_measure == "mul":
@@ -228,8 +244,10 @@ def _runs(model: HookedTransformer, tokens: "Prompts | Run", progress: bool, min
         groups = [Run(model, torch.stack(rows)) for rows in by_length.values()]
     for run in groups:
         if run.shape[1] < min_length:
-            raise InputError(f"prompts must have {min_length}..{model.cfg.n_ctx} tokens (the model's n_ctx); "
-                             f"got one with {run.shape[1]}")
+            raise InputError(
+                f"prompts must have {min_length}..{model.cfg.n_ctx} tokens (the model's n_ctx); "
+                f"got one with {run.shape[1]}"
+            )
     yield from tqdm(groups, desc="prompt lengths", disable=not progress or len(groups) == 1)
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, models as tokenizer_models, pre_tokenizers
+from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers import models as tokenizer_models
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 torch.set_num_threads(1)  # small models: one thread is fastest, and steady on a shared machine
@@ -19,14 +20,48 @@ torch.set_num_threads(1)  # small models: one thread is fastest, and steady on a
 STORIES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "stories260K"
 
 CONFIGS = {
-    "gpt2": dict(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=64, d_vocab=101,
-                 act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard"),
-    "llama": dict(n_layers=3, d_model=32, n_heads=4, n_key_value_heads=2, d_head=8, d_mlp=48,
-                  n_ctx=64, d_vocab=97, act_fn="silu", gated_mlp=True, normalization_type="RMS",
-                  positional_embedding_type="rotary", rotary_dim=8, final_rms=True),
-    "neox": dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=64, d_vocab=89,
-                 act_fn="gelu", normalization_type="LN", positional_embedding_type="rotary",
-                 rotary_dim=4, parallel_attn_mlp=True),
+    "gpt2": dict(
+        n_layers=3,
+        d_model=32,
+        n_heads=4,
+        d_head=8,
+        d_mlp=64,
+        n_ctx=64,
+        d_vocab=101,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        positional_embedding_type="standard",
+    ),
+    "llama": dict(
+        n_layers=3,
+        d_model=32,
+        n_heads=4,
+        n_key_value_heads=2,
+        d_head=8,
+        d_mlp=48,
+        n_ctx=64,
+        d_vocab=97,
+        act_fn="silu",
+        gated_mlp=True,
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_dim=8,
+        final_rms=True,
+    ),
+    "neox": dict(
+        n_layers=2,
+        d_model=32,
+        n_heads=4,
+        d_head=8,
+        d_mlp=64,
+        n_ctx=64,
+        d_vocab=89,
+        act_fn="gelu",
+        normalization_type="LN",
+        positional_embedding_type="rotary",
+        rotary_dim=4,
+        parallel_attn_mlp=True,
+    ),
 }
 
 
@@ -38,7 +73,8 @@ def word_tokenizer(words: list[str] = WORDS) -> transformers.PreTrainedTokenizer
     tokenizer = Tokenizer(tokenizer_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token=words[0], bos_token=words[1], eos_token=words[2], pad_token=words[3])
+        tokenizer_object=tokenizer, unk_token=words[0], bos_token=words[1], eos_token=words[2], pad_token=words[3]
+    )
 
 
 def make_model(kind: str = "gpt2", seed: int = 0, **overrides) -> HookedTransformer:

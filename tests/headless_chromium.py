@@ -29,10 +29,10 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 class Chromium:
     """Headless Chromium driven through its DevTools pipe, network blocked; `events` collects (method, params).
 
-        with Chromium() as browser:
-            tab = browser.open(path)
-            tab.wait_for("document.readyState === 'complete'")
-            tab.requests, tab.errors, tab.screenshot()
+    with Chromium() as browser:
+        tab = browser.open(path)
+        tab.wait_for("document.readyState === 'complete'")
+        tab.requests, tab.errors, tab.screenshot()
     """
 
     def __enter__(self) -> "Chromium":
@@ -48,12 +48,28 @@ class Chromium:
         for fd in (commands_read, replies_write):
             os.close(fd)
         move = "3<&{0} 4>&{1} {0}<&- {1}>&-".format(*child_ends)
-        flags = ["--headless", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 f"--user-data-dir={self.profile.name}", "--host-resolver-rules=MAP * ~NOTFOUND",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-default-apps", "--disable-extensions", "--window-size=1280,900", "about:blank"]
-        self.process = subprocess.Popen(["bash", "-c", f'exec "$0" "$@" {move}', CHROMIUM, *flags],
-                                        pass_fds=child_ends, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        flags = [
+            "--headless",
+            "--remote-debugging-pipe",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            f"--user-data-dir={self.profile.name}",
+            "--host-resolver-rules=MAP * ~NOTFOUND",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-default-apps",
+            "--disable-extensions",
+            "--window-size=1280,900",
+            "about:blank",
+        ]
+        self.process = subprocess.Popen(
+            ["bash", "-c", f'exec "$0" "$@" {move}', CHROMIUM, *flags],
+            pass_fds=child_ends,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         for fd in child_ends:
             os.close(fd)
         return self
@@ -141,9 +157,14 @@ class Tab:
     def screenshot(self) -> np.ndarray:
         """The whole page (not only the window) as pixels [height, width, channel] uint8."""
         width, height = self.evaluate("[document.documentElement.scrollWidth, document.documentElement.scrollHeight]")
-        shot = self.send("Page.captureScreenshot", {
-            "format": "png", "captureBeyondViewport": True,
-            "clip": {"x": 0, "y": 0, "width": width, "height": height, "scale": 1}})
+        shot = self.send(
+            "Page.captureScreenshot",
+            {
+                "format": "png",
+                "captureBeyondViewport": True,
+                "clip": {"x": 0, "y": 0, "width": width, "height": height, "scale": 1},
+            },
+        )
         return decode_png(base64.b64decode(shot["data"]))
 
     @property
@@ -174,9 +195,9 @@ def decode_png(data: bytes) -> np.ndarray:
     assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
     chunks, offset = {}, 8
     while offset < len(data):
-        length = int.from_bytes(data[offset:offset + 4], "big")
-        kind = data[offset + 4:offset + 8]
-        chunks[kind] = chunks.get(kind, b"") + data[offset + 8:offset + 8 + length]
+        length = int.from_bytes(data[offset : offset + 4], "big")
+        kind = data[offset + 4 : offset + 8]
+        chunks[kind] = chunks.get(kind, b"") + data[offset + 8 : offset + 8 + length]
         offset += 12 + length
     width, height = int.from_bytes(chunks[b"IHDR"][:4], "big"), int.from_bytes(chunks[b"IHDR"][4:8], "big")
     depth, colour, interlace = chunks[b"IHDR"][8], chunks[b"IHDR"][9], chunks[b"IHDR"][12]

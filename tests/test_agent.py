@@ -36,9 +36,20 @@ def text_of(result) -> str:
 
 async def mcp_session(workspace, calls, max_chars=4000, max_models=2):
     """Start `lenskit mcp` as a subprocess, list its tools and make `calls` [(name, args)]; returns both."""
-    params = StdioServerParameters(command=sys.executable, args=[
-        "-m", "lenskit.cli", "mcp", "--workspace", str(workspace), "--max-chars", str(max_chars),
-        "--max-models", str(max_models)])
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=[
+            "-m",
+            "lenskit.cli",
+            "mcp",
+            "--workspace",
+            str(workspace),
+            "--max-chars",
+            str(max_chars),
+            "--max-models",
+            str(max_models),
+        ],
+    )
     async with Client(params, read_timeout_seconds=300) as client:
         tools = await client.list_tools()
         results = [await client.call_tool(name, arguments) for name, arguments in calls]
@@ -66,18 +77,47 @@ def test_mcp_server_serves_every_text_tool_with_lenskit_numbers(tmp_path, ioi_mo
         ("attribute", {"model": MODEL, "prompt": PROMPT, "answer": " Mary", "wrong": " John", "by": "layer"}),
         ("patch", {"model": MODEL, "prompt": PROMPT, "corrupted": CORRUPTED, "answer": " Mary", "wrong": " John"}),
         ("surgery", {"model": MODEL, "prompt": PROMPT, "blocks": [0, 1, 3], "generate_tokens": 4}),
-        ("path_patch", {"model": MODEL, "prompt": PROMPT, "corrupted": CORRUPTED, "answer": " Mary", "wrong": " John",
-                        "receivers": [[3, 0, "q"], [3, 1, "q"]]}),
+        (
+            "path_patch",
+            {
+                "model": MODEL,
+                "prompt": PROMPT,
+                "corrupted": CORRUPTED,
+                "answer": " Mary",
+                "wrong": " John",
+                "receivers": [[3, 0, "q"], [3, 1, "q"]],
+            },
+        ),
         ("flow_summary", {"model": MODEL, "prompt": PROMPT, "top": 3}),
         ("head_detectors", {"model": MODEL, "prompt": "a b c d e f g a b c d e f g", "kind": "induction"}),
         ("list_models", {}),
-        ("note", {"hypothesis": "late MLPs write the name", "observation": "mlp 2 and 3 carry most",
-                  "next_step": "patch them", "experiments": [5, 6]}),
+        (
+            "note",
+            {
+                "hypothesis": "late MLPs write the name",
+                "observation": "mlp 2 and 3 carry most",
+                "next_step": "patch them",
+                "experiments": [5, 6],
+            },
+        ),
     ]
     tools, results = anyio.run(mcp_session, tmp_path, calls)
     names = {tool.name for tool in tools.tools}
-    assert names == {"list_models", "model_info", "generate", "logit_lens", "attribute", "patch", "path_patch", "surgery",
-                     "flow_summary", "head_detectors", "transcribe", "layer_removal", "note"}
+    assert names == {
+        "list_models",
+        "model_info",
+        "generate",
+        "logit_lens",
+        "attribute",
+        "patch",
+        "path_patch",
+        "surgery",
+        "flow_summary",
+        "head_detectors",
+        "transcribe",
+        "layer_removal",
+        "note",
+    }
     schema = next(tool for tool in tools.tools if tool.name == "patch").input_schema
     assert set(schema["required"]) == {"model", "prompt", "corrupted", "answer", "wrong"}
     assert schema["properties"]["site"]["enum"] == ["resid_pre", "attn_out", "mlp_out", "z"]
@@ -88,13 +128,24 @@ def test_mcp_server_serves_every_text_tool_with_lenskit_numbers(tmp_path, ioi_mo
     assert "lenskit/ioi-4l" in texts[0] and "in memory" not in texts[0]
     assert "in memory: lenskit/ioi-4l" in texts[10]  # loaded once by the first analysis, kept
     assert "4 layers" in texts[1] and "blocks.L.attn.hook_q/k/v/z" in texts[1]
-    expected = ioi_model.generate(PROMPT, max_new_tokens=3, do_sample=False, verbose=False)[len(PROMPT):]
+    expected = ioi_model.generate(PROMPT, max_new_tokens=3, do_sample=False, verbose=False)[len(PROMPT) :]
     assert f"continuation: {expected!r}" in texts[2]
     assert f"= {logit_diff(ioi_model, PROMPT):.3f}" in texts[4]
     assert f"clean {logit_diff(ioi_model, PROMPT):.3f}, corrupted {logit_diff(ioi_model, CORRUPTED):.3f}" in texts[5]
     assert "blocks [0, 1, 3]" in texts[6] and "more likely" in texts[6]
-    grid = lenskit.path_patch(ioi_model, PROMPT, CORRUPTED, metrics.logit_diff(" Mary", " John"),
-                              receivers=[(3, 0, "q"), (3, 1, "q")], progress=False).normalised().to_frame().dropna(subset=["value"])
+    grid = (
+        lenskit.path_patch(
+            ioi_model,
+            PROMPT,
+            CORRUPTED,
+            metrics.logit_diff(" Mary", " John"),
+            receivers=[(3, 0, "q"), (3, 1, "q")],
+            progress=False,
+        )
+        .normalised()
+        .to_frame()
+        .dropna(subset=["value"])
+    )
     strongest = grid.loc[grid.value.abs().idxmax()]
     table = texts[7].split("largest |value| first:\n")[1].splitlines()
     assert table[1].split() == [str(int(strongest["layer"])), str(int(strongest["head"])), f"{strongest['value']:.3f}"]
@@ -124,13 +175,24 @@ def test_mcp_server_survives_bad_arguments_and_truncates(tmp_path):
         ("transcribe", {"model": "lenskit/speech-3l", "audio": "/etc/passwd"}),
         ("note", {"hypothesis": "h", "observation": "o", "next_step": "n", "experiments": [99]}),
         ("logit_lens", {"model": MODEL, "prompt": PROMPT, "top_k": 0}),
-        ("path_patch", {"model": MODEL, "prompt": PROMPT, "corrupted": CORRUPTED, "answer": " Mary", "wrong": " John",
-                        "receivers": [[0, 0, "q"]]}),
+        (
+            "path_patch",
+            {
+                "model": MODEL,
+                "prompt": PROMPT,
+                "corrupted": CORRUPTED,
+                "answer": " Mary",
+                "wrong": " John",
+                "receivers": [[0, 0, "q"]],
+            },
+        ),
         ("flow_summary", {"model": MODEL, "prompt": PROMPT, "top": 500}),
         ("head_detectors", {"model": MODEL, "prompt": PROMPT, "kind": "name_mover"}),
         ("layer_removal", {"model": "lenskit/speech-3l", "audio": "missing.wav", "reference": "two cups"}),
-        ("attribute", {"model": MODEL, "prompt": PROMPT, "answer": " Mary", "wrong": " John", "by": "neuron",
-                       "top": 50}),
+        (
+            "attribute",
+            {"model": MODEL, "prompt": PROMPT, "answer": " Mary", "wrong": " John", "by": "neuron", "top": 50},
+        ),
         ("model_info", {"model": MODEL}),
     ]
     _, results = anyio.run(mcp_session, tmp_path, calls, 600)
@@ -152,8 +214,18 @@ def test_mcp_server_survives_bad_arguments_and_truncates(tmp_path):
     assert "[truncated:" in texts[13] and len(texts[13]) < 800
     assert texts[14].startswith("[experiment")  # still serving
     errors = [e for e in ExperimentLog(tmp_path / "experiments.db").experiments() if e.error]
-    assert [e.tool for e in errors] == ["generate", "model_info", "model_info", "patch", "surgery", "transcribe",
-                                        "logit_lens", "path_patch", "flow_summary", "layer_removal"]
+    assert [e.tool for e in errors] == [
+        "generate",
+        "model_info",
+        "model_info",
+        "patch",
+        "surgery",
+        "transcribe",
+        "logit_lens",
+        "path_patch",
+        "flow_summary",
+        "layer_removal",
+    ]
 
 
 def test_lab_keeps_at_most_max_models_least_recently_used_dropped(tmp_path, ioi_model):
@@ -176,9 +248,13 @@ def test_mcp_server_serves_the_speech_tools(tmp_path):
     if espeak is None:
         pytest.skip("espeak-ng is not installed")
     subprocess.run([espeak, "-w", str(tmp_path / "speech.wav"), "two red cups"], check=True)
-    calls = [("transcribe", {"model": "lenskit/speech-3l", "audio": "speech.wav"}),
-             ("layer_removal", {"model": "lenskit/speech-3l", "audio": "speech.wav", "reference": "two red cups",
-                                "part": "encoder"})]
+    calls = [
+        ("transcribe", {"model": "lenskit/speech-3l", "audio": "speech.wav"}),
+        (
+            "layer_removal",
+            {"model": "lenskit/speech-3l", "audio": "speech.wav", "reference": "two red cups", "part": "encoder"},
+        ),
+    ]
     _, (transcript, removal) = anyio.run(mcp_session, tmp_path, calls)
     from lenskit import whisper
 
@@ -195,8 +271,14 @@ def test_mcp_server_serves_the_speech_tools(tmp_path):
 
 def test_log_records_orders_and_exports(tmp_path):
     log = ExperimentLog(tmp_path / "log.db")
-    first = log.record("patch", {"model": MODEL, "site": "z"}, model=MODEL, summary="grid", duration_s=1.5,
-                       picture="pictures/1-patch.html")
+    first = log.record(
+        "patch",
+        {"model": MODEL, "site": "z"},
+        model=MODEL,
+        summary="grid",
+        duration_s=1.5,
+        picture="pictures/1-patch.html",
+    )
     note = log.note("z carries the name", "layer 3 restores 0.9", "path patch", [first])
     second = log.record("attribute", {"model": MODEL}, model=MODEL, summary="error: bad", duration_s=0.1, error=True)
     assert (first, second, note) == (1, 2, 1)
@@ -207,7 +289,11 @@ def test_log_records_orders_and_exports(tmp_path):
     rows = sqlite3.connect(tmp_path / "log.db").execute("SELECT tool, model, error FROM experiments").fetchall()
     assert rows == [("patch", MODEL, 0), ("attribute", MODEL, 1)]
     markdown = log.export_markdown(tmp_path / "write-up.md").read_text()
-    assert markdown.index("Experiment 1: patch") < markdown.index("Note 1") < markdown.index("Experiment 2: attribute (error)")
+    assert (
+        markdown.index("Experiment 1: patch")
+        < markdown.index("Note 1")
+        < markdown.index("Experiment 2: attribute (error)")
+    )
     assert "[pictures/1-patch.html](pictures/1-patch.html)" in markdown and "Next step: path patch" in markdown
 
 
@@ -245,8 +331,15 @@ class ReplayServer:
                 outer.requests.append(body)
                 time.sleep(outer.delay)
                 message = outer.replies.pop(0) if outer.replies else {"role": "assistant", "content": "done"}
-                payload = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                                      "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}).encode()
+                payload = json.dumps(
+                    {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body["model"],
+                        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                    }
+                ).encode()
                 try:
                     self.send_response(200)
                     self.send_header("Content-Type", "application/json")
@@ -275,21 +368,45 @@ def tool_call(call_id: str, name: str, arguments: str) -> dict:
 def test_agent_loop_runs_tools_reports_errors_and_logs(tmp_path):
     replies = [
         {"role": "assistant", "content": None, "tool_calls": [tool_call("c1", "list_models", "{}")]},
-        {"role": "assistant", "content": None, "tool_calls": [
-            tool_call("c2", "attribute", '{"model": "lenskit/ioi-4l", "prompt": "' + PROMPT + '", "answer": " Mary", '
-                                         '"wrong": " John", "by": "layer"}'),
-            tool_call("c3", "attribute", '{"model": "lenskit/ioi-4l", "prompt": '),  # malformed JSON
-            tool_call("c4", "no_such_tool", "{}")]},
-        {"role": "assistant", "content": None, "tool_calls": [
-            tool_call("c5", "note", '{"hypothesis": "MLPs", "observation": "mlp 2 largest", "next_step": "stop", '
-                                    '"experiments": [2]}')]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                tool_call(
+                    "c2",
+                    "attribute",
+                    '{"model": "lenskit/ioi-4l", "prompt": "' + PROMPT + '", "answer": " Mary", '
+                    '"wrong": " John", "by": "layer"}',
+                ),
+                tool_call("c3", "attribute", '{"model": "lenskit/ioi-4l", "prompt": '),  # malformed JSON
+                tool_call("c4", "no_such_tool", "{}"),
+            ],
+        },
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                tool_call(
+                    "c5",
+                    "note",
+                    '{"hypothesis": "MLPs", "observation": "mlp 2 largest", "next_step": "stop", "experiments": [2]}',
+                )
+            ],
+        },
         {"role": "assistant", "content": "The late MLPs write the answer (experiment 2)."},
     ]
     server = ReplayServer(replies)
     log = ExperimentLog(tmp_path / "log.db")
     try:
-        summary = run_agent("Which layers write Mary?", build_server(Lab(tmp_path), log), log, base_url=server.url,
-                            model="stand-in", max_steps=6, timeout=30)
+        summary = run_agent(
+            "Which layers write Mary?",
+            build_server(Lab(tmp_path), log),
+            log,
+            base_url=server.url,
+            model="stand-in",
+            max_steps=6,
+            timeout=30,
+        )
     finally:
         server.close()
     assert summary == "The late MLPs write the answer (experiment 2)."
@@ -308,8 +425,10 @@ def test_agent_loop_runs_tools_reports_errors_and_logs(tmp_path):
 
 
 def test_agent_loop_asks_for_a_summary_after_max_steps(tmp_path):
-    looping = [{"role": "assistant", "content": None, "tool_calls": [tool_call(f"c{i}", "list_models", "{}")]}
-               for i in range(2)]
+    looping = [
+        {"role": "assistant", "content": None, "tool_calls": [tool_call(f"c{i}", "list_models", "{}")]}
+        for i in range(2)
+    ]
     server = ReplayServer(looping + [{"role": "assistant", "content": "Out of steps: nothing found."}])
     log = ExperimentLog(tmp_path / "log.db")
     try:
@@ -333,7 +452,20 @@ def test_agent_loop_times_out_with_a_clear_error(tmp_path):
 
 
 def test_agent_cli_unreachable_endpoint_is_one_line(tmp_path, capsys):
-    status = cli_main(["agent", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--goal", "g",
-                       "--workspace", str(tmp_path), "--timeout", "2"])
+    status = cli_main(
+        [
+            "agent",
+            "--base-url",
+            "http://127.0.0.1:9/v1",
+            "--model",
+            "m",
+            "--goal",
+            "g",
+            "--workspace",
+            str(tmp_path),
+            "--timeout",
+            "2",
+        ]
+    )
     assert status == 2
     assert capsys.readouterr().err.startswith("lenskit: error: cannot reach the chat endpoint at http://127.0.0.1:9/v1")

@@ -5,10 +5,10 @@ get_full_resid_decomposition then logit_attrs) on weight-processed models, where
 import einops
 import pytest
 import torch
+from conftest import STORIES_DIR, make_model
 
 import lenskit
 from lenskit.attribution import BY, attribute
-from conftest import STORIES_DIR, make_model
 
 KINDS = ["gpt2", "llama", "neox"]
 ANSWER, WRONG = 5, 7
@@ -44,7 +44,7 @@ def values(frame, component: str, sort_by: list[str]) -> torch.Tensor:
 def test_parts_sum_to_the_logit_difference_at_per_prompt_positions(model, tokens, by):
     frame = attribute(model, tokens, ANSWER, WRONG, by=by, pos=[8, 3, -2])
     logits = model(tokens)[torch.arange(3), torch.tensor([8, 3, 7])]
-    expected = (logits[:, ANSWER] - logits[:, WRONG])
+    expected = logits[:, ANSWER] - logits[:, WRONG]
     assert_close(frame.attrs["per_prompt"], expected, atol=1e-5)
     assert frame.value.sum() == pytest.approx(expected.mean().item(), abs=1e-4)
     assert frame.attrs["total"] == pytest.approx(frame.attrs["logit_diff"], abs=1e-4)
@@ -90,7 +90,9 @@ def test_neurons_and_biases_agree_with_transformer_lens_full_decomposition(kind,
     model = processed(kind)
     _, cache = model.run_with_cache(tokens)
     stack, labels = cache.get_full_resid_decomposition(expand_neurons=True, pos_slice=-1, return_labels=True)
-    reference = dict(zip(labels, cache.logit_attrs(stack, tokens=ANSWER, incorrect_tokens=WRONG, pos_slice=-1).mean(-1)))
+    reference = dict(
+        zip(labels, cache.logit_attrs(stack, tokens=ANSWER, incorrect_tokens=WRONG, pos_slice=-1).mean(-1))
+    )
     frame = attribute(model, tokens, ANSWER, WRONG, by="neuron")
     neurons = frame[frame.component == "neuron"]
     assert len(neurons) == model.cfg.n_layers * model.cfg.d_mlp
@@ -114,8 +116,9 @@ def test_head_source_terms_are_attention_times_projected_values(model, tokens):
     if model.cfg.normalization_type == "LN":
         direction = direction - direction.mean()
     v = cache["v", layer].repeat_interleave(model.cfg.n_heads // cache["v", layer].shape[2], dim=2)
-    per_source = einops.einsum(cache["pattern", layer][:, :, -1], v, model.W_O[layer], direction,
-                               "b h src, b src h dh, h dh dm, dm -> b h src")
+    per_source = einops.einsum(
+        cache["pattern", layer][:, :, -1], v, model.W_O[layer], direction, "b h src, b src h dh, h dh dm, dm -> b h src"
+    )
     per_source = (per_source / cache["ln_final.hook_scale"][:, -1, None]).mean(0)
     ours = frame[(frame.component == "head") & (frame.layer == layer)].sort_values(["head", "src_pos"]).value
     assert_close(torch.tensor(ours.to_numpy()), per_source.flatten(), atol=1e-5)
@@ -137,7 +140,9 @@ def test_answers_as_strings_and_tokens_labelled_on_stories260k():
     prompt = "Once upon a time, Lily went to the park. She saw a big dog. Lily"
     frame = attribute(model, prompt, "was", "saw", by="head_pos")
     logits = model(model.to_tokens(prompt))[0, -1]
-    assert frame.value.sum() == pytest.approx((logits[model.to_single_token("was")] - logits[model.to_single_token("saw")]).item(), abs=1e-4)
+    assert frame.value.sum() == pytest.approx(
+        (logits[model.to_single_token("was")] - logits[model.to_single_token("saw")]).item(), abs=1e-4
+    )
     str_tokens = model.to_str_tokens(prompt)
     sources = frame.dropna(subset=["src_pos"])
     assert all(row.token == str_tokens[row.src_pos] for row in sources.itertuples())

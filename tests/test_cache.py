@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from conftest import make_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerFast
 
@@ -34,8 +34,9 @@ def byte_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                            add_bos_token=True).save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>", add_bos_token=True
+    ).save_pretrained(folder)
     return PreTrainedTokenizerFast.from_pretrained(folder)
 
 
@@ -48,8 +49,9 @@ def gpt2_like(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rotary_model():
-    return random_model(normalization_type="RMS", positional_embedding_type="rotary", gated_mlp=True,
-                        n_key_value_heads=2, act_fn="silu")
+    return random_model(
+        normalization_type="RMS", positional_embedding_type="rotary", gated_mlp=True, n_key_value_heads=2, act_fn="silu"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +67,23 @@ def tokens():
 # --- residual_stream -----------------------------------------------------------------------
 
 EXPECTED_NAMES = {
-    "pre": ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre", "blocks.2.hook_resid_post"],
+    "pre": [
+        "blocks.0.hook_resid_pre",
+        "blocks.1.hook_resid_pre",
+        "blocks.2.hook_resid_pre",
+        "blocks.2.hook_resid_post",
+    ],
     "mid": ["blocks.0.hook_resid_mid", "blocks.1.hook_resid_mid", "blocks.2.hook_resid_mid"],
     "post": ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post"],
-    "all": ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid",
-            "blocks.2.hook_resid_pre", "blocks.2.hook_resid_mid", "blocks.2.hook_resid_post"],
+    "all": [
+        "blocks.0.hook_resid_pre",
+        "blocks.0.hook_resid_mid",
+        "blocks.1.hook_resid_pre",
+        "blocks.1.hook_resid_mid",
+        "blocks.2.hook_resid_pre",
+        "blocks.2.hook_resid_mid",
+        "blocks.2.hook_resid_post",
+    ],
 }
 
 
@@ -93,8 +107,10 @@ def test_residual_stream_layer_subset_stops_early(gpt2_like, tokens):
     assert torch.equal(final.tensor[1], cache["blocks.2.hook_resid_post"])
 
     fired = []
-    spy = [(name, lambda activation, hook: fired.append(hook.name))
-           for name in ("blocks.0.hook_mlp_out", "blocks.1.hook_resid_pre", "ln_final.hook_normalized")]
+    spy = [
+        (name, lambda activation, hook: fired.append(hook.name))
+        for name in ("blocks.0.hook_mlp_out", "blocks.1.hook_resid_pre", "ln_final.hook_normalized")
+    ]
     with gpt2_like.hooks(fwd_hooks=spy):
         first = residual_stream(gpt2_like, tokens, "all", layers=range(1))
         assert fired == ["blocks.0.hook_mlp_out"]  # block 0 ran, blocks 1 and 2 did not
@@ -107,8 +123,9 @@ def test_residual_stream_layer_subset_stops_early(gpt2_like, tokens):
 
 def test_residual_stream_from_text(gpt2_like):
     text = ["The cat sat", "on the mat!"]
-    assert torch.equal(residual_stream(gpt2_like, text).tensor,
-                       residual_stream(gpt2_like, gpt2_like.to_tokens(text)).tensor)
+    assert torch.equal(
+        residual_stream(gpt2_like, text).tensor, residual_stream(gpt2_like, gpt2_like.to_tokens(text)).tensor
+    )
 
 
 def test_residual_stream_errors(gpt2_like, parallel_model, tokens):
@@ -125,6 +142,7 @@ def test_residual_stream_errors(gpt2_like, parallel_model, tokens):
 
 
 # --- decompose_residual --------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("which", ["gpt2_like", "rotary_model", "parallel_model"])
 def test_decompose_residual_sums_to_residual_stream(request, tokens, which):
@@ -163,6 +181,7 @@ def test_a_run_serves_both_views_and_keeps_what_they_cached(gpt2_like, tokens):
 
 # --- stream_cache / load_cache -------------------------------------------------------------
 
+
 def token_batches(n_rows: int = 24, pos: int = 8, seed: int = 1) -> list[torch.Tensor]:
     """Random token batches of uneven sizes (5, 3, 5, 3, ...), n_rows rows of `pos` tokens."""
     rows = torch.randint(0, 257, (n_rows, pos), generator=torch.Generator().manual_seed(seed))
@@ -185,8 +204,9 @@ def mapped_file(address: int) -> str | None:
 def test_stream_cache_equals_run_with_cache(gpt2_like, tmp_path):
     batches = token_batches()
     names = "blocks.*.hook_resid_post"
-    out = stream_cache(gpt2_like, batches, names, tmp_path / "f32", dtype=torch.float32, shard_tokens=40,
-                       batch_size=2, progress=False)
+    out = stream_cache(
+        gpt2_like, batches, names, tmp_path / "f32", dtype=torch.float32, shard_tokens=40, batch_size=2, progress=False
+    )
     stream_cache(gpt2_like, batches, names, tmp_path / "f16", shard_tokens=40, batch_size=2, progress=False)
     every_row = torch.cat(batches)
     _, reference = gpt2_like.run_with_cache(every_row)
@@ -209,8 +229,15 @@ def test_stream_cache_equals_run_with_cache(gpt2_like, tmp_path):
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc/self/maps")
 def test_load_cache_is_memory_mapped(gpt2_like, tmp_path):
     batches = token_batches()
-    stream_cache(gpt2_like, batches, ["blocks.1.hook_resid_mid"], tmp_path, dtype=torch.float32,
-                 shard_tokens=1000, progress=False)
+    stream_cache(
+        gpt2_like,
+        batches,
+        ["blocks.1.hook_resid_mid"],
+        tmp_path,
+        dtype=torch.float32,
+        shard_tokens=1000,
+        progress=False,
+    )
     shard = load_cache(tmp_path).shard(0)
     activation = shard["blocks.1.hook_resid_mid"]
     assert mapped_file(activation.data_ptr()) == os.path.realpath(tmp_path / "shard_00000.safetensors")
@@ -228,8 +255,9 @@ def test_stream_cache_texts_become_bos_led_rows(gpt2_like, tmp_path):
     assert cache.manifest["source"] == "texts" and len(cache) == len(joined) // 9
     assert torch.equal(cache.tokens, expected)
     _, reference = gpt2_like.run_with_cache(expected)
-    torch.testing.assert_close(cache["blocks.0.hook_resid_pre"].float(), reference["blocks.0.hook_resid_pre"],
-                               atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(
+        cache["blocks.0.hook_resid_pre"].float(), reference["blocks.0.hook_resid_pre"], atol=2e-3, rtol=1e-3
+    )
 
 
 def test_stream_cache_errors(gpt2_like, tmp_path):
@@ -260,8 +288,9 @@ def run_kill_test_stream(out_dir: str, seconds_per_forward: float = 0.0) -> None
     model = random_model(seed=3)
     if seconds_per_forward:
         model.add_hook("hook_embed", lambda activation, hook: time.sleep(seconds_per_forward))
-    stream_cache(model, token_batches(), "blocks.*.hook_resid_*", out_dir, shard_tokens=16, batch_size=1,
-                 progress=False)
+    stream_cache(
+        model, token_batches(), "blocks.*.hook_resid_*", out_dir, shard_tokens=16, batch_size=1, progress=False
+    )
 
 
 def test_stream_cache_resumes_after_kill_9(tmp_path):
@@ -287,8 +316,11 @@ def test_stream_cache_resumes_after_kill_9(tmp_path):
     run_kill_test_stream(str(clean))
     assert {path: path.stat().st_ino for path in finished} == finished  # finished shards were not recomputed
     files = sorted(path.name for path in clean.iterdir())
-    assert files == sorted(path.name for path in killed.iterdir()) == ["manifest.json"] + [
-        f"shard_{index:05d}.safetensors" for index in range(N_SHARDS)]
+    assert (
+        files
+        == sorted(path.name for path in killed.iterdir())
+        == ["manifest.json"] + [f"shard_{index:05d}.safetensors" for index in range(N_SHARDS)]
+    )
     for name in files:
         assert (killed / name).read_bytes() == (clean / name).read_bytes(), name
     assert len(load_cache(killed)) == 24

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 import torch
-from conftest import make_model, word_tokenizer
 import transformers
+from conftest import make_model, word_tokenizer
 
 from lenskit.cli import main
 from lenskit.models import load, save
@@ -42,8 +42,25 @@ def test_cache_writes_what_run_with_cache_gives(model_folder, tmp_path):
     text = tmp_path / "corpus.txt"
     text.write_text("w1 w2 w3 w4\n\nw5 w6 w7\nw8 w9 w10 w11 w12\n")
     out = tmp_path / "acts"
-    assert main(["cache", str(model_folder), "--text-file", str(text), "--names", "blocks.1.hook_resid_post",
-                 "--out", str(out), "--dtype", "float32", "--max-len", "4"]) == 0
+    assert (
+        main(
+            [
+                "cache",
+                str(model_folder),
+                "--text-file",
+                str(text),
+                "--names",
+                "blocks.1.hook_resid_post",
+                "--out",
+                str(out),
+                "--dtype",
+                "float32",
+                "--max-len",
+                "4",
+            ]
+        )
+        == 0
+    )
     cached = load_cache(out)
     assert cached.names == ["blocks.1.hook_resid_post"]
     # 12 words + 3 end-of-text separators, cut into rows of BOS + 3 tokens ("wN" has id N + 4)
@@ -54,11 +71,17 @@ def test_cache_writes_what_run_with_cache_gives(model_folder, tmp_path):
     torch.testing.assert_close(cached["blocks.1.hook_resid_post"], reference["blocks.1.hook_resid_post"])
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["info", "gpt2-smal"], "Did you mean: gpt2-small"),
-    (["info", "./no/such/folder"], "no/such/folder"),
-    (["cache", "MODEL", "--text-file", "missing.txt", "--names", "x", "--out", "o"], "text file not found: missing.txt"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["info", "gpt2-smal"], "Did you mean: gpt2-small"),
+        (["info", "./no/such/folder"], "no/such/folder"),
+        (
+            ["cache", "MODEL", "--text-file", "missing.txt", "--names", "x", "--out", "o"],
+            "text file not found: missing.txt",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -68,8 +91,21 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
 def test_unknown_hook_name_on_the_command_line(model_folder, tmp_path, capsys):
     text = tmp_path / "corpus.txt"
     text.write_text("w1 w2\n")
-    assert main(["cache", str(model_folder), "--text-file", str(text), "--names", "blocks.1.hook_resid_pst",
-                 "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "cache",
+                str(model_folder),
+                "--text-file",
+                str(text),
+                "--names",
+                "blocks.1.hook_resid_pst",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "unknown hook name 'blocks.1.hook_resid_pst'" in capsys.readouterr().err
 
 

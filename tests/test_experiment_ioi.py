@@ -4,16 +4,22 @@ same prompts, run one prompt at a time (no grouping, no lenskit patching or attr
 import pytest
 import torch
 import transformers
+from conftest import STORIES_DIR, WORDS, make_model, word_tokenizer
 
 import lenskit
 from lenskit import experiments
 from lenskit.experiments import ioi
 from lenskit.zoo import DEFAULT_MODEL
-from conftest import STORIES_DIR, WORDS, make_model, word_tokenizer
 
-DEMO_WORDS = ["<unk>", "<bos>", "<eos>", "<pad>", *sorted({
-    w for sentence, *names in ioi.DEMO_FRAMES for w in [*sentence.replace(",", " ,").split(), *names] if w != "{}"
-})]
+DEMO_WORDS = [
+    "<unk>",
+    "<bos>",
+    "<eos>",
+    "<pad>",
+    *sorted(
+        {w for sentence, *names in ioi.DEMO_FRAMES for w in [*sentence.replace(",", " ,").split(), *names] if w != "{}"}
+    ),
+]
 TOLERANCE = dict(rel=1e-3, abs=1e-5)
 """Logit differences and attributions: float32 sums in another order. (The random config models' values
 are small, about 0.01, hence a relative bound too.) Normalised patching cells are held to abs 1e-3."""
@@ -52,15 +58,22 @@ def table_rows(result, measurement: str) -> list[tuple[str, float]]:
 
 
 def value(result, measurement: str) -> float:
-    (_, number), = table_rows(result, measurement)
+    ((_, number),) = table_rows(result, measurement)
     return number
 
 
 def prompts(model):
     """[(clean tokens [1, pos], corrupted tokens [1, pos], IO id, S id)] of the prompts the reproduction uses."""
     _, clean, corrupted = ioi.choose_prompts(model)
-    return [(model.to_tokens(e.prompt), model.to_tokens(c), model.to_single_token(" " + e.io),
-             model.to_single_token(" " + e.subject)) for e, c in zip(clean, corrupted)]
+    return [
+        (
+            model.to_tokens(e.prompt),
+            model.to_tokens(c),
+            model.to_single_token(" " + e.io),
+            model.to_single_token(" " + e.subject),
+        )
+        for e, c in zip(clean, corrupted)
+    ]
 
 
 def logit_diff(logits, io, s):
@@ -114,7 +127,7 @@ def test_top_heads_equal_the_demos_attribution_from_the_cache(case):
         direction = (model.W_U[:, io] - model.W_U[:, s]) * model.ln_final.w
         total = total + per_head[:, 0] @ direction  # [layer * head]
     expected = total / len(prompts(model))
-    top = expected.abs().argsort(descending=True)[:ioi.TOP].tolist()
+    top = expected.abs().argsort(descending=True)[: ioi.TOP].tolist()
     rows = table_rows(result, "direct logit attribution")
     assert [name for name, _ in rows] == [f"{i // model.cfg.n_heads}.{i % model.cfg.n_heads}" for i in top]
     assert [number for _, number in rows] == pytest.approx(expected[top].tolist(), **TOLERANCE)
@@ -160,7 +173,9 @@ def test_demo_prompts_and_their_flipped_twins():
 
 def test_a_model_that_reads_neither_prompt_set_is_told_why(tmp_path):
     model = worded("gpt2", WORDS, tmp_path)
-    with pytest.raises(ValueError, match="no IOI prompt set suits .*'When John and Mary .*' has a word the tokenizer does not know"):
+    with pytest.raises(
+        ValueError, match="no IOI prompt set suits .*'When John and Mary .*' has a word the tokenizer does not know"
+    ):
         experiments.run("ioi", model, progress=False)
 
 

@@ -18,17 +18,39 @@ from lenskit.zoo import DEFAULT_MODEL
 
 COLUMNS = ["schedule", "layers run", "loss", "Δ loss", "top 5 next", "generation"]
 ZOO_SCHEDULES = {  # 4 blocks
-    "full": (0, 1, 2, 3), "skip last 1": (0, 1, 2), "skip last 2": (0, 1), "skip last 3": (0,),
-    "skip first 1": (1, 2, 3), "skip first 2": (2, 3), "skip first 3": (3,), "skip 1..2": (0, 3),
-    "repeat 0 x2": (0, 0, 1, 2, 3), "repeat 1 x2": (0, 1, 1, 2, 3), "repeat 2 x2": (0, 1, 2, 2, 3),
-    "repeat 3 x2": (0, 1, 2, 3, 3), "order 0 2 1 3": (0, 2, 1, 3), "order 3 2 1 0": (3, 2, 1, 0),
+    "full": (0, 1, 2, 3),
+    "skip last 1": (0, 1, 2),
+    "skip last 2": (0, 1),
+    "skip last 3": (0,),
+    "skip first 1": (1, 2, 3),
+    "skip first 2": (2, 3),
+    "skip first 3": (3,),
+    "skip 1..2": (0, 3),
+    "repeat 0 x2": (0, 0, 1, 2, 3),
+    "repeat 1 x2": (0, 1, 1, 2, 3),
+    "repeat 2 x2": (0, 1, 2, 2, 3),
+    "repeat 3 x2": (0, 1, 2, 3, 3),
+    "order 0 2 1 3": (0, 2, 1, 3),
+    "order 3 2 1 0": (3, 2, 1, 0),
 }
 STORIES_SCHEDULES = {  # 5 blocks
-    "full": (0, 1, 2, 3, 4), "skip last 1": (0, 1, 2, 3), "skip last 2": (0, 1, 2), "skip last 3": (0, 1),
-    "skip last 4": (0,), "skip first 1": (1, 2, 3, 4), "skip first 2": (2, 3, 4), "skip first 3": (3, 4),
-    "skip first 4": (4,), "skip 1..3": (0, 4), "repeat 0 x2": (0, 0, 1, 2, 3, 4), "repeat 1 x2": (0, 1, 1, 2, 3, 4),
-    "repeat 2 x2": (0, 1, 2, 2, 3, 4), "repeat 3 x2": (0, 1, 2, 3, 3, 4), "repeat 4 x2": (0, 1, 2, 3, 4, 4),
-    "order 0 1 3 2 4": (0, 1, 3, 2, 4), "order 4 3 2 1 0": (4, 3, 2, 1, 0),
+    "full": (0, 1, 2, 3, 4),
+    "skip last 1": (0, 1, 2, 3),
+    "skip last 2": (0, 1, 2),
+    "skip last 3": (0, 1),
+    "skip last 4": (0,),
+    "skip first 1": (1, 2, 3, 4),
+    "skip first 2": (2, 3, 4),
+    "skip first 3": (3, 4),
+    "skip first 4": (4,),
+    "skip 1..3": (0, 4),
+    "repeat 0 x2": (0, 0, 1, 2, 3, 4),
+    "repeat 1 x2": (0, 1, 1, 2, 3, 4),
+    "repeat 2 x2": (0, 1, 2, 2, 3, 4),
+    "repeat 3 x2": (0, 1, 2, 3, 3, 4),
+    "repeat 4 x2": (0, 1, 2, 3, 4, 4),
+    "order 0 1 3 2 4": (0, 1, 3, 2, 4),
+    "order 4 3 2 1 0": (4, 3, 2, 1, 0),
 }
 
 
@@ -53,17 +75,24 @@ def check_against_hand(model, table):
         assert row["top 5 next"] == " ".join(map(repr, model.to_str_tokens(logits[0][0, -1].topk(5).indices))), name
         generated = rows[0]
         for _ in range(12):
-            generated = torch.cat([generated, blocks_by_hand(model, generated, blocks)[:, -1].argmax(-1, keepdim=True)], 1)
-        assert row["generation"] == model.to_string(generated[0, rows[0].shape[1]:]), name
-    full = model.generate(rows[0], max_new_tokens=12, do_sample=False, use_past_kv_cache=False, stop_at_eos=False,
-                          verbose=False)
-    assert table["generation"][0] == model.to_string(full[0, rows[0].shape[1]:])
+            generated = torch.cat(
+                [generated, blocks_by_hand(model, generated, blocks)[:, -1].argmax(-1, keepdim=True)], 1
+            )
+        assert row["generation"] == model.to_string(generated[0, rows[0].shape[1] :]), name
+    full = model.generate(
+        rows[0], max_new_tokens=12, do_sample=False, use_past_kv_cache=False, stop_at_eos=False, verbose=False
+    )
+    assert table["generation"][0] == model.to_string(full[0, rows[0].shape[1] :])
 
 
 def check_all_but_one_block_degrades(table):
     loss = table.set_index("schedule")["loss"]
     n_layers = len(table["layers run"][0])
-    for name in [f"skip last {n_layers - 1}", f"skip first {n_layers - 1}", "order " + " ".join(map(str, range(n_layers)[::-1]))]:
+    for name in [
+        f"skip last {n_layers - 1}",
+        f"skip first {n_layers - 1}",
+        "order " + " ".join(map(str, range(n_layers)[::-1])),
+    ]:
         assert loss[name] > loss["full"] + 1.0, name
 
 
@@ -120,8 +149,9 @@ def test_a_tokenizer_without_the_words_is_named(tmp_path):
 # --- the seed study on SmolLM2-135M (conftest's `smollm2` fixture) ---------------------------
 
 SEED_LAYERS = (0, 11, 28, 29)
-SEED_OPTIONS = dict(n_passages=2, passage_tokens=12, counts=(1, 3), generation_counts=(0, 2), generate_tokens=3,
-                    layers=SEED_LAYERS)
+SEED_OPTIONS = dict(
+    n_passages=2, passage_tokens=12, counts=(1, 3), generation_counts=(0, 2), generate_tokens=3, layers=SEED_LAYERS
+)
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +173,7 @@ def seed(smollm2, one_thread):
 def angles_by_hand(residuals):
     """arccos(cos(x_l, x_{l+n})) / pi per position, averaged, with numpy: {(n, l): distance}."""
     import numpy as np
+
     x = residuals.double().numpy()
     out = {}
     for n in range(1, len(x)):
@@ -160,23 +191,28 @@ def test_seed_study_against_hand_computations(smollm2, seed):
     tokens = corpus.passages(model, 2, 12)
     text_ids = model.tokenizer(corpus.devils_dictionary(), add_special_tokens=False)["input_ids"]
     stride = len(text_ids) // 2
-    assert tokens.tolist() == [text_ids[:12], text_ids[stride:stride + 12]]  # SmolLM2 prepends no BOS
+    assert tokens.tolist() == [text_ids[:12], text_ids[stride : stride + 12]]  # SmolLM2 prepends no BOS
 
     def by_hand(blocks):
         logits = blocks_by_hand(model, tokens, blocks)
-        loss = torch.cat([cross_entropy_by_hand(logits[i:i + 1], tokens[i:i + 1]) for i in range(len(tokens))]).mean()
+        loss = torch.cat(
+            [cross_entropy_by_hand(logits[i : i + 1], tokens[i : i + 1]) for i in range(len(tokens))]
+        ).mean()
         return logits, loss.item()
 
     intact_logits, intact_loss = by_hand(range(n_layers))
     intact_top = intact_logits[:, :-1].argmax(-1)
     assert intact_loss == pytest.approx(model(tokens, return_type="loss").item(), abs=1e-4)
     _, cache = model.run_with_cache(tokens)
-    residuals = torch.stack([cache[f"blocks.{l}.hook_resid_pre"] for l in range(n_layers)]
-                            + [cache[f"blocks.{n_layers - 1}.hook_resid_post"]])
+    residuals = torch.stack(
+        [cache[f"blocks.{l}.hook_resid_pre"] for l in range(n_layers)]
+        + [cache[f"blocks.{n_layers - 1}.hook_resid_post"]]
+    )
     angles = angles_by_hand(residuals)
 
-    expected_studies = (["intact"] + ["delete"] * 4 + ["swap"] * 3 + ["skip last"] * 2
-                        + ["skip first"] * 2 + ["remove block"] * 2)
+    expected_studies = (
+        ["intact"] + ["delete"] * 4 + ["swap"] * 3 + ["skip last"] * 2 + ["skip first"] * 2 + ["remove block"] * 2
+    )
     assert table["study"].tolist() == expected_studies
     assert table["layer"][1:8].tolist() == [0, 11, 28, 29, 0, 11, 28]
     for row in table.to_dict("records"):
@@ -223,13 +259,21 @@ def test_seed_generations_by_hand(smollm2, seed):
                 logits = blocks_by_hand(smollm2, tokens, range(smollm2.cfg.n_layers - row["skip last"]))
                 tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], 1)
             assert row[prompt] == smollm2.to_string(tokens[0, -3:]), (row["skip last"], prompt)
-    full = smollm2.generate(SEED_PROMPTS[1], max_new_tokens=3, do_sample=False, use_past_kv_cache=False,
-                            stop_at_eos=False, verbose=False, return_type="tokens")
+    full = smollm2.generate(
+        SEED_PROMPTS[1],
+        max_new_tokens=3,
+        do_sample=False,
+        use_past_kv_cache=False,
+        stop_at_eos=False,
+        verbose=False,
+        return_type="tokens",
+    )
     assert generations[SEED_PROMPTS[1]][0] == smollm2.to_string(full[0, -3:])
 
 
 def test_seed_study_json(seed):
     import json
+
     numbers = json.loads(json.dumps(seed.to_dict(), allow_nan=False))
     assert numbers["rows"][0]["study"] == "intact" and numbers["rows"][0]["layer"] is None
     assert numbers["rows"][1]["agreement"] == pytest.approx(seed.table["agreement"][1])
@@ -240,8 +284,12 @@ def test_corpus_from_the_installed_package_or_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="apt-get install dict-devil"):
         corpus.devils_dictionary(tmp_path / "devil.dict.dz")
     made = tmp_path / "tiny.dict.dz"
-    made.write_bytes(gzip.compress(b"header\n\n   PREFACE\n\nA line\nwrapped  here.\n    Indented starts\nanother.\n\n"
-                                   b"    Verse one\n    verse two\n"))
+    made.write_bytes(
+        gzip.compress(
+            b"header\n\n   PREFACE\n\nA line\nwrapped  here.\n    Indented starts\nanother.\n\n"
+            b"    Verse one\n    verse two\n"
+        )
+    )
     assert corpus.devils_dictionary(made) == "A line wrapped here.\n\nIndented starts another.\n\nVerse one\nverse two"
 
 

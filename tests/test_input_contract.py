@@ -7,7 +7,8 @@ Hypothesis then throws random token tensors and indices at the entry points.
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import lenskit
 from lenskit import cli, hooks, metrics, surgery, vocab
@@ -23,67 +24,158 @@ def cases():
     ids = torch.tensor([[1, 4, 5, 6]])
     return [
         ("lens-float-ids", lambda m: lenskit.logit_lens(m, ids.float(), progress=False), InputError, "integer"),
-        ("lens-id-equal-to-d_vocab", lambda m: lenskit.logit_lens(m, torch.tensor([[1, 13]]), progress=False),
-         InputError, "vocabulary"),
-        ("lens-negative-id", lambda m: lenskit.logit_lens(m, torch.tensor([[1, -1]]), progress=False), InputError,
-         "vocabulary"),
+        (
+            "lens-id-equal-to-d_vocab",
+            lambda m: lenskit.logit_lens(m, torch.tensor([[1, 13]]), progress=False),
+            InputError,
+            "vocabulary",
+        ),
+        (
+            "lens-negative-id",
+            lambda m: lenskit.logit_lens(m, torch.tensor([[1, -1]]), progress=False),
+            InputError,
+            "vocabulary",
+        ),
         ("lens-bool-ids", lambda m: lenskit.logit_lens(m, ids.bool(), progress=False), InputError, "integer"),
         ("lens-text-longer-than-context", lambda m: lenskit.logit_lens(m, LONG, progress=False), InputError, "n_ctx"),
-        ("lens-ids-longer-than-context", lambda m: lenskit.logit_lens(m, torch.ones(1, 65, dtype=torch.long),
-                                                                       progress=False), InputError, "n_ctx"),
-        ("lens-unknown-target", lambda m: lenskit.logit_lens(m, GOOD, targets=" xyzzy", progress=False),
-         InputError, "vocabulary"),
-        ("lens-float-target", lambda m: lenskit.logit_lens(m, GOOD, targets=1.5, progress=False), InputError,
-         "token string or id"),
+        (
+            "lens-ids-longer-than-context",
+            lambda m: lenskit.logit_lens(m, torch.ones(1, 65, dtype=torch.long), progress=False),
+            InputError,
+            "n_ctx",
+        ),
+        (
+            "lens-unknown-target",
+            lambda m: lenskit.logit_lens(m, GOOD, targets=" xyzzy", progress=False),
+            InputError,
+            "vocabulary",
+        ),
+        (
+            "lens-float-target",
+            lambda m: lenskit.logit_lens(m, GOOD, targets=1.5, progress=False),
+            InputError,
+            "token string or id",
+        ),
         ("lens-top-k-0", lambda m: lenskit.logit_lens(m, GOOD, top_k=0, progress=False), InputError, "top_k"),
-        ("lens-layer-out-of-range", lambda m: lenskit.logit_lens(m, GOOD, layers=[9], progress=False), InputError,
-         "out of range"),
+        (
+            "lens-layer-out-of-range",
+            lambda m: lenskit.logit_lens(m, GOOD, layers=[9], progress=False),
+            InputError,
+            "out of range",
+        ),
         ("lens-empty-list", lambda m: lenskit.logit_lens(m, [], progress=False), InputError, "no prompts"),
         ("attribute-unknown-answer", lambda m: lenskit.attribute(m, GOOD, " xyzzy"), InputError, "vocabulary"),
         ("attribute-two-token-answer", lambda m: lenskit.attribute(m, GOOD, "cat sat"), InputError, "single token"),
         ("attribute-by", lambda m: lenskit.attribute(m, GOOD, "cat", by="neurons"), InputError, "by="),
         ("attribute-pos", lambda m: lenskit.attribute(m, GOOD, "cat", pos=7), InputError, "out of range"),
         ("attribute-long", lambda m: lenskit.attribute(m, LONG, "cat"), InputError, "n_ctx"),
-        ("patch-max-cells-negative", lambda m: lenskit.patch(m, GOOD, GOOD, metrics.logit_diff("cat", "dog"),
-                                                              max_cells=-1, progress=False), InputError, "max_cells"),
-        ("patch-max-cells-float", lambda m: lenskit.patch(m, GOOD, GOOD, metrics.logit_diff("cat", "dog"),
-                                                           max_cells=2.5, progress=False), InputError, "max_cells"),
-        ("patch-site", lambda m: lenskit.patch(m, GOOD, GOOD, metrics.logit_diff("cat", "dog"), site="zz",
-                                                progress=False), InputError, "site"),
-        ("patch-shapes", lambda m: lenskit.patch(m, GOOD, "the cat", metrics.logit_diff("cat", "dog"),
-                                                  progress=False), InputError, "same shape"),
-        ("patch-unknown-answer", lambda m: lenskit.patch(m, GOOD, GOOD, metrics.logit_diff(" xyzzy", "dog"),
-                                                          progress=False), InputError, "vocabulary"),
-        ("patch-layer", lambda m: lenskit.patch(m, GOOD, GOOD, metrics.logit_diff("cat", "dog"), layers=[5],
-                                                 progress=False), InputError, "out of range"),
-        ("path-patch-senders", lambda m: lenskit.path_patch(m, GOOD, GOOD, metrics.logit_diff("cat", "dog"),
-                                                             senders="all", progress=False), InputError, "senders"),
-        ("path-patch-max-senders", lambda m: lenskit.path_patch(m, GOOD, GOOD, metrics.logit_diff("cat", "dog"),
-                                                                 max_senders=0, progress=False), InputError,
-         "max_senders"),
+        (
+            "patch-max-cells-negative",
+            lambda m: lenskit.patch(m, GOOD, GOOD, metrics.logit_diff("cat", "dog"), max_cells=-1, progress=False),
+            InputError,
+            "max_cells",
+        ),
+        (
+            "patch-max-cells-float",
+            lambda m: lenskit.patch(m, GOOD, GOOD, metrics.logit_diff("cat", "dog"), max_cells=2.5, progress=False),
+            InputError,
+            "max_cells",
+        ),
+        (
+            "patch-site",
+            lambda m: lenskit.patch(m, GOOD, GOOD, metrics.logit_diff("cat", "dog"), site="zz", progress=False),
+            InputError,
+            "site",
+        ),
+        (
+            "patch-shapes",
+            lambda m: lenskit.patch(m, GOOD, "the cat", metrics.logit_diff("cat", "dog"), progress=False),
+            InputError,
+            "same shape",
+        ),
+        (
+            "patch-unknown-answer",
+            lambda m: lenskit.patch(m, GOOD, GOOD, metrics.logit_diff(" xyzzy", "dog"), progress=False),
+            InputError,
+            "vocabulary",
+        ),
+        (
+            "patch-layer",
+            lambda m: lenskit.patch(m, GOOD, GOOD, metrics.logit_diff("cat", "dog"), layers=[5], progress=False),
+            InputError,
+            "out of range",
+        ),
+        (
+            "path-patch-senders",
+            lambda m: lenskit.path_patch(
+                m, GOOD, GOOD, metrics.logit_diff("cat", "dog"), senders="all", progress=False
+            ),
+            InputError,
+            "senders",
+        ),
+        (
+            "path-patch-max-senders",
+            lambda m: lenskit.path_patch(
+                m, GOOD, GOOD, metrics.logit_diff("cat", "dog"), max_senders=0, progress=False
+            ),
+            InputError,
+            "max_senders",
+        ),
         ("flow-long", lambda m: lenskit.flow(m, LONG, progress=False), InputError, "n_ctx"),
         ("flow-batch", lambda m: lenskit.flow(m, GOOD, batch=3, progress=False), InputError, "batch"),
-        ("ablate-head-string", lambda m: hooks.ablate("blocks.0.attn.hook_z", head="10").run(m, ids), InputError,
-         "head="),
-        ("ablate-head-float", lambda m: hooks.ablate("blocks.0.attn.hook_z", head=1.0).run(m, ids), InputError,
-         "head="),
-        ("ablate-head-out-of-range", lambda m: hooks.ablate("blocks.0.attn.hook_z", head=4).run(m, ids), InputError,
-         "out of range"),
-        ("cache-unknown-hook", lambda m: hooks.cache("blocks.0.hook_resid_prex").run(m, ids), InputError,
-         "unknown hook name"),
+        (
+            "ablate-head-string",
+            lambda m: hooks.ablate("blocks.0.attn.hook_z", head="10").run(m, ids),
+            InputError,
+            "head=",
+        ),
+        (
+            "ablate-head-float",
+            lambda m: hooks.ablate("blocks.0.attn.hook_z", head=1.0).run(m, ids),
+            InputError,
+            "head=",
+        ),
+        (
+            "ablate-head-out-of-range",
+            lambda m: hooks.ablate("blocks.0.attn.hook_z", head=4).run(m, ids),
+            InputError,
+            "out of range",
+        ),
+        (
+            "cache-unknown-hook",
+            lambda m: hooks.cache("blocks.0.hook_resid_prex").run(m, ids),
+            InputError,
+            "unknown hook name",
+        ),
         ("residual-kind", lambda m: lenskit.residual_stream(m, GOOD, kind="middle"), InputError, "kind"),
         ("residual-layers", lambda m: lenskit.residual_stream(m, GOOD, layers=[7]), InputError, "out of range"),
         ("head-scores-kind", lambda m: vocab.head_scores(m, GOOD, kind="copying"), InputError, "kind"),
         ("neuron-layer", lambda m: vocab.neuron(m, layer=3, neuron=0), InputError, "out of range"),
         ("project-shape", lambda m: vocab.project(m, torch.zeros(31)), InputError, "d_model"),
-        ("generate-negative", lambda m: surgery.generate(m, GOOD, surgery.full(m), n_tokens=-1), InputError,
-         "n_tokens"),
-        ("generate-past-context", lambda m: surgery.generate(m, GOOD, surgery.full(m), n_tokens=64), InputError,
-         "context"),
-        ("run-of-another-model", lambda m: lenskit.logit_lens(m, Run(_other(), torch.tensor([[1, 4]])), progress=False), InputError,
-         "another model"),
-        ("run-cache-of-other-tokens", lambda m: lenskit.attribute(
-            m, "the cat", "cat", cache=Run.everything(m, GOOD).activations), InputError, "cache holds a run"),
+        (
+            "generate-negative",
+            lambda m: surgery.generate(m, GOOD, surgery.full(m), n_tokens=-1),
+            InputError,
+            "n_tokens",
+        ),
+        (
+            "generate-past-context",
+            lambda m: surgery.generate(m, GOOD, surgery.full(m), n_tokens=64),
+            InputError,
+            "context",
+        ),
+        (
+            "run-of-another-model",
+            lambda m: lenskit.logit_lens(m, Run(_other(), torch.tensor([[1, 4]])), progress=False),
+            InputError,
+            "another model",
+        ),
+        (
+            "run-cache-of-other-tokens",
+            lambda m: lenskit.attribute(m, "the cat", "cat", cache=Run.everything(m, GOOD).activations),
+            InputError,
+            "cache holds a run",
+        ),
     ]
 
 
@@ -93,6 +185,7 @@ _OTHER = []
 def _other():
     if not _OTHER:
         from conftest import make_model
+
         _OTHER.append(make_model("gpt2", seed=1, d_vocab=13))
     return _OTHER[0]
 
@@ -113,8 +206,9 @@ def test_unknown_words_in_a_prompt_are_warned_about_by_name(word_model):
 
 def test_glob_hook_names_work_everywhere(word_model, tmp_path):
     """The README's `--names 'blocks.*.hook_resid_post'` and stream_cache with a list of globs."""
-    out = lenskit.stream_cache(word_model, [GOOD, "a dog ran"], ["blocks.*.hook_resid_post"], tmp_path / "acts",
-                               max_len=8, progress=False)
+    out = lenskit.stream_cache(
+        word_model, [GOOD, "a dog ran"], ["blocks.*.hook_resid_post"], tmp_path / "acts", max_len=8, progress=False
+    )
     cache = lenskit.load_cache(out)
     assert cache.names == [f"blocks.{layer}.hook_resid_post" for layer in range(3)]
     stored = cache["blocks.2.hook_resid_post"]
@@ -125,19 +219,30 @@ def test_glob_hook_names_work_everywhere(word_model, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.bool])
 def test_stream_cache_refuses_integer_dtypes(word_model, tmp_path, dtype):
     with pytest.raises(InputError, match="dtype"):
-        lenskit.stream_cache(word_model, [GOOD], ["blocks.0.hook_resid_post"], tmp_path / "a", dtype=dtype,
-                             max_len=8, progress=False)
+        lenskit.stream_cache(
+            word_model, [GOOD], ["blocks.0.hook_resid_post"], tmp_path / "a", dtype=dtype, max_len=8, progress=False
+        )
 
 
-@pytest.mark.parametrize("argv, word", [
-    (["cache", "lenskit/ioi-4l", "--text-file", "x.txt", "--names", "x", "--out", "o", "--max-len", "0"], "at least 1"),
-    (["cache", "lenskit/ioi-4l", "--text-file", "x.txt", "--names", "x", "--out", "o", "--batch-size", "0"],
-     "at least 1"),
-    (["cache", "lenskit/ioi-4l", "--text-file", "x.txt", "--names", "x", "--out", "o", "--batch-size", "two"],
-     "whole number"),
-    (["agent", "--base-url", "u", "--model", "m", "--goal", "g", "--timeout", "nan"], "finite"),
-    (["reproduce", "nonexistent"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv, word",
+    [
+        (
+            ["cache", "lenskit/ioi-4l", "--text-file", "x.txt", "--names", "x", "--out", "o", "--max-len", "0"],
+            "at least 1",
+        ),
+        (
+            ["cache", "lenskit/ioi-4l", "--text-file", "x.txt", "--names", "x", "--out", "o", "--batch-size", "0"],
+            "at least 1",
+        ),
+        (
+            ["cache", "lenskit/ioi-4l", "--text-file", "x.txt", "--names", "x", "--out", "o", "--batch-size", "two"],
+            "whole number",
+        ),
+        (["agent", "--base-url", "u", "--model", "m", "--goal", "g", "--timeout", "nan"], "finite"),
+        (["reproduce", "nonexistent"], "invalid choice"),
+    ],
+)
 def test_cli_refuses_bad_options_in_one_line(argv, word, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv)
@@ -146,12 +251,15 @@ def test_cli_refuses_bad_options_in_one_line(argv, word, capsys):
     assert word in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("argv, word", [
-    (["report", "--answer", " xyzzy"], "vocabulary"),
-    (["report", "--prompt", "When Mary and John went to the store, John gave a drink to " * 40], "n_ctx"),
-    (["cache", "lenskit/ioi-4l", "--text-file", "no-such-file.txt", "--names", "x", "--out", "o"], "not found"),
-    (["log", "--db", "no-such.db", "list"], "no experiment log"),
-])
+@pytest.mark.parametrize(
+    "argv, word",
+    [
+        (["report", "--answer", " xyzzy"], "vocabulary"),
+        (["report", "--prompt", "When Mary and John went to the store, John gave a drink to " * 40], "n_ctx"),
+        (["cache", "lenskit/ioi-4l", "--text-file", "no-such-file.txt", "--names", "x", "--out", "o"], "not found"),
+        (["log", "--db", "no-such.db", "list"], "no experiment log"),
+    ],
+)
 def test_cli_turns_lenskit_errors_into_one_line_and_exit_2(argv, word, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cli.main(argv) == 2
@@ -161,6 +269,7 @@ def test_cli_turns_lenskit_errors_into_one_line_and_exit_2(argv, word, capsys, t
 
 def test_cli_keeps_the_traceback_of_a_bug(monkeypatch):
     """Only lenskit's own errors become one line: a genuine bug (here a KeyError) propagates."""
+
     def broken(args):
         raise KeyError("a bug")
 
@@ -174,16 +283,21 @@ def test_error_types_keep_the_builtin_contract():
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.lists(st.integers(-3, 16), min_size=2, max_size=6), min_size=1, max_size=3)
-       .filter(lambda rows: len({len(r) for r in rows}) == 1),
-       st.sampled_from([torch.long, torch.int32, torch.float32]))
+@given(
+    st.lists(st.lists(st.integers(-3, 16), min_size=2, max_size=6), min_size=1, max_size=3).filter(
+        lambda rows: len({len(r) for r in rows}) == 1
+    ),
+    st.sampled_from([torch.long, torch.int32, torch.float32]),
+)
 def test_random_token_tensors_either_work_or_get_an_input_error(word_model, rows, dtype):
     ids = torch.tensor(rows, dtype=dtype)
     valid = not dtype.is_floating_point and int(ids.min()) >= 0 and int(ids.max()) < word_model.cfg.d_vocab
-    for call in (lambda: lenskit.logit_lens(word_model, ids, progress=False),
-                 lambda: lenskit.attribute(word_model, ids, 4),
-                 lambda: vocab.head_scores(word_model, ids, progress=False),
-                 lambda: lenskit.residual_stream(word_model, ids)):
+    for call in (
+        lambda: lenskit.logit_lens(word_model, ids, progress=False),
+        lambda: lenskit.attribute(word_model, ids, 4),
+        lambda: vocab.head_scores(word_model, ids, progress=False),
+        lambda: lenskit.residual_stream(word_model, ids),
+    ):
         if valid:
             call()
         else:

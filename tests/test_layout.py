@@ -8,8 +8,15 @@ import grimp
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lenskit"
-LOADERS = {"models.py", "gguf.py", "llama2c.py", "packaged.py", "whisper/convert.py", "whisper/ctranslate2.py",
-           "whisper/model.py"}
+LOADERS = {
+    "models.py",
+    "gguf.py",
+    "llama2c.py",
+    "packaged.py",
+    "whisper/convert.py",
+    "whisper/ctranslate2.py",
+    "whisper/model.py",
+}
 """Modules that build models from files (they write W_U; whisper/model.py defines the tied W_U)."""
 
 
@@ -43,8 +50,9 @@ def test_user_input_becomes_tokens_in_one_module():
     """``to_tokens`` (TransformerLens' tokenizer entry) is called in tokens.py only; the zoo's own
     training and evaluation scripts tokenize their generated datasets themselves."""
     calls = {relative(p): attribute_uses(p, {"to_tokens"}) for p in modules()}
-    outside = {name: lines for name, lines in calls.items() if lines and name != "tokens.py"
-               and not name.startswith("zoo/")}
+    outside = {
+        name: lines for name, lines in calls.items() if lines and name != "tokens.py" and not name.startswith("zoo/")
+    }
     assert not outside, outside
 
 

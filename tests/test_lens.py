@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
-import lenskit
 from conftest import STORIES_DIR, make_model
 from reference.logit_lens import reference_logits
+
+import lenskit
 from lenskit.lens import LensResult, logit_lens
 from lenskit.run import Run
 from lenskit.viz import Figure
@@ -194,8 +194,9 @@ def test_stories260k_matches_hand_computation(stories):
     assert_lens_matches(lens, reference_logits(stories, tokens), ids)
     with torch.no_grad():
         logits = stories(tokens)
-    torch.testing.assert_close(lens.top_probs[-1].log(), logits.log_softmax(-1).gather(-1, lens.top_ids[-1]),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        lens.top_probs[-1].log(), logits.log_softmax(-1).gather(-1, lens.top_ids[-1]), atol=1e-5, rtol=0
+    )
     assert lens.top_strings[-1, 0, -1].tolist() == stories.to_str_tokens(lens.top_ids[-1, 0, -1])
     with pytest.raises(ValueError, match="is not a single token: it splits into"):
         logit_lens(stories, text, targets=[" extraordinarily"], progress=False)

@@ -35,11 +35,19 @@ def read_raw_checkpoint(path: Path) -> dict:
     floats = np.fromfile(path, dtype="<f4", offset=28).astype(np.float64)
     arrays, offset = {}, 0
     for name, shape in [
-        ("emb", (vocab, dim)), ("rms_att", (n_layers, dim)), ("wq", (n_layers, dim, dim)),
-        ("wk", (n_layers, kv_dim, dim)), ("wv", (n_layers, kv_dim, dim)), ("wo", (n_layers, dim, dim)),
-        ("rms_ffn", (n_layers, dim)), ("w1", (n_layers, hidden, dim)), ("w2", (n_layers, dim, hidden)),
-        ("w3", (n_layers, hidden, dim)), ("rms_final", (dim,)),
-        ("rope_tables", (2, seq_len, head_dim // 2)), ("wcls", (0 if shared else vocab, dim)),
+        ("emb", (vocab, dim)),
+        ("rms_att", (n_layers, dim)),
+        ("wq", (n_layers, dim, dim)),
+        ("wk", (n_layers, kv_dim, dim)),
+        ("wv", (n_layers, kv_dim, dim)),
+        ("wo", (n_layers, dim, dim)),
+        ("rms_ffn", (n_layers, dim)),
+        ("w1", (n_layers, hidden, dim)),
+        ("w2", (n_layers, dim, hidden)),
+        ("w3", (n_layers, hidden, dim)),
+        ("rms_final", (dim,)),
+        ("rope_tables", (2, seq_len, head_dim // 2)),
+        ("wcls", (0 if shared else vocab, dim)),
     ]:
         size = int(np.prod(shape))
         arrays[name] = floats[offset : offset + size].reshape(shape)
@@ -130,8 +138,20 @@ def lenskit_logits(model, tokens: list[int]) -> np.ndarray:
 def write_checkpoint(path: Path, dim=16, hidden=24, n_layers=2, n_heads=4, n_kv_heads=2, vocab=-265, seq_len=32):
     """A random llama2.c v0 checkpoint; negative vocab means a separate wcls at the end."""
     head_dim, kv_dim, v, L = dim // n_heads, n_kv_heads * dim // n_heads, abs(vocab), n_layers
-    shapes = [(v, dim), (L, dim), (L, dim, dim), (L, kv_dim, dim), (L, kv_dim, dim), (L, dim, dim), (L, dim),
-              (L, hidden, dim), (L, dim, hidden), (L, hidden, dim), (dim,), (2, seq_len, head_dim // 2)]
+    shapes = [
+        (v, dim),
+        (L, dim),
+        (L, dim, dim),
+        (L, kv_dim, dim),
+        (L, kv_dim, dim),
+        (L, dim, dim),
+        (L, dim),
+        (L, hidden, dim),
+        (L, dim, hidden),
+        (L, hidden, dim),
+        (dim,),
+        (2, seq_len, head_dim // 2),
+    ]
     shapes += [(v, dim)] if vocab < 0 else []
     rng = np.random.default_rng(0)
     arrays = [rng.normal(0, 0.5, shape) for shape in shapes]

@@ -40,19 +40,26 @@ def test_prob_rank_loss_kl(logits, model):
     targets = torch.randint(0, 13, (3, 5), generator=torch.Generator().manual_seed(1))
     assert metrics.loss(targets)(logits).item() == pytest.approx(lm_cross_entropy_loss(logits, targets).item())
     log_probs = logits.log_softmax(-1)
-    expected = -(log_probs[:, 1].gather(-1, targets[:, 2:3]).mean() + log_probs[:, 3].gather(-1, targets[:, 4:5]).mean()) / 2
+    expected = (
+        -(log_probs[:, 1].gather(-1, targets[:, 2:3]).mean() + log_probs[:, 3].gather(-1, targets[:, 4:5]).mean()) / 2
+    )
     assert metrics.loss(pos=[1, 3]).bind(model, tokens=targets)(logits).item() == pytest.approx(expected.item())
 
     reference = torch.randn(3, 5, 13, generator=torch.Generator().manual_seed(2))
-    expected = torch.nn.functional.kl_div(logits[:, -1].log_softmax(-1), reference[:, -1].log_softmax(-1),
-                                          log_target=True, reduction="batchmean")
+    expected = torch.nn.functional.kl_div(
+        logits[:, -1].log_softmax(-1), reference[:, -1].log_softmax(-1), log_target=True, reduction="batchmean"
+    )
     assert metrics.kl_to(reference)(logits).item() == pytest.approx(expected.item(), rel=1e-5)
     assert metrics.kl_to().bind(model, logits=logits)(logits).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_reads_only_its_positions_and_columns(logits):
     """select() keeps what the metric reads, and per_prompt on it gives the metric's value."""
-    for metric in (metrics.logit_diff([1, 2, 3], 5, pos=[1, 3]), metrics.prob(2), metrics.loss(torch.zeros(3, 5, dtype=torch.long))):
+    for metric in (
+        metrics.logit_diff([1, 2, 3], 5, pos=[1, 3]),
+        metrics.prob(2),
+        metrics.loss(torch.zeros(3, 5, dtype=torch.long)),
+    ):
         selected = metric.select(logits)
         columns = metric.columns()
         assert selected.shape == (3, len(metric.positions(5)), 13 if columns is None else len(columns))

@@ -22,30 +22,52 @@ from lenskit import models
 from lenskit.models import load, save, zoo_names
 
 VOCAB = 101
-SIZES = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=96,
-             vocab_size=VOCAB, max_position_embeddings=32)
+SIZES = dict(
+    num_hidden_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    intermediate_size=96,
+    vocab_size=VOCAB,
+    max_position_embeddings=32,
+)
 HF_CONFIGS = {
     "GPT2LMHeadModel": lambda: transformers.GPT2Config(
-        n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=32, bos_token_id=1, eos_token_id=2),
+        n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=32, bos_token_id=1, eos_token_id=2
+    ),
     "GPTNeoForCausalLM": lambda: transformers.GPTNeoConfig(
-        num_layers=2, hidden_size=64, num_heads=4, vocab_size=VOCAB, max_position_embeddings=32,
-        attention_types=[[["global", "local"], 1]], window_size=8),
+        num_layers=2,
+        hidden_size=64,
+        num_heads=4,
+        vocab_size=VOCAB,
+        max_position_embeddings=32,
+        attention_types=[[["global", "local"], 1]],
+        window_size=8,
+    ),
     "GPTJForCausalLM": lambda: transformers.GPTJConfig(
-        n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=32, rotary_dim=8),
+        n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=32, rotary_dim=8
+    ),
     "GPTNeoXForCausalLM": lambda: transformers.GPTNeoXConfig(rotary_pct=0.5, **SIZES),
     "OPTForCausalLM": lambda: transformers.OPTConfig(
-        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, ffn_dim=96, vocab_size=VOCAB,
-        max_position_embeddings=32, word_embed_proj_dim=64),
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        ffn_dim=96,
+        vocab_size=VOCAB,
+        max_position_embeddings=32,
+        word_embed_proj_dim=64,
+    ),
     "BloomForCausalLM": lambda: transformers.BloomConfig(n_layer=2, hidden_size=64, n_head=4, vocab_size=VOCAB),
     "LlamaForCausalLM": lambda: transformers.LlamaConfig(num_key_value_heads=2, **SIZES),
     "MistralForCausalLM": lambda: transformers.MistralConfig(num_key_value_heads=2, **SIZES),
     "MixtralForCausalLM": lambda: transformers.MixtralConfig(
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **SIZES),
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **SIZES
+    ),
     "Qwen2ForCausalLM": lambda: transformers.Qwen2Config(num_key_value_heads=2, **SIZES),
     "Qwen3ForCausalLM": lambda: transformers.Qwen3Config(num_key_value_heads=2, head_dim=16, **SIZES),
     "Phi3ForCausalLM": lambda: transformers.Phi3Config(num_key_value_heads=4, pad_token_id=0, **SIZES),
     "OlmoeForCausalLM": lambda: transformers.OlmoeConfig(
-        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, **SIZES),
+        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, **SIZES
+    ),
     "Olmo3ForCausalLM": lambda: transformers.Olmo3Config(num_key_value_heads=2, **SIZES),
 }
 UNPROCESSED = dict(fold_ln=False, center_writing_weights=False, center_unembed=False)
@@ -63,7 +85,8 @@ def save_hf_model(architecture: str, folder: Path) -> torch.nn.Module:
     """Save a random HF model of `architecture` in `folder` (GPT-2 with a tokenizer); return it."""
     torch.manual_seed(0)
     hf_model = transformers.AutoModelForCausalLM.from_config(
-        HF_CONFIGS[architecture](), attn_implementation="eager").eval()
+        HF_CONFIGS[architecture](), attn_implementation="eager"
+    ).eval()
     assert type(hf_model).__name__ == architecture
     randomise_(hf_model)
     hf_model.save_pretrained(folder)
@@ -96,6 +119,7 @@ def hf_tokens() -> torch.Tensor:
 def no_network(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("lenskit.load tried to open a network connection")
+
     monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
@@ -141,7 +165,8 @@ def test_save_load_round_trip(hf_folder, hf_tokens, tmp_path):
     save(model, tmp_path)
     with_tokenizer = model.tokenizer is not None
     assert {p.name for p in tmp_path.iterdir()} == {"hooked_transformer.json", "model.safetensors"} | (
-        {"tokenizer.json"} if with_tokenizer else set())
+        {"tokenizer.json"} if with_tokenizer else set()
+    )
     config = json.loads((tmp_path / "hooked_transformer.json").read_text())
     assert config["dtype"] == "float32" and ("tokenizer" in config) == with_tokenizer
     reloaded = load(tmp_path)
@@ -149,8 +174,10 @@ def test_save_load_round_trip(hf_folder, hf_tokens, tmp_path):
         assert torch.equal(reloaded(hf_tokens), model(hf_tokens))
     if with_tokenizer:
         for prepend_bos in (True, False):
-            assert torch.equal(reloaded.to_tokens("the dog ran", prepend_bos=prepend_bos),
-                               model.to_tokens("the dog ran", prepend_bos=prepend_bos))
+            assert torch.equal(
+                reloaded.to_tokens("the dog ran", prepend_bos=prepend_bos),
+                model.to_tokens("the dog ran", prepend_bos=prepend_bos),
+            )
 
 
 def test_lenskit_folder_dtype_and_device(tmp_path, tokens):
@@ -262,8 +289,18 @@ def test_llama2c_stories260k():
 
 
 def test_config_file_builds_a_seeded_random_model(tmp_path):
-    fields = dict(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32, n_ctx=20, d_vocab=50,
-                  act_fn="gelu", normalization_type="LN", seed=3)
+    fields = dict(
+        n_layers=2,
+        d_model=16,
+        n_heads=2,
+        d_head=8,
+        d_mlp=32,
+        n_ctx=20,
+        d_vocab=50,
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=3,
+    )
     path = tmp_path / "shape.json"
     path.write_text(json.dumps(fields))
     model, again, other_seed = load(path), load(str(path)), load(path, seed=4)

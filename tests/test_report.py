@@ -1,13 +1,14 @@
 """`lenskit report`: the main job writes one offline page and a summary whose numbers are lenskit's own."""
 
 import pytest
+from headless_chromium import CHROMIUM, Chromium
 
 import lenskit
 from lenskit import cli
 from lenskit.attribution import attribute
-from lenskit.report import DEFAULT_ANSWER, DEFAULT_PROMPT, DEFAULT_WRONG, main as report_main
+from lenskit.report import DEFAULT_ANSWER, DEFAULT_PROMPT, DEFAULT_WRONG
+from lenskit.report import main as report_main
 from lenskit.zoo import DEFAULT_MODEL
-from headless_chromium import CHROMIUM, Chromium
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +40,10 @@ def test_the_page_is_self_contained(report_page):
 def test_the_page_opens_offline_without_errors(report_page):
     with Chromium() as browser:
         tab = browser.open(report_page)
-        tab.wait_for("document.querySelectorAll('[id^=lenskit-cv-]').length > 0 && "
-                     "[...document.querySelectorAll('[id^=lenskit-cv-]')].every(d => d.children.length)")
+        tab.wait_for(
+            "document.querySelectorAll('[id^=lenskit-cv-]').length > 0 && "
+            "[...document.querySelectorAll('[id^=lenskit-cv-]')].every(d => d.children.length)"
+        )
         pixels = tab.screenshot().astype(float)
         assert tab.requests == [report_page.resolve().as_uri()]
         assert tab.errors == []
@@ -60,6 +63,7 @@ def test_the_report_runs_few_full_forward_passes(tmp_path):
     model.hook_dict["hook_embed"].add_hook(lambda activation, hook: embeddings.append(activation.shape))
     try:
         from lenskit.report import build_report
+
         build_report(model, DEFAULT_MODEL, progress=False).save(tmp_path / "r.html")
     finally:
         model.reset_hooks()

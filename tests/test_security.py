@@ -6,14 +6,15 @@ import json
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, models as tokenizer_models, pre_tokenizers
+from conftest import make_model
+from headless_chromium import CHROMIUM, Chromium
+from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers import models as tokenizer_models
 
 import lenskit
 from lenskit import viz
 from lenskit.run import Run
 from lenskit.shards import load_cache, stream_cache
-from conftest import make_model
-from headless_chromium import CHROMIUM, Chromium
 
 # --- remote code and the network ---------------------------------------------------------------------
 
@@ -22,10 +23,12 @@ def remote_code_folder(root, marker):
     """A tokenizer folder whose auto_map points at Python that, if ever imported, writes `marker`."""
     folder = root / "evil_tokenizer"
     folder.mkdir()
-    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
-                                    "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", None]}, "tokenizer_class": "EvilTokenizer"}))
+    (folder / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import PreTrainedTokenizerFast as EvilTokenizer\n"
+    )
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", None]}, "tokenizer_class": "EvilTokenizer"})
+    )
     return folder
 
 
@@ -59,8 +62,9 @@ def test_a_config_file_cannot_switch_on_remote_code_or_reach_out(tmp_path):
     assert lenskit.load(config).cfg.trust_remote_code is False
 
 
-@pytest.mark.parametrize("name", ["lenskit/../../..", "lenskit/../zoo/checkpoints/ioi-4l", "lenskit//etc",
-                                  "lenskit/ioi-4l/../ioi-4l"])
+@pytest.mark.parametrize(
+    "name", ["lenskit/../../..", "lenskit/../zoo/checkpoints/ioi-4l", "lenskit//etc", "lenskit/ioi-4l/../ioi-4l"]
+)
 def test_zoo_names_never_leave_the_zoo(name):
     with pytest.raises(ValueError, match="is not a zoo name"):
         lenskit.load(name)
@@ -77,13 +81,13 @@ def test_zoo_names_never_leave_the_zoo(name):
 def stored_cache(tmp_path):
     model = make_model("gpt2")
     out = tmp_path / "acts"
-    stream_cache(model, torch.randint(0, 89, (4, 8)), "blocks.0.hook_resid_post", out, batch_size=2,
-                 progress=False)
+    stream_cache(model, torch.randint(0, 89, (4, 8)), "blocks.0.hook_resid_post", out, batch_size=2, progress=False)
     return out
 
 
-@pytest.mark.parametrize("shard_file", ["../../outside.safetensors", "/etc/passwd", "sub/shard_00000.safetensors",
-                                        None, 7])
+@pytest.mark.parametrize(
+    "shard_file", ["../../outside.safetensors", "/etc/passwd", "sub/shard_00000.safetensors", None, 7]
+)
 def test_load_cache_reads_only_shards_inside_its_folder(stored_cache, shard_file):
     manifest = json.loads((stored_cache / "manifest.json").read_text())
     manifest["shards"][0]["file"] = shard_file
@@ -123,8 +127,9 @@ def payload_model(tmp_path_factory):
     """A model whose tokens are script-injection payloads (split on whitespace only)."""
     tokenizer = Tokenizer(tokenizer_models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<bos>",
-                                                eos_token="<eos>", pad_token="<pad>")
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
     model = make_model("gpt2", d_vocab=len(WORDS))
     folder = tmp_path_factory.mktemp("payload-tokenizer")
     fast.save_pretrained(folder)
@@ -146,14 +151,22 @@ def test_nothing_in_the_tokens_runs_in_a_browser(payload_model, tmp_path):
     prompt = payload_tokens()
     lens = lenskit.logit_lens(payload_model, prompt, targets=[6], progress=False)
     graph = lenskit.flow(payload_model, prompt, progress=False)
-    figures = [lens.plot(), Run(payload_model, prompt).attention_patterns(layer=0),
-               viz.colored_tokens(payload_model.to_str_tokens(prompt[0]), list(range(prompt.shape[1]))),
-               lens.plot_topk(), graph.plot()]
+    figures = [
+        lens.plot(),
+        Run(payload_model, prompt).attention_patterns(layer=0),
+        viz.colored_tokens(payload_model.to_str_tokens(prompt[0]), list(range(prompt.shape[1]))),
+        lens.plot_topk(),
+        graph.plot(),
+    ]
     path = viz.save_page(figures, tmp_path / "page.html")
     fragments = tmp_path / "fragments.html"  # what a notebook shows
-    fragments.write_text("<html><body>" + lens._repr_html_() + graph._repr_html_()
-                         + lenskit.attribute(payload_model, prompt, 6, 5, by="position").to_html()
-                         + "</body></html>")
+    fragments.write_text(
+        "<html><body>"
+        + lens._repr_html_()
+        + graph._repr_html_()
+        + lenskit.attribute(payload_model, prompt, 6, 5, by="position").to_html()
+        + "</body></html>"
+    )
     for page in (path, fragments):
         with Chromium() as browser:
             tab = browser.open(page)

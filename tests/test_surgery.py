@@ -39,8 +39,11 @@ def test_the_identity_sequence_is_the_plain_model(model, tokens):
     torch.testing.assert_close(surgery.run_blocks(model, tokens, surgery.full(model)), plain, **TOL)
     mask = torch.ones_like(tokens)
     mask[:, :3] = 0  # left padding
-    torch.testing.assert_close(surgery.run_blocks(model, tokens, surgery.full(model), attention_mask=mask),
-                               model(tokens, attention_mask=mask), **TOL)
+    torch.testing.assert_close(
+        surgery.run_blocks(model, tokens, surgery.full(model), attention_mask=mask),
+        model(tokens, attention_mask=mask),
+        **TOL,
+    )
 
 
 @torch.no_grad()
@@ -72,8 +75,9 @@ def test_any_sequence_equals_its_blocks_called_by_hand(tokens):
     for kind in KINDS:
         model = make_model(kind, n_layers=6)
         blocks = [0, 1, 2, 2, 3, 5, 4]
-        torch.testing.assert_close(surgery.run(model, tokens, surgery.sequence(blocks)),
-                                   blocks_by_hand(model, tokens, blocks), **TOL)
+        torch.testing.assert_close(
+            surgery.run(model, tokens, surgery.sequence(blocks)), blocks_by_hand(model, tokens, blocks), **TOL
+        )
         torch.testing.assert_close(surgery.run(model, tokens, [5, 0]), blocks_by_hand(model, tokens, [5, 0]), **TOL)
 
 
@@ -82,8 +86,9 @@ def test_skipping_by_hooks_equals_the_runner_without_those_blocks(model, tokens)
     n_layers = model.cfg.n_layers
     for layer in range(n_layers):
         rest = [block for block in range(n_layers) if block != layer]
-        torch.testing.assert_close(hooks.skip(model, [layer]).run(model, tokens),
-                                   surgery.run_blocks(model, tokens, rest), **TOL)
+        torch.testing.assert_close(
+            hooks.skip(model, [layer]).run(model, tokens), surgery.run_blocks(model, tokens, rest), **TOL
+        )
         torch.testing.assert_close(surgery.run(model, tokens, rest), blocks_by_hand(model, tokens, rest), **TOL)
     middle = surgery.skip_range(model, 1, n_layers - 1 if n_layers > 2 else 2)
     torch.testing.assert_close(surgery.run(model, tokens, middle), blocks_by_hand(model, tokens, middle.blocks), **TOL)
@@ -104,8 +109,12 @@ def test_padding_leaves_the_real_positions_unchanged(model, tokens):
     row, pads = tokens[:1, :7], torch.zeros(1, 3, dtype=torch.long)
     for schedule in [surgery.repeat(model, 1), surgery.sequence([1, 0]), surgery.skip_first(model, 1)]:
         unpadded = surgery.run(model, row, schedule)
-        left = surgery.run(model, torch.cat([pads, row], dim=1), schedule,
-                           attention_mask=torch.cat([torch.zeros_like(pads), torch.ones_like(row)], dim=1))
+        left = surgery.run(
+            model,
+            torch.cat([pads, row], dim=1),
+            schedule,
+            attention_mask=torch.cat([torch.zeros_like(pads), torch.ones_like(row)], dim=1),
+        )
         right = surgery.run(model, torch.cat([row, pads], dim=1), schedule)
         torch.testing.assert_close(left[:, 3:], unpadded, **TOL)
         torch.testing.assert_close(right[:, :7], unpadded, **TOL)
@@ -195,8 +204,9 @@ def test_evaluate_reports_loss_top_tokens_and_generation(worded):
     assert list(table.schedule) == ["full", "skip 1..1", "blocks [2, 1, 0]"]
 
     prompt = model.to_tokens(texts[0])
-    for row, blocks, extra in zip(table.itertuples(), [(0, 1, 2), (0, 2), (2, 1, 0)],
-                                  [hooks.Hooks(), hooks.skip(model, [1]), None]):
+    for row, blocks, extra in zip(
+        table.itertuples(), [(0, 1, 2), (0, 2), (2, 1, 0)], [hooks.Hooks(), hooks.skip(model, [1]), None]
+    ):
         assert row.blocks == blocks
         if extra is None:  # a reordering: the reference is the blocks called by hand
             logits = [blocks_by_hand(model, model.to_tokens(text), blocks) for text in texts]
@@ -207,14 +217,16 @@ def test_evaluate_reports_loss_top_tokens_and_generation(worded):
         else:
             with extra.on(model):
                 logits = [model(model.to_tokens(text)) for text in texts]
-                generated = model.generate(prompt, max_new_tokens=4, do_sample=False, use_past_kv_cache=False,
-                                           stop_at_eos=False, verbose=False)
-        per_token = torch.cat([model.loss_fn(lg, model.to_tokens(text), per_token=True)[0]
-                               for lg, text in zip(logits, texts)])
+                generated = model.generate(
+                    prompt, max_new_tokens=4, do_sample=False, use_past_kv_cache=False, stop_at_eos=False, verbose=False
+                )
+        per_token = torch.cat(
+            [model.loss_fn(lg, model.to_tokens(text), per_token=True)[0] for lg, text in zip(logits, texts)]
+        )
         assert row.loss == pytest.approx(per_token.mean().item(), abs=1e-5)
         assert table.loc[row.Index, "top3@2"] == model.to_str_tokens(logits[0][0, 2].topk(3).indices)
         assert table.loc[row.Index, "top3@-1"] == model.to_str_tokens(logits[0][0, -1].topk(3).indices)
-        assert row.generation == model.to_string(generated[0, prompt.shape[1]:])
+        assert row.generation == model.to_string(generated[0, prompt.shape[1] :])
 
 
 def test_errors_name_the_problem(worded, tokens):
@@ -267,8 +279,9 @@ def test_stories260k_full_schedule_is_the_model_and_skipping_changes_the_story(s
     schedules = [surgery.full(stories), surgery.skip_last(stories, 2), surgery.repeat(stories, 2)]
     table = surgery.evaluate(stories, schedules, story, generate_tokens=12, progress=False)
     assert table.loss[0] == pytest.approx(stories(tokens, return_type="loss").item(), abs=1e-5)
-    plain = stories.generate(tokens, max_new_tokens=12, do_sample=False, use_past_kv_cache=False, stop_at_eos=False,
-                             verbose=False)
-    assert table.generation[0] == stories.to_string(plain[0, tokens.shape[1]:])
+    plain = stories.generate(
+        tokens, max_new_tokens=12, do_sample=False, use_past_kv_cache=False, stop_at_eos=False, verbose=False
+    )
+    assert table.generation[0] == stories.to_string(plain[0, tokens.shape[1] :])
     assert table.loss[1] > table.loss[0] + 0.5  # a trained model needs its last blocks
     assert table.generation[1] != table.generation[0]

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
-from lenskit.tokens import token_id, token_ids
-import lenskit
 from conftest import STORIES_DIR
+
+import lenskit
+from lenskit.tokens import token_id, token_ids
 
 
 @pytest.fixture(scope="module")

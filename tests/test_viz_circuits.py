@@ -11,15 +11,23 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import lenskit
 from conftest import STORIES_DIR, make_model
 from headless_chromium import CHROMIUM, Chromium
+
+import lenskit
 from lenskit import viz
 from lenskit.lens import logit_lens
 from lenskit.run import Run
-from lenskit.viz import (Figure, attention_patterns, colored_tokens, forget_sent_scripts, heatmap, page, save_page,
-                         top_k_tokens)
+from lenskit.viz import (
+    Figure,
+    attention_patterns,
+    colored_tokens,
+    forget_sent_scripts,
+    heatmap,
+    page,
+    save_page,
+    top_k_tokens,
+)
 from lenskit.viz.circuits import BUNDLE_PATH, NOT_LOADED, bundle_script
 
 KINDS = ["gpt2", "llama", "neox"]
@@ -197,8 +205,12 @@ def test_the_bundle_is_the_packaged_circuitsvis_script_safe_to_inline():
 def test_a_page_inlines_the_bundle_once_and_references_nothing_outside(tokens, tmp_path):
     model = make_model("gpt2")
     run = Run(model, tokens)
-    figures = [run.attention_patterns(0), heatmap(torch.ones(1, 1), ["r"], ["c"]),
-               run.attention_patterns(1), logit_lens(model, run, top_k=2, progress=False).plot_topk()]
+    figures = [
+        run.attention_patterns(0),
+        heatmap(torch.ones(1, 1), ["r"], ["c"]),
+        run.attention_patterns(1),
+        logit_lens(model, run, top_k=2, progress=False).plot_topk(),
+    ]
     html = page(figures, title="two <patterns>")
     head, body = html.split("</head>")
     assert head.count(bundle_script()) == 1 and bundle_script() not in body
@@ -238,10 +250,13 @@ ALL_RENDERED = """(() => {
 def test_the_page_renders_in_headless_chromium_without_network_or_errors(word_model, tmp_path):
     text = "the cat sat on a mat and the dog ran"
     run = Run(word_model, text)
-    figures = [run.attention_patterns(0), run.attention_patterns(1),
-               colored_tokens(word_model.to_str_tokens(text), torch.linspace(-1, 1, 11)),
-               heatmap(torch.randn(3, 4), ["L0", "L1", "L2"], ["a", "b", "c", "d"], title="grid"),
-               logit_lens(word_model, run, top_k=3, progress=False).plot_topk()]
+    figures = [
+        run.attention_patterns(0),
+        run.attention_patterns(1),
+        colored_tokens(word_model.to_str_tokens(text), torch.linspace(-1, 1, 11)),
+        heatmap(torch.randn(3, 4), ["L0", "L1", "L2"], ["a", "b", "c", "d"], title="grid"),
+        logit_lens(word_model, run, top_k=3, progress=False).plot_topk(),
+    ]
     path = save_page(figures, tmp_path / "page.html")
     with Chromium() as browser:
         tab = browser.open(path)
@@ -249,9 +264,11 @@ def test_the_page_renders_in_headless_chromium_without_network_or_errors(word_mo
         pixels = tab.screenshot().astype(float)
         # hovering a token of the lens' last row shows that position's top-k guesses
         last_row = "[...document.querySelectorAll('.lenskit-lens-topk [id^=lenskit-cv-]')].at(-1)"
-        x, y = tab.evaluate(f"(() => {{ const token = {last_row}.querySelector('span span');"
-                            " token.scrollIntoView({block: 'center'}); const r = token.getBoundingClientRect();"
-                            " return [r.left + r.width / 2, r.top + r.height / 2]; })()")
+        x, y = tab.evaluate(
+            f"(() => {{ const token = {last_row}.querySelector('span span');"
+            " token.scrollIntoView({block: 'center'}); const r = token.getBoundingClientRect();"
+            " return [r.left + r.width / 2, r.top + r.height / 2]; })()"
+        )
         tab.move_mouse(x, y)
         tooltip = tab.wait_for(f"{last_row}.querySelector('table')?.innerText", timeout=10)
         assert tab.requests == [path.resolve().as_uri()]
@@ -259,7 +276,7 @@ def test_the_page_renders_in_headless_chromium_without_network_or_errors(word_mo
     assert not any(NOT_LOADED in t for t in shown["texts"])
     assert len(shown["figures"]) == len(figures)
     for left, top, width, height in shown["figures"]:  # every figure has drawn something
-        region = pixels[int(top):int(top + height), int(left):int(left + width)]
+        region = pixels[int(top) : int(top + height), int(left) : int(left + width)]
         assert region.size and region.std(axis=(0, 1)).max() > 10
     props = rendered_props(figures[-1])[-1][1]
     top_token, top_log_prob = props["topKTokens"][0][0], props["topKLogProbs"][0][0]

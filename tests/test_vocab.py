@@ -13,10 +13,17 @@ from lenskit import vocab
 
 ARCHS = ["gpt2", "llama", "neox"]
 REPEATED = "the cat sat on a mat and dog ran the cat sat on a mat and dog ran"
-RAGGED = ["the cat sat the cat sat", "a mat and dog ran a mat and dog ran", "dog ran on the mat dog ran on",
-          "sat on a mat sat on a mat"]
-TL_NAMES = {"previous_token": "previous_token_head", "duplicate_token": "duplicate_token_head",
-            "induction": "induction_head"}
+RAGGED = [
+    "the cat sat the cat sat",
+    "a mat and dog ran a mat and dog ran",
+    "dog ran on the mat dog ran on",
+    "sat on a mat sat on a mat",
+]
+TL_NAMES = {
+    "previous_token": "previous_token_head",
+    "duplicate_token": "duplicate_token_head",
+    "induction": "induction_head",
+}
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -36,8 +43,9 @@ def folded(model):
     Value biases stay in hook_z (not folded into b_O), so each head's output is unchanged up to centring.
     """
     processed = copy.deepcopy(model)
-    processed.load_and_process_state_dict(processed.state_dict(), fold_ln=True, center_writing_weights=True,
-                                          center_unembed=False, fold_value_biases=False)
+    processed.load_and_process_state_dict(
+        processed.state_dict(), fold_ln=True, center_writing_weights=True, center_unembed=False, fold_value_biases=False
+    )
     return processed
 
 
@@ -146,8 +154,10 @@ def test_head_scores_equal_transformer_lens_detect_head(model, kind):
     torch.testing.assert_close(scores.tensor, expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kind, options", [("duplicate_token", dict(exclude_bos=True)),
-                                           ("induction", dict(exclude_bos=True, exclude_current_token=True))])
+@pytest.mark.parametrize(
+    "kind, options",
+    [("duplicate_token", dict(exclude_bos=True)), ("induction", dict(exclude_bos=True, exclude_current_token=True))],
+)
 def test_head_scores_exclusions_equal_transformer_lens(model, kind, options):
     scores = vocab.head_scores(model, REPEATED, kind, progress=False, **options)
     expected = head_detector.detect_head(model, REPEATED, TL_NAMES[kind], **options)
@@ -165,8 +175,12 @@ def test_several_prompts_are_averaged_like_transformer_lens(model):
     expected = head_detector.detect_head(model, RAGGED, "induction_head")
     torch.testing.assert_close(scores.tensor, expected, atol=1e-5, rtol=0)
     batch = torch.cat([model.to_tokens(text) for text in RAGGED[2:]])  # equal lengths
-    torch.testing.assert_close(vocab.head_scores(model, batch, "induction", progress=False).tensor,
-                               head_detector.detect_head(model, RAGGED[2:], "induction_head"), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        vocab.head_scores(model, batch, "induction", progress=False).tensor,
+        head_detector.detect_head(model, RAGGED[2:], "induction_head"),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 def test_head_scores_run_one_forward_per_prompt_length(model):

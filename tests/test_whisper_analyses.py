@@ -3,12 +3,22 @@ cross-attention pictures. References are hook runs (hooks.skip, hooks.ablate, ho
 
 import pytest
 import torch
+from test_whisper_support import SPEECH, SPEECH_TEXT, one_torch_thread, randomize_  # noqa: F401  (fixture)
 
 from lenskit import hooks
 from lenskit.viz import Figure
-from lenskit.whisper import (HookedWhisper, WhisperLensResult, cross_attention, get_tokenizer, decoder_logit_attribution,
-                             decoder_logit_lens, encoder_lens, layer_removal, remove_final_layers, word_error_rate)
-from test_whisper_support import SPEECH, SPEECH_TEXT, one_torch_thread, randomize_  # noqa: F401  (fixture)
+from lenskit.whisper import (
+    HookedWhisper,
+    WhisperLensResult,
+    cross_attention,
+    decoder_logit_attribution,
+    decoder_logit_lens,
+    encoder_lens,
+    get_tokenizer,
+    layer_removal,
+    remove_final_layers,
+    word_error_rate,
+)
 
 TOL = 1e-4
 
@@ -47,8 +57,11 @@ def test_encoder_lens_equals_skipping_later_encoder_blocks(model, mel):
     lens = encoder_lens(model, mel, TOKENS, progress=False)
     n_layers = SPEECH.n_audio_layer
     for layer in range(n_layers):
-        expected = hooks.skip(model, list(range(layer + 1, n_layers)), stack="encoder.blocks").run(model, mel, TOKENS) \
-            if layer + 1 < n_layers else model(mel, TOKENS)
+        expected = (
+            hooks.skip(model, list(range(layer + 1, n_layers)), stack="encoder.blocks").run(model, mel, TOKENS)
+            if layer + 1 < n_layers
+            else model(mel, TOKENS)
+        )
         torch.testing.assert_close(lens.logits.tensor[layer], expected[0], atol=TOL, rtol=0)
 
 
@@ -171,7 +184,8 @@ def test_cross_attention_pattern(model, mel):
 def test_skip_cross_attention_only(model, mel):
     """part="cross_attn" zeroes the decoder's cross-attention output alone: resid_mid_cross = resid_mid."""
     h = hooks.skip(model, 1, part="cross_attn", stack="decoder.blocks") + hooks.cache(
-        ["decoder.blocks.1.hook_resid_mid", "decoder.blocks.1.hook_resid_mid_cross", "decoder.blocks.1.hook_attn_out"])
+        ["decoder.blocks.1.hook_resid_mid", "decoder.blocks.1.hook_resid_mid_cross", "decoder.blocks.1.hook_attn_out"]
+    )
     with h.on(model):
         model(mel, TOKENS)
     assert torch.equal(h.store["decoder.blocks.1.hook_resid_mid_cross"], h.store["decoder.blocks.1.hook_resid_mid"])

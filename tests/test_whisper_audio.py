@@ -7,11 +7,19 @@ import wave
 import numpy as np
 import pytest
 import torch
-
-from lenskit.whisper import load_audio, log_mel, log_mel_spectrogram, mel_filters, model_input, pad_or_trim, \
-    read_wav, resample_audio
-from lenskit.whisper.audio import N_SAMPLES
 from test_whisper_support import one_torch_thread, speech_wav  # noqa: F401  (fixtures)
+
+from lenskit.whisper import (
+    load_audio,
+    log_mel,
+    log_mel_spectrogram,
+    mel_filters,
+    model_input,
+    pad_or_trim,
+    read_wav,
+    resample_audio,
+)
+from lenskit.whisper.audio import N_SAMPLES
 
 
 def write_wav(path, samples: np.ndarray, rate: int, encoding: int = 1, bits: int = 16):
@@ -19,8 +27,18 @@ def write_wav(path, samples: np.ndarray, rate: int, encoding: int = 1, bits: int
     data = samples.tobytes()
     channels = samples.shape[1]
     fmt = struct.pack("<HHIIHH", encoding, channels, rate, rate * channels * bits // 8, channels * bits // 8, bits)
-    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"LIST" + struct.pack("<I", 4) + b"INFO" \
-        + b"data" + struct.pack("<I", len(data)) + data
+    body = (
+        b"WAVE"
+        + b"fmt "
+        + struct.pack("<I", len(fmt))
+        + fmt
+        + b"LIST"
+        + struct.pack("<I", 4)
+        + b"INFO"
+        + b"data"
+        + struct.pack("<I", len(data))
+        + data
+    )
     path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
     return path
 
@@ -48,8 +66,9 @@ def test_log_mel_equals_openai_whisper_on_speech(speech_wav, n_mels):
 def test_log_mel_equals_openai_whisper_on_noise(n_mels):
     whisper = pytest.importorskip("whisper")
     noise = 0.1 * torch.randn(7 * 16000, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(log_mel_spectrogram(noise, n_mels), whisper.log_mel_spectrogram(noise, n_mels),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        log_mel_spectrogram(noise, n_mels), whisper.log_mel_spectrogram(noise, n_mels), atol=1e-5, rtol=0
+    )
 
 
 def test_read_wav_matches_the_standard_library(speech_wav):
@@ -72,10 +91,11 @@ def test_stereo_and_other_encodings_are_mixed_to_mono(tmp_path):
     torch.testing.assert_close(load_audio(pcm16, resample=False), expected, atol=1 / 32767, rtol=0)
     pcm8 = write_wav(tmp_path / "u8.wav", np.round(stereo * 127 + 128).astype(np.uint8), 16000, bits=8)
     torch.testing.assert_close(load_audio(pcm8), expected, atol=1 / 127, rtol=0)
-    ints24 = np.round(stereo * (2 ** 23 - 1)).astype("<i4").reshape(-1, 2)
+    ints24 = np.round(stereo * (2**23 - 1)).astype("<i4").reshape(-1, 2)
     pcm24 = np.stack([(ints24 >> shift) & 0xFF for shift in (0, 8, 16)], axis=-1).astype(np.uint8)
-    torch.testing.assert_close(load_audio(write_wav(tmp_path / "s24.wav", pcm24, 16000, bits=24)), expected,
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        load_audio(write_wav(tmp_path / "s24.wav", pcm24, 16000, bits=24)), expected, atol=1e-6, rtol=0
+    )
     float32 = write_wav(tmp_path / "f32.wav", stereo.astype("<f4"), 16000, encoding=3, bits=32)
     torch.testing.assert_close(load_audio(float32), expected, atol=1e-7, rtol=0)
 
@@ -101,7 +121,9 @@ def test_resampling_removes_tones_above_the_new_nyquist():
 def tone_wav(tmp_path):
     """Two seconds of a 440 Hz tone at 22.05 kHz, 16-bit mono."""
     t = np.arange(2 * 22050) / 22050
-    return write_wav(tmp_path / "tone.wav", np.round(0.5 * np.sin(2 * np.pi * 440 * t) * 32767).astype("<i2")[:, None], 22050)
+    return write_wav(
+        tmp_path / "tone.wav", np.round(0.5 * np.sin(2 * np.pi * 440 * t) * 32767).astype("<i2")[:, None], 22050
+    )
 
 
 def test_pad_or_trim():

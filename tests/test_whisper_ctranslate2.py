@@ -20,15 +20,14 @@ import struct
 import numpy as np
 import pytest
 import torch
+from test_whisper_support import one_torch_thread, synthesise  # noqa: F401  (fixture)
 
-from lenskit import whisper
-from lenskit.whisper import convert
-from lenskit import packaged
+from lenskit import packaged, whisper
 from lenskit.packaged import PACKAGED
+from lenskit.whisper import convert
 from lenskit.whisper.convert import from_ctranslate2
 from lenskit.whisper.ctranslate2 import CTranslate2FormatError, read_model_bin
 from lenskit.whisper.decoding import blank_tokens, greedy_decode, model_suppressed_tokens, suppressed_tokens
-from test_whisper_support import one_torch_thread, synthesise  # noqa: F401  (fixture)
 
 # Measured on faster-whisper-tiny.en, four espeak-ng utterances, float16 weights upcast to float32 on
 # both sides, one thread: encoder output max |diff| 3.0e-4 (values up to 12.6), logits and
@@ -73,8 +72,10 @@ def reference(wheel):
 @pytest.fixture(scope="module")
 def mels(tmp_path_factory):
     folder = tmp_path_factory.mktemp("utterances")
-    return [whisper.model_input(synthesise(folder / f"u{i}.wav", text, *options))
-            for i, (text, options) in enumerate(UTTERANCES)]
+    return [
+        whisper.model_input(synthesise(folder / f"u{i}.wav", text, *options))
+        for i, (text, options) in enumerate(UTTERANCES)
+    ]
 
 
 def storage(mel: torch.Tensor):
@@ -88,8 +89,9 @@ def storage(mel: torch.Tensor):
 def test_greedy_transcript_and_log_probs_equal_ctranslate2(real, reference, mels, index):
     mel = mels[index]
     ours = whisper.transcribe(real, mel, progress=False)
-    theirs = reference.generate(storage(mel), [ours.prompt], beam_size=1, return_scores=True,
-                                return_logits_vocab=True)[0]
+    theirs = reference.generate(storage(mel), [ours.prompt], beam_size=1, return_scores=True, return_logits_vocab=True)[
+        0
+    ]
     assert len(ours.tokens) >= 8
     assert ours.tokens == theirs.sequences_ids[0]
     # ctranslate2's logits of each step (the end of text included), suppressed entries at float32's lowest
@@ -97,7 +99,7 @@ def test_greedy_transcript_and_log_probs_equal_ctranslate2(real, reference, mels
     assert their_logits.shape == (len(ours.tokens) + 1, real.cfg.n_vocab)
     disabled = their_logits < -1e30
     eot = whisper.get_tokenizer(real).eot
-    logits = real(mel, torch.tensor([ours.prompt + ours.tokens]))[0, len(ours.prompt) - 1:]
+    logits = real(mel, torch.tensor([ours.prompt + ours.tokens]))[0, len(ours.prompt) - 1 :]
     torch.testing.assert_close(logits[~disabled], their_logits[~disabled], atol=LOGPROB_ATOL, rtol=0)
     ours_lp = logits.masked_fill(disabled, float("-inf")).log_softmax(-1)
     theirs_lp = their_logits.masked_fill(disabled, float("-inf")).log_softmax(-1)
@@ -158,7 +160,9 @@ def test_tokenizer_ids_equal_the_folders_vocabulary(real, wheel):
             renamed[token_id] = (ours.decode(), line)
     # Hugging Face's names for two special tokens: Hebrew's old code, and "no captions" for "no speech"
     assert renamed == {50278: ("<|he|>", "<|iw|>"), 50361: ("<|nospeech|>", "<|nocaptions|>")}
-    assert tokenizer.sot == lines.index("<|startoftranscript|>") and tokenizer.no_timestamps == lines.index("<|notimestamps|>")
+    assert tokenizer.sot == lines.index("<|startoftranscript|>") and tokenizer.no_timestamps == lines.index(
+        "<|notimestamps|>"
+    )
 
 
 def test_model_suppress_tokens_minus_one_means_non_speech(real):
@@ -175,11 +179,17 @@ def test_model_suppress_tokens_minus_one_means_non_speech(real):
 
 # --- resolving the wheel by name ----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["faster-whisper-tiny.en", "Systran/faster-whisper-tiny.en"])
 def test_names_resolve_to_the_installed_wheel(wheel, monkeypatch, name):
     seen = []
-    monkeypatch.setattr(convert, "from_ctranslate2", lambda folder: seen.append(folder) or whisper.HookedWhisper(
-        whisper.WhisperConfig.tiny(n_audio_layer=1, n_text_layer=1)))
+    monkeypatch.setattr(
+        convert,
+        "from_ctranslate2",
+        lambda folder: (
+            seen.append(folder) or whisper.HookedWhisper(whisper.WhisperConfig.tiny(n_audio_layer=1, n_text_layer=1))
+        ),
+    )
     whisper.load(name)
     assert [str(f) for f in seen] == [str(wheel)]
 
@@ -215,8 +225,9 @@ SOT, NO_TIMESTAMPS, EOT = VOCAB - 4, VOCAB - 1, VOCAB - 5
 QUANTISATIONS = ["float32", "float16", "bfloat16", "int8", "int8_float16", "int16"]
 
 
-def write_small_whisper(folder, quantization: str | None, seed: int = 0, n_mels: int = MELS, tokens=None,
-                        config=None) -> dict[str, np.ndarray]:
+def write_small_whisper(
+    folder, quantization: str | None, seed: int = 0, n_mels: int = MELS, tokens=None, config=None
+) -> dict[str, np.ndarray]:
     """A small random Whisper written by ctranslate2's WhisperSpec; returns the float32 weights set.
 
     `tokens` (the vocabulary) and `config` (config.json's fields) default to a 120-token toy."""
@@ -246,7 +257,12 @@ def write_small_whisper(folder, quantization: str | None, seed: int = 0, n_mels:
     encoder.position_encodings.encodings = normal("encoder/position_encodings/encodings", AUDIO_CTX, D, scale=0.5)
     decoder.position_encodings.encodings = normal("decoder/position_encodings/encodings", TEXT_CTX, D, scale=0.5)
     tokens = tokens or [f"t{i}" for i in range(VOCAB - 5)] + [
-        "<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"]
+        "<|endoftext|>",
+        "<|startoftranscript|>",
+        "<|en|>",
+        "<|transcribe|>",
+        "<|notimestamps|>",
+    ]
     decoder.embeddings.weight = normal("decoder/embeddings/weight", len(tokens), D, scale=0.2)
     decoder.projection.weight = decoder.embeddings.weight.copy()  # tied: ctranslate2 stores it as an alias
     layer_norm(encoder.layer_norm, "encoder/layer_norm")
@@ -266,8 +282,9 @@ def write_small_whisper(folder, quantization: str | None, seed: int = 0, n_mels:
             linear(layer.ffn.linear_0, f"{name}/ffn/linear_0", 4 * D, D)
             linear(layer.ffn.linear_1, f"{name}/ffn/linear_1", D, 4 * D)
     spec.register_vocabulary(tokens)
-    config = config or dict(suppress_ids=[3, 5], suppress_ids_begin=[EOT], lang_ids=[VOCAB - 3],
-                            alignment_heads=[[2, 0], [1, 1]])
+    config = config or dict(
+        suppress_ids=[3, 5], suppress_ids_begin=[EOT], lang_ids=[VOCAB - 3], alignment_heads=[[2, 0], [1, 1]]
+    )
     for key, value in config.items():
         setattr(spec.config, key, value)
     spec.validate()
@@ -293,8 +310,9 @@ def test_small_models_equal_ctranslate2(small_folders, quantization):
 
     folder = small_folders[0][quantization]
     model = from_ctranslate2(folder)
-    assert model.cfg == whisper.WhisperConfig(MELS, AUDIO_CTX, D, ENCODER_HEADS, ENCODER_LAYERS, VOCAB, TEXT_CTX, D,
-                                              DECODER_HEADS, DECODER_LAYERS)
+    assert model.cfg == whisper.WhisperConfig(
+        MELS, AUDIO_CTX, D, ENCODER_HEADS, ENCODER_LAYERS, VOCAB, TEXT_CTX, D, DECODER_HEADS, DECODER_LAYERS
+    )
     assert model.alignment_heads == [(2, 0), (1, 1)] and model.suppress_tokens == [3, 5]
     assert model.begin_suppress_tokens == [EOT]
     reference = ctranslate2.models.Whisper(str(folder), device="cpu", compute_type="float32", intra_threads=1)
@@ -303,13 +321,20 @@ def test_small_models_equal_ctranslate2(small_folders, quantization):
     their_audio = torch.as_tensor(np.asarray(reference.encode(storage(mel), to_cpu=True)))
     torch.testing.assert_close(audio, their_audio, atol=SMALL_ATOL, rtol=0)
     prompt = [SOT, NO_TIMESTAMPS]
-    results = reference.generate(storage(mel), [prompt, prompt], beam_size=1, max_length=20, suppress_tokens=[],
-                                 suppress_blank=False, return_logits_vocab=True)
+    results = reference.generate(
+        storage(mel),
+        [prompt, prompt],
+        beam_size=1,
+        max_length=20,
+        suppress_tokens=[],
+        suppress_blank=False,
+        return_logits_vocab=True,
+    )
     for row, result in enumerate(results):
-        tokens = greedy_decode(model, audio[row:row + 1], prompt, EOT, 10, [], [], progress=False)
+        tokens = greedy_decode(model, audio[row : row + 1], prompt, EOT, 10, [], [], progress=False)
         assert tokens == result.sequences_ids[0] and len(set(tokens)) > 1
         their_logits = torch.stack([torch.as_tensor(np.asarray(step)) for step in result.logits[0]])
-        logits = model.decode(torch.tensor([prompt + tokens]), audio[row:row + 1])[0, 1:1 + len(their_logits)]
+        logits = model.decode(torch.tensor([prompt + tokens]), audio[row : row + 1])[0, 1 : 1 + len(their_logits)]
         torch.testing.assert_close(logits, their_logits, atol=SMALL_ATOL, rtol=0)
 
 
@@ -325,10 +350,16 @@ def test_multilingual_folders_transcribe_like_ctranslate2(tmp_path, n_vocab, n_m
     languages = n_vocab - 51765 - 1
     tokenizer = openai_tokenizer(True, num_languages=languages, language="de", task="transcribe")
     assert tokenizer.encoding.n_vocab == n_vocab
-    tokens = [f"t{i}" if i < tokenizer.eot else tokenizer.encoding.decode_single_token_bytes(i).decode()
-              for i in range(n_vocab)]
-    config = dict(suppress_ids=[-1, 50], suppress_ids_begin=[220, tokenizer.eot],
-                  lang_ids=list(tokenizer.all_language_tokens), alignment_heads=[[2, 1]])
+    tokens = [
+        f"t{i}" if i < tokenizer.eot else tokenizer.encoding.decode_single_token_bytes(i).decode()
+        for i in range(n_vocab)
+    ]
+    config = dict(
+        suppress_ids=[-1, 50],
+        suppress_ids_begin=[220, tokenizer.eot],
+        lang_ids=list(tokenizer.all_language_tokens),
+        alignment_heads=[[2, 1]],
+    )
     write_small_whisper(tmp_path, "float16", seed=3, n_mels=n_mels, tokens=tokens, config=config)
     model = whisper.load(tmp_path)
     assert model.is_multilingual and model.num_languages == languages and model.cfg.n_mels == n_mels
@@ -337,8 +368,12 @@ def test_multilingual_folders_transcribe_like_ctranslate2(tmp_path, n_vocab, n_m
     assert model_suppressed_tokens(model, ours_tokenizer) == sorted(set(tokenizer.non_speech_tokens) | {50})
     mel = torch.randn(1, n_mels, 2 * AUDIO_CTX, generator=torch.Generator().manual_seed(4))
     ours = whisper.transcribe(model, mel, language="de", max_tokens=10, progress=False)
-    assert ours.prompt == [tokenizer.sot, tokenizer.to_language_token("de"),
-                           tokenizer.transcribe, tokenizer.no_timestamps]
+    assert ours.prompt == [
+        tokenizer.sot,
+        tokenizer.to_language_token("de"),
+        tokenizer.transcribe,
+        tokenizer.no_timestamps,
+    ]
     reference = ctranslate2.models.Whisper(str(tmp_path), device="cpu", compute_type="float32", intra_threads=1)
     result = reference.generate(storage(mel), [ours.prompt], beam_size=1, max_length=20, suppress_tokens=[50, -1])[0]
     assert ours.tokens == result.sequences_ids[0] and len(set(ours.tokens)) > 1
@@ -358,7 +393,7 @@ def test_reader_values_equal_what_was_written(small_folders):
     assert half.raw(name).dtype == torch.float16 and torch.equal(half.tensor(name), original.half().float())
     brain = read_model_bin(folders["bfloat16"] / "model.bin")
     assert brain.raw(name).dtype == torch.bfloat16 and torch.equal(brain.tensor(name), original.bfloat16().float())
-    for quantization, dtype, top in (("int8", torch.int8, 127), ("int16", torch.int16, 2 ** 10)):
+    for quantization, dtype, top in (("int8", torch.int8, 127), ("int16", torch.int16, 2**10)):
         table = read_model_bin(folders[quantization] / "model.bin")
         stored, scale = table.raw(name), table.raw(f"{name}_scale")
         assert stored.dtype == dtype and stored.abs().max() == top
@@ -376,7 +411,7 @@ def test_truncated_real_file_and_missing_model_bin(small_folders, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(source, broken)
     data = (source / "model.bin").read_bytes()
-    (broken / "model.bin").write_bytes(data[:len(data) // 2])
+    (broken / "model.bin").write_bytes(data[: len(data) // 2])
     with pytest.raises(CTranslate2FormatError, match=r"model.bin is truncated or corrupt: the data of .* needs"):
         whisper.load(broken)
     (broken / "model.bin").unlink()
@@ -390,7 +425,9 @@ def test_vocabulary_and_config_are_checked(small_folders, tmp_path):
     shutil.copytree(source, folder)
     tokens = json.loads((source / "vocabulary.json").read_text())  # what ctranslate2 4 writes
     (folder / "vocabulary.json").write_text(json.dumps(tokens[:-1]))
-    with pytest.raises(ValueError, match=f"vocabulary.json lists {VOCAB - 1} tokens but the model's embedding has {VOCAB} rows"):
+    with pytest.raises(
+        ValueError, match=f"vocabulary.json lists {VOCAB - 1} tokens but the model's embedding has {VOCAB} rows"
+    ):
         from_ctranslate2(folder)
     (folder / "vocabulary.txt").write_text("\n".join(tokens + ["extra"]) + "\n")  # older ctranslate2's file wins
     with pytest.raises(ValueError, match=f"vocabulary.txt lists {VOCAB + 1} tokens"):
@@ -416,7 +453,11 @@ def test_save_keeps_the_decoding_facts(small_folders, tmp_path):
     model = from_ctranslate2(small_folders[0]["int8"])
     whisper.save(model, tmp_path / "saved")
     again = whisper.load(tmp_path / "saved")
-    assert (again.suppress_tokens, again.begin_suppress_tokens, again.alignment_heads) == ([3, 5], [EOT], [(2, 0), (1, 1)])
+    assert (again.suppress_tokens, again.begin_suppress_tokens, again.alignment_heads) == (
+        [3, 5],
+        [EOT],
+        [(2, 0), (1, 1)],
+    )
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     direct = whisper.load(small_folders[0]["int8"] / "model.bin")  # the file itself names its folder
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), direct.state_dict().values()))
@@ -426,14 +467,22 @@ def test_whisper_variables_are_checked(small_folders, tmp_path):
     """A missing variable, an unknown one, another activation, a nonzero key bias: errors naming them."""
     table = read_model_bin(small_folders[0]["float32"] / "model.bin")
     cases = {
-        "missing": (lambda v: v.pop("decoder/layer_2/attention/linear_1/bias"),
-                    r"has no variable 'decoder/layer_2/attention/linear_1/bias'"),
-        "unknown": (lambda v: v.update({"decoder/layer_0/self_attention/relative_position_keys": torch.zeros(2, 2)}),
-                    r"1 variables HookedWhisper does not know, e\.g\. \['decoder/layer_0/self_attention/relative"),
-        "activation": (lambda v: v.update({"decoder/activation": torch.tensor(1, dtype=torch.int8)}),
-                       r"decoder/activation is 1; HookedWhisper computes Whisper with the exact GELU"),
-        "key bias": (lambda v: v["encoder/layer_1/self_attention/linear_0/bias"].__setitem__(D, 0.5),
-                     r"encoder/layer_1/self_attention/linear_0 has a nonzero key bias"),
+        "missing": (
+            lambda v: v.pop("decoder/layer_2/attention/linear_1/bias"),
+            r"has no variable 'decoder/layer_2/attention/linear_1/bias'",
+        ),
+        "unknown": (
+            lambda v: v.update({"decoder/layer_0/self_attention/relative_position_keys": torch.zeros(2, 2)}),
+            r"1 variables HookedWhisper does not know, e\.g\. \['decoder/layer_0/self_attention/relative",
+        ),
+        "activation": (
+            lambda v: v.update({"decoder/activation": torch.tensor(1, dtype=torch.int8)}),
+            r"decoder/activation is 1; HookedWhisper computes Whisper with the exact GELU",
+        ),
+        "key bias": (
+            lambda v: v["encoder/layer_1/self_attention/linear_0/bias"].__setitem__(D, 0.5),
+            r"encoder/layer_1/self_attention/linear_0 has a nonzero key bias",
+        ),
         "spec": (None, r"holds a CTranslate2 TransformerSpec model; lenskit.whisper reads WhisperSpec"),
     }
     for case, (change, message) in cases.items():
@@ -498,7 +547,9 @@ def write(tmp_path, data: bytes, name="model.bin"):
 
 
 def test_hand_written_file_round_trips_every_dtype(tmp_path):
-    table = read_model_bin(write(tmp_path, model_bin(VARIABLES, [("f/weight", "c/weight")], spec="TestSpec", revision=2)))
+    table = read_model_bin(
+        write(tmp_path, model_bin(VARIABLES, [("f/weight", "c/weight")], spec="TestSpec", revision=2))
+    )
     assert (table.binary_version, table.spec, table.revision) == (6, "TestSpec", 2)
     for name, value in VARIABLES.items():
         assert table.raw(name).dtype == value.dtype and torch.equal(table.raw(name), value), name
@@ -533,23 +584,33 @@ def test_bad_files_name_the_file_and_what_is_valid(tmp_path):
         read_model_bin(path)
     with pytest.raises(CTranslate2FormatError, match=r"binary version 67324752"):  # a zip file, say
         read_model_bin(write(tmp_path, b"PK\x03\x04" + good[4:]))
-    with pytest.raises(CTranslate2FormatError, match=r"variable e/flag has dtype id 9; valid ids are 0 \(float32\), "
-                                                     r"1 \(int8\), 2 \(int16\), 3 \(int32\), 4 \(float16\), 5 \(bfloat16\)"):
+    with pytest.raises(
+        CTranslate2FormatError,
+        match=r"variable e/flag has dtype id 9; valid ids are 0 \(float32\), "
+        r"1 \(int8\), 2 \(int16\), 3 \(int32\), 4 \(float16\), 5 \(bfloat16\)",
+    ):
         read_model_bin(write(tmp_path, model_bin(VARIABLES, type_ids={"e/flag": 9})))
-    with pytest.raises(CTranslate2FormatError, match=r"variable e/heads of shape \(\) and dtype int8 should hold 1 bytes, "
-                                                     r"its header says 2"):
+    with pytest.raises(
+        CTranslate2FormatError,
+        match=r"variable e/heads of shape \(\) and dtype int8 should hold 1 bytes, "
+        r"its header says 2",
+    ):
         read_model_bin(write(tmp_path, model_bin(VARIABLES, type_ids={"e/heads": 1})))
     with pytest.raises(CTranslate2FormatError, match=r"corrupt: 3 bytes follow the end of its variable table"):
         read_model_bin(write(tmp_path, good + b"abc"))
     with pytest.raises(CTranslate2FormatError, match=r"the spec name .* is not a NUL-terminated string"):
         read_model_bin(write(tmp_path, good.replace(b"WhisperSpec\0", b"WhisperSpecX")))
     no_scale = {k: v for k, v in VARIABLES.items() if k != "c/weight_scale"}
-    with pytest.raises(CTranslate2FormatError, match=r"c/weight is quantised \(int8\) but the file has no c/weight_scale"):
+    with pytest.raises(
+        CTranslate2FormatError, match=r"c/weight is quantised \(int8\) but the file has no c/weight_scale"
+    ):
         read_model_bin(write(tmp_path, model_bin(no_scale))).tensor("c/weight")
 
 
 def test_every_truncation_is_reported(tmp_path):
     good = model_bin(VARIABLES, [("f/weight", "c/weight")])
     for cut in range(len(good)):
-        with pytest.raises(CTranslate2FormatError, match=rf"model.bin is truncated or corrupt: .* the file ends at {cut}"):
+        with pytest.raises(
+            CTranslate2FormatError, match=rf"model.bin is truncated or corrupt: .* the file ends at {cut}"
+        ):
             read_model_bin(write(tmp_path, good[:cut]))

@@ -5,11 +5,11 @@ Decoding needs Whisper's tokenizer, which comes from openai-whisper (lenskit's `
 
 import pytest
 import torch
+from test_whisper_support import SPEECH, one_torch_thread, openai_whisper, speech_wav  # noqa: F401  (fixtures)
 
 from lenskit import hooks
 from lenskit.whisper import from_openai, get_tokenizer, model_input, transcribe
 from lenskit.whisper.decoding import suppressed_tokens
-from test_whisper_support import SPEECH, one_torch_thread, openai_whisper, speech_wav  # noqa: F401  (fixtures)
 
 whisper = pytest.importorskip("whisper")
 MAX_TOKENS = 12
@@ -78,7 +78,11 @@ def test_detected_language_equals_openai_whisper(multilingual, mel):
 @torch.no_grad()
 def test_cached_decoding_equals_uncached_with_and_without_hooks(multilingual, mel):
     _, model = multilingual
-    for h in (None, hooks.ablate("decoder.blocks.1.cross_attn.hook_z", head=2) + hooks.ablate("decoder.blocks.0.mlp.hook_post", neuron=[0, 5])):
+    for h in (
+        None,
+        hooks.ablate("decoder.blocks.1.cross_attn.hook_z", head=2)
+        + hooks.ablate("decoder.blocks.0.mlp.hook_post", neuron=[0, 5]),
+    ):
         cached = transcribe(model, mel, hooks=h, max_tokens=MAX_TOKENS, progress=False)
         uncached = transcribe(model, mel, hooks=h, max_tokens=MAX_TOKENS, use_cache=False, progress=False)
         assert cached.tokens == uncached.tokens and len(cached.tokens) > 3
@@ -89,8 +93,14 @@ def test_cached_decoding_equals_uncached_with_and_without_hooks(multilingual, me
 def test_hooks_see_every_decoding_step_and_are_removed(multilingual, mel):
     _, model = multilingual
     seen = []
-    result = transcribe(model, mel, hooks=[("decoder.blocks.0.hook_resid_post", lambda x, hook: seen.append(x.shape))],
-                        max_tokens=MAX_TOKENS, suppress_tokens=[get_tokenizer(model).eot], progress=False)
+    result = transcribe(
+        model,
+        mel,
+        hooks=[("decoder.blocks.0.hook_resid_post", lambda x, hook: seen.append(x.shape))],
+        max_tokens=MAX_TOKENS,
+        suppress_tokens=[get_tokenizer(model).eot],
+        progress=False,
+    )
     n_prompt = len(result.prompt)
     assert len(result.tokens) == MAX_TOKENS
     assert seen == [(1, n_prompt, SPEECH.n_text_state)] + [(1, 1, SPEECH.n_text_state)] * (MAX_TOKENS - 1)
@@ -114,7 +124,7 @@ def test_full_decoder_pass_over_the_transcript(multilingual, mel):
     n_pos = len(result.prompt) + len(result.tokens)
     assert cache["decoder.blocks.2.cross_attn.hook_pattern"].shape[2] == n_pos
     assert cache["decoder.blocks.2.hook_resid_post"].shape[1] == n_pos
-    chosen = logits[0, len(result.prompt) - 1:-1].clone()
+    chosen = logits[0, len(result.prompt) - 1 : -1].clone()
     chosen[:, suppressed_tokens(get_tokenizer(model))] = float("-inf")
     assert chosen.argmax(-1).tolist() == result.tokens
 

@@ -4,12 +4,12 @@ encoding under `remove_final_layers`, and the logit-lens table equals the lens' 
 
 import pytest
 import torch
+from test_whisper_support import one_torch_thread  # noqa: F401  (fixture)
 
 from lenskit import experiments, whisper
 from lenskit.experiments import whisper_layers
 from lenskit.whisper.layers import greedy_batch, remove_final_layers, repeats, truncated_encodings
 from lenskit.whisper.wer import corpus_word_error_rate, normalise, word_error_rate
-from test_whisper_support import one_torch_thread  # noqa: F401  (fixture)
 
 jiwer = pytest.importorskip("jiwer", reason="word error rates need jiwer")
 N_UTTERANCES = 2
@@ -32,15 +32,23 @@ def study(model):
 
 
 def test_word_error_rate_is_jiwers():
-    pairs = [("The cat sat.", "the cat, sat"), ("the cat sat on the mat", "the cat sit on mat"), ("a b", "x a y b z"),
-             ("don't stop", "do not stop"), ("one two", "...")]
+    pairs = [
+        ("The cat sat.", "the cat, sat"),
+        ("the cat sat on the mat", "the cat sit on mat"),
+        ("a b", "x a y b z"),
+        ("don't stop", "do not stop"),
+        ("one two", "..."),
+    ]
     for reference, hypothesis in pairs:
         direct = jiwer.wer(" ".join(normalise(reference)), " ".join(normalise(hypothesis)))
         assert word_error_rate(reference, hypothesis) == pytest.approx(direct)
     references, hypotheses = zip(*pairs)
-    errors = sum(jiwer.process_words(" ".join(normalise(r)), " ".join(normalise(h))).wer * len(normalise(r))
-                 for r, h in pairs)
-    assert corpus_word_error_rate(references, hypotheses) == pytest.approx(errors / sum(len(normalise(r)) for r in references))
+    errors = sum(
+        jiwer.process_words(" ".join(normalise(r)), " ".join(normalise(h))).wer * len(normalise(r)) for r, h in pairs
+    )
+    assert corpus_word_error_rate(references, hypotheses) == pytest.approx(
+        errors / sum(len(normalise(r)) for r in references)
+    )
     with pytest.raises(ValueError, match="no words"):
         word_error_rate(" ... ", "anything")
     with pytest.raises(ValueError, match="2 references for 1"):
@@ -78,21 +86,32 @@ def test_batched_decoding_equals_transcribe(model, speech):
 def test_layer_removal_table_against_jiwer_and_transcribe(model, study):
     table, transcripts = study.table, study.tables["transcripts"]
     assert list(table.columns[:4]) == ["part", "removed", "layers_left", "wer"]
-    assert [(p, r) for p, r in zip(table.part, table.removed)] == [("encoder", c) for c in range(5)] + [("decoder", c) for c in range(5)]
+    assert [(p, r) for p, r in zip(table.part, table.removed)] == [("encoder", c) for c in range(5)] + [
+        ("decoder", c) for c in range(5)
+    ]
     references = list(whisper_layers.HARVARD_SENTENCES[:N_UTTERANCES])
     for row in table.itertuples():
         cell = transcripts[(transcripts.part == row.part) & (transcripts.removed == row.removed)]
         assert list(cell.reference) == references
-        direct = jiwer.wer([" ".join(normalise(r)) for r in references], [" ".join(normalise(h)) for h in cell.transcript])
+        direct = jiwer.wer(
+            [" ".join(normalise(r)) for r in references], [" ".join(normalise(h)) for h in cell.transcript]
+        )
         assert row.wer == pytest.approx(direct)
-        assert row.mean_wer == pytest.approx(sum(jiwer.wer(" ".join(normalise(r)), " ".join(normalise(h)))
-                                                 for r, h in zip(references, cell.transcript)) / N_UTTERANCES)
+        assert row.mean_wer == pytest.approx(
+            sum(jiwer.wer(" ".join(normalise(r)), " ".join(normalise(h))) for r, h in zip(references, cell.transcript))
+            / N_UTTERANCES
+        )
     speech = whisper_layers.harvard_speech(N_UTTERANCES, progress=False)
     for part, count in [("encoder", 1), ("decoder", 0), ("decoder", 2)]:
         cell = transcripts[(transcripts.part == part) & (transcripts.removed == count)]
         for utterance, text in zip(speech, cell.transcript):
-            alone = whisper.transcribe(model, utterance.samples, hooks=remove_final_layers(model, part, count),
-                                       max_tokens=MAX_TOKENS, progress=False)
+            alone = whisper.transcribe(
+                model,
+                utterance.samples,
+                hooks=remove_final_layers(model, part, count),
+                max_tokens=MAX_TOKENS,
+                progress=False,
+            )
             assert text == alone.text, (part, count)
     rows = study.to_dict()["rows"]
     assert {"part", "removed", "wer"} <= set(rows[0])
@@ -103,17 +122,22 @@ def test_logit_lens_table_by_hand(model, study):
     speech = whisper_layers.harvard_speech(1, progress=False)[0]
     transcript = whisper.transcribe(model, speech.samples, max_tokens=MAX_TOKENS, progress=False)
     sequence = transcript.sequence[0]
-    _, cache = model.run_with_cache(whisper.model_input(speech.samples, model.cfg.n_mels, n_frames=model.cfg.n_frames),
-                                    transcript.sequence)
+    _, cache = model.run_with_cache(
+        whisper.model_input(speech.samples, model.cfg.n_mels, n_frames=model.cfg.n_frames), transcript.sequence
+    )
     lens = study.tables["decoder logit lens per layer (utterance 0)"]
     start = len(transcript.prompt)
     for layer in range(model.cfg.n_text_layer + 1):
-        resid = cache["decoder.blocks.0.hook_resid_pre" if layer == 0 else f"decoder.blocks.{layer - 1}.hook_resid_post"][0]
+        resid = cache[
+            "decoder.blocks.0.hook_resid_pre" if layer == 0 else f"decoder.blocks.{layer - 1}.hook_resid_post"
+        ][0]
         logits = model.decoder.ln_final(resid) @ model.decoder.W_E.T
-        predicting = logits[start - 1:-1]
+        predicting = logits[start - 1 : -1]
         emitted = sequence[start:]
         row = lens.iloc[layer]
-        assert row["emitted token logit"] == pytest.approx(predicting[torch.arange(len(emitted)), emitted].mean().item(), abs=1e-3)
+        assert row["emitted token logit"] == pytest.approx(
+            predicting[torch.arange(len(emitted)), emitted].mean().item(), abs=1e-3
+        )
         assert row["largest logit"] == pytest.approx(predicting.max(-1).values.mean().item(), abs=1e-3)
         assert row["emitted token on top"] == pytest.approx((predicting.argmax(-1) == emitted).float().mean().item())
     assert lens["emitted token on top"].iloc[-1] == 1.0  # the last layer is the model: greedy picked these tokens

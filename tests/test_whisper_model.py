@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from test_whisper_support import SMALL, hf_whisper, one_torch_thread, openai_whisper  # noqa: F401  (fixture)
 
 from lenskit import hooks
-from lenskit.whisper import HookedWhisper, WhisperConfig, from_hf, from_openai, load
-from lenskit.whisper import convert
-from test_whisper_support import SMALL, hf_whisper, one_torch_thread, openai_whisper  # noqa: F401  (fixture)
+from lenskit.whisper import HookedWhisper, WhisperConfig, convert, from_hf, from_openai, load
 
 TINY = WhisperConfig.tiny()
 TOL = 1e-4
@@ -60,9 +59,11 @@ def test_attention_patterns_equal_openai_whisper(small_pair):
     reference, model = small_pair
     mel, tokens = inputs(SMALL)
     seen = {}
-    handles = [reference.decoder.blocks[1].attn.register_forward_hook(lambda m, i, o: seen.update(self=o[1])),
-               reference.decoder.blocks[1].cross_attn.register_forward_hook(lambda m, i, o: seen.update(cross=o[1])),
-               reference.encoder.blocks[0].attn.register_forward_hook(lambda m, i, o: seen.update(encoder=o[1]))]
+    handles = [
+        reference.decoder.blocks[1].attn.register_forward_hook(lambda m, i, o: seen.update(self=o[1])),
+        reference.decoder.blocks[1].cross_attn.register_forward_hook(lambda m, i, o: seen.update(cross=o[1])),
+        reference.encoder.blocks[0].attn.register_forward_hook(lambda m, i, o: seen.update(encoder=o[1])),
+    ]
     try:
         with disable_sdpa():
             reference(mel, tokens)
@@ -70,8 +71,11 @@ def test_attention_patterns_equal_openai_whisper(small_pair):
         for handle in handles:
             handle.remove()
     _, cache = model.run_with_cache(mel, tokens)
-    for name, key in [("decoder.blocks.1.attn", "self"), ("decoder.blocks.1.cross_attn", "cross"),
-                      ("encoder.blocks.0.attn", "encoder")]:
+    for name, key in [
+        ("decoder.blocks.1.attn", "self"),
+        ("decoder.blocks.1.cross_attn", "cross"),
+        ("encoder.blocks.0.attn", "encoder"),
+    ]:
         torch.testing.assert_close(cache[f"{name}.hook_pattern"], seen[key].softmax(-1), atol=1e-5, rtol=0)
     assert (cache["decoder.blocks.1.attn.hook_pattern"][0, :, 2, 3:] == 0).all()  # causal
 
@@ -79,10 +83,17 @@ def test_attention_patterns_equal_openai_whisper(small_pair):
 def test_hook_names_follow_transformer_lens():
     model = HookedWhisper(SMALL)
     names = set(model.hook_dict)
-    expected = {"encoder.hook_conv1", "encoder.hook_conv2", "encoder.hook_pos_embed",
-                "encoder.ln_post.hook_scale", "encoder.ln_post.hook_normalized",
-                "decoder.hook_embed", "decoder.hook_pos_embed", "decoder.ln_final.hook_scale",
-                "decoder.ln_final.hook_normalized"}
+    expected = {
+        "encoder.hook_conv1",
+        "encoder.hook_conv2",
+        "encoder.hook_pos_embed",
+        "encoder.ln_post.hook_scale",
+        "encoder.ln_post.hook_normalized",
+        "decoder.hook_embed",
+        "decoder.hook_pos_embed",
+        "decoder.ln_final.hook_scale",
+        "decoder.ln_final.hook_normalized",
+    }
     for layer in range(SMALL.n_audio_layer):
         block = f"encoder.blocks.{layer}"
         expected |= {f"{block}.hook_{n}" for n in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")}
@@ -91,10 +102,23 @@ def test_hook_names_follow_transformer_lens():
         expected |= {f"{block}.{ln}.hook_{n}" for ln in ("ln1", "ln2") for n in ("scale", "normalized")}
     for layer in range(SMALL.n_text_layer):
         block = f"decoder.blocks.{layer}"
-        expected |= {f"{block}.hook_{n}" for n in ("resid_pre", "resid_mid", "resid_mid_cross", "resid_post",
-                                                   "attn_out", "cross_attn_out", "mlp_out")}
-        expected |= {f"{block}.{a}.hook_{n}" for a in ("attn", "cross_attn")
-                     for n in ("q", "k", "v", "attn_scores", "pattern", "z")}
+        expected |= {
+            f"{block}.hook_{n}"
+            for n in (
+                "resid_pre",
+                "resid_mid",
+                "resid_mid_cross",
+                "resid_post",
+                "attn_out",
+                "cross_attn_out",
+                "mlp_out",
+            )
+        }
+        expected |= {
+            f"{block}.{a}.hook_{n}"
+            for a in ("attn", "cross_attn")
+            for n in ("q", "k", "v", "attn_scores", "pattern", "z")
+        }
         expected |= {f"{block}.mlp.hook_pre", f"{block}.mlp.hook_post"}
         expected |= {f"{block}.{ln}.hook_{n}" for ln in ("ln1", "ln2", "ln3") for n in ("scale", "normalized")}
     assert names == expected
@@ -118,8 +142,12 @@ def test_run_with_cache_shapes_every_position(small_pair):
     # the residual stream is the sum of what the components wrote
     resid = cache["decoder.hook_embed"] + cache["decoder.hook_pos_embed"]
     for layer in range(SMALL.n_text_layer):
-        resid = resid + sum(cache[f"decoder.blocks.{layer}.hook_{n}"] for n in ("attn_out", "cross_attn_out", "mlp_out"))
-    torch.testing.assert_close(resid, cache[f"decoder.blocks.{SMALL.n_text_layer - 1}.hook_resid_post"], atol=1e-5, rtol=0)
+        resid = resid + sum(
+            cache[f"decoder.blocks.{layer}.hook_{n}"] for n in ("attn_out", "cross_attn_out", "mlp_out")
+        )
+    torch.testing.assert_close(
+        resid, cache[f"decoder.blocks.{SMALL.n_text_layer - 1}.hook_resid_post"], atol=1e-5, rtol=0
+    )
 
 
 @torch.no_grad()
@@ -149,8 +177,10 @@ def test_ablating_a_cross_attention_head_removes_exactly_its_output(small_pair):
     clean.run(model, mel, tokens)
     ablated = hooks.ablate(f"decoder.blocks.{layer}.cross_attn.hook_z", head=head) + hooks.cache(name)
     ablated.run(model, mel, tokens)
-    head_output = clean.store[f"decoder.blocks.{layer}.cross_attn.hook_z"][:, :, head] @ \
-        model.decoder.blocks[layer].cross_attn.W_O[head]
+    head_output = (
+        clean.store[f"decoder.blocks.{layer}.cross_attn.hook_z"][:, :, head]
+        @ model.decoder.blocks[layer].cross_attn.W_O[head]
+    )
     torch.testing.assert_close(clean.store[name] - ablated.store[name], head_output, atol=1e-5, rtol=0)
 
 
@@ -162,7 +192,9 @@ def test_skip_makes_encoder_blocks_the_identity(small_pair):
     with h.on(model):
         audio = model.encode(mel)
     assert torch.equal(h.store["encoder.blocks.1.hook_resid_post"], h.store["encoder.blocks.1.hook_resid_pre"])
-    torch.testing.assert_close(audio, model.encoder.ln_post(h.store["encoder.blocks.0.hook_resid_post"]), atol=0, rtol=0)
+    torch.testing.assert_close(
+        audio, model.encoder.ln_post(h.store["encoder.blocks.0.hook_resid_post"]), atol=0, rtol=0
+    )
 
 
 def test_unknown_hook_names_and_bad_inputs_raise():

@@ -13,10 +13,10 @@ import html
 import numpy as np
 import pytest
 import torch
+from test_whisper_support import SPEECH_TEXT, one_torch_thread, synthesise  # noqa: F401  (fixture)
 
 from lenskit import hooks, whisper
 from lenskit.packaged import PACKAGED
-from test_whisper_support import SPEECH_TEXT, one_torch_thread, synthesise  # noqa: F401  (fixture)
 
 TOL = 1e-4
 
@@ -50,7 +50,7 @@ def sequence(transcript, tokenizer):
 
 def next_token_probs(logits: torch.Tensor, sequence: torch.Tensor, start: int) -> torch.Tensor:
     """Probability each row of logits [layer, pos, vocab] gives the next input token, from `start` on."""
-    targets = sequence[0, start + 1:]
+    targets = sequence[0, start + 1 :]
     probs = logits[:, start:-1].softmax(-1)
     return probs.gather(2, targets[None, :, None].expand(len(logits), -1, 1))[..., 0]
 
@@ -64,8 +64,9 @@ def test_transcribe_real_speech(transcript):
 @torch.no_grad()
 def test_transcribe_equals_ctranslate2_greedy(model, mel, transcript):
     ctranslate2 = pytest.importorskip("ctranslate2")
-    reference = ctranslate2.models.Whisper(str(PACKAGED["faster-whisper-tiny.en"].path()), device="cpu",
-                                           compute_type="float32", intra_threads=1)
+    reference = ctranslate2.models.Whisper(
+        str(PACKAGED["faster-whisper-tiny.en"].path()), device="cpu", compute_type="float32", intra_threads=1
+    )
     features = ctranslate2.StorageView.from_array(np.ascontiguousarray(mel.numpy()))
     result = reference.generate(features, [transcript.prompt], beam_size=1)[0]
     assert transcript.tokens == result.sequences_ids[0]
@@ -80,7 +81,7 @@ def test_decoder_logit_lens(model, mel, sequence, tokenizer, transcript):
     torch.testing.assert_close(lens.logits.tensor[-1], model(mel, sequence)[0], atol=TOL, rtol=0)
     start = len(transcript.prompt) - 1  # the position that predicts the first text token
     probs = next_token_probs(lens.logits.tensor, sequence, start)  # [layer, token]
-    top = lens.top()[0][:, start:-1] == sequence[0, start + 1:]
+    top = lens.top()[0][:, start:-1] == sequence[0, start + 1 :]
     # measured: top-1 agreement with the transcript 0, 0.09, 0.18, 0.36 after embed and blocks 0-2, then 1.0;
     # mean probability of the next token 8e-7, 0.015, 0.021, 0.27, then 0.72
     assert top[-1].all() and top[:-1].float().mean(1).max() < 0.5
@@ -98,13 +99,14 @@ def test_encoder_lens(model, mel, sequence, transcript):
     torch.testing.assert_close(lens.logits.tensor[1], expected, atol=TOL, rtol=0)
     # measured: only the full encoder gives the transcript (top-1 agreement 0.09, 0.09, 0.09, 1.0)
     start = len(transcript.prompt) - 1
-    top = lens.top()[0][:, start:-1] == sequence[0, start + 1:]
+    top = lens.top()[0][:, start:-1] == sequence[0, start + 1 :]
     assert top[-1].all() and top[:-1].float().mean(1).max() < 0.3
 
 
 def test_layer_removal(model, mel):
-    frame = whisper.layer_removal(model, mel, SPEECH_TEXT, part="decoder", counts=[0, 1, 4], max_tokens=20,
-                                  progress=False)
+    frame = whisper.layer_removal(
+        model, mel, SPEECH_TEXT, part="decoder", counts=[0, 1, 4], max_tokens=20, progress=False
+    )
     assert frame.removed.tolist() == [0, 1, 4] and frame.layers_left.tolist() == [4, 3, 0]
     assert frame.transcript[0] == "The quick brown fox jump over the lazy dog." and frame.wer[0] == pytest.approx(1 / 9)
     # measured: tiny.en needs every decoder layer (one removed: WER 0.89; all four: only <|notimestamps|>)
@@ -146,8 +148,12 @@ def test_ablating_a_cross_attention_head_equals_recomputing_its_output(model, me
     clean_logits = clean.run(model, mel, sequence)
     attention = model.decoder.blocks[layer].cross_attn
     z = clean.store[f"{name}.hook_z"].clone()
-    torch.testing.assert_close(torch.einsum("bphd,hdm->bpm", z, attention.W_O) + attention.b_O,
-                               clean.store[f"decoder.blocks.{layer}.hook_cross_attn_out"], atol=TOL, rtol=0)
+    torch.testing.assert_close(
+        torch.einsum("bphd,hdm->bpm", z, attention.W_O) + attention.b_O,
+        clean.store[f"decoder.blocks.{layer}.hook_cross_attn_out"],
+        atol=TOL,
+        rtol=0,
+    )
     z[:, :, head] = 0
     by_hand = torch.einsum("bphd,hdm->bpm", z, attention.W_O) + attention.b_O
     ablated = hooks.ablate(f"{name}.hook_z", head=head).run(model, mel, sequence)
@@ -175,7 +181,7 @@ def test_adding_to_the_decoder_residual_equals_running_the_blocks_by_hand(model,
     vector, pos = 3 * model.decoder.W_E[3290], 5  # toward " dog", at the fifth position
     steered = hooks.add("decoder.blocks.1.hook_resid_post", vector, pos=pos).run(model, mel, sequence)
     audio = model.encode(mel)
-    resid = model.decoder.W_E[sequence] + model.decoder.W_pos[:sequence.shape[1]]
+    resid = model.decoder.W_E[sequence] + model.decoder.W_pos[: sequence.shape[1]]
     for block in range(4):
         resid = model.decoder.blocks[block](resid, audio)
         if block == 1:
@@ -195,16 +201,22 @@ def test_transcribe_without_cross_attention_loses_the_audio(model, mel, transcri
     assert result.tokens != transcript.tokens
     assert whisper.word_error_rate(SPEECH_TEXT, result.text) > 0.8
     # the key/value cache and full recomputation agree under hooks too
-    assert whisper.transcribe(model, mel, hooks=deaf, max_tokens=20, use_cache=False, progress=False).tokens == result.tokens
+    assert (
+        whisper.transcribe(model, mel, hooks=deaf, max_tokens=20, use_cache=False, progress=False).tokens
+        == result.tokens
+    )
 
 
 @torch.no_grad()
 def test_cached_final_norm_gives_the_logits(model, mel, sequence):
-    cache = hooks.cache(["decoder.blocks.3.hook_resid_post", "decoder.ln_final.hook_normalized",
-                         "decoder.ln_final.hook_scale"])
+    cache = hooks.cache(
+        ["decoder.blocks.3.hook_resid_post", "decoder.ln_final.hook_normalized", "decoder.ln_final.hook_scale"]
+    )
     logits = cache.run(model, mel, sequence)
-    resid, normalized, scale = (cache.store[f"decoder.{n}"] for n in
-                                ("blocks.3.hook_resid_post", "ln_final.hook_normalized", "ln_final.hook_scale"))
+    resid, normalized, scale = (
+        cache.store[f"decoder.{n}"]
+        for n in ("blocks.3.hook_resid_post", "ln_final.hook_normalized", "ln_final.hook_scale")
+    )
     ln = model.decoder.ln_final
     torch.testing.assert_close((normalized * ln.w + ln.b) @ model.W_U, logits, atol=TOL, rtol=0)
     torch.testing.assert_close(normalized * scale, resid - resid.mean(-1, keepdim=True), atol=TOL, rtol=0)

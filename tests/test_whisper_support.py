@@ -17,11 +17,31 @@ from torch import nn
 from lenskit.whisper import WhisperConfig
 
 # A smaller config: 128 mel bins (large-v3 style), short audio context, small vocabulary.
-SMALL = WhisperConfig(n_mels=128, n_audio_ctx=24, n_audio_state=64, n_audio_head=4, n_audio_layer=2, n_vocab=300,
-                      n_text_ctx=20, n_text_state=64, n_text_head=4, n_text_layer=3)
+SMALL = WhisperConfig(
+    n_mels=128,
+    n_audio_ctx=24,
+    n_audio_state=64,
+    n_audio_head=4,
+    n_audio_layer=2,
+    n_vocab=300,
+    n_text_ctx=20,
+    n_text_state=64,
+    n_text_head=4,
+    n_text_layer=3,
+)
 # Real 30 s audio context and real (multilingual) vocabulary, small widths: for decoding real speech.
-SPEECH = WhisperConfig(n_mels=80, n_audio_ctx=1500, n_audio_state=32, n_audio_head=4, n_audio_layer=2,
-                       n_vocab=51865, n_text_ctx=64, n_text_state=32, n_text_head=4, n_text_layer=3)
+SPEECH = WhisperConfig(
+    n_mels=80,
+    n_audio_ctx=1500,
+    n_audio_state=32,
+    n_audio_head=4,
+    n_audio_layer=2,
+    n_vocab=51865,
+    n_text_ctx=64,
+    n_text_state=32,
+    n_text_head=4,
+    n_text_layer=3,
+)
 SPEECH_TEXT = "the quick brown fox jumps over the lazy dog"
 
 
@@ -52,15 +72,26 @@ def openai_whisper(cfg: WhisperConfig, seed: int = 0):
 
 def hf_whisper(cfg: WhisperConfig, seed: int = 0):
     """Hugging Face's WhisperForConditionalGeneration (eager attention) with these dimensions, random weights."""
-    from transformers import WhisperConfig as HFWhisperConfig, WhisperForConditionalGeneration
+    from transformers import WhisperConfig as HFWhisperConfig
+    from transformers import WhisperForConditionalGeneration
 
     hf_cfg = HFWhisperConfig(
-        num_mel_bins=cfg.n_mels, max_source_positions=cfg.n_audio_ctx, d_model=cfg.n_audio_state,
-        encoder_attention_heads=cfg.n_audio_head, encoder_layers=cfg.n_audio_layer,
-        encoder_ffn_dim=4 * cfg.n_audio_state, vocab_size=cfg.n_vocab, max_target_positions=cfg.n_text_ctx,
-        decoder_attention_heads=cfg.n_text_head, decoder_layers=cfg.n_text_layer,
-        decoder_ffn_dim=4 * cfg.n_text_state, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        decoder_start_token_id=3, attn_implementation="eager",
+        num_mel_bins=cfg.n_mels,
+        max_source_positions=cfg.n_audio_ctx,
+        d_model=cfg.n_audio_state,
+        encoder_attention_heads=cfg.n_audio_head,
+        encoder_layers=cfg.n_audio_layer,
+        encoder_ffn_dim=4 * cfg.n_audio_state,
+        vocab_size=cfg.n_vocab,
+        max_target_positions=cfg.n_text_ctx,
+        decoder_attention_heads=cfg.n_text_head,
+        decoder_layers=cfg.n_text_layer,
+        decoder_ffn_dim=4 * cfg.n_text_state,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=3,
+        attn_implementation="eager",
     )
     return randomize_(WhisperForConditionalGeneration(hf_cfg), seed)
 
@@ -84,7 +115,7 @@ def test_randomize_touches_every_parameter():
     linear, norm = model
     assert not torch.equal(norm.weight, torch.ones(3)) and not torch.equal(norm.bias, torch.zeros(3))
     assert (norm.weight - 1).abs().max() < 0.5 and linear.bias.abs().max() < 0.5
-    assert 0.2 < linear.weight.std() * 4 ** 0.5 < 3
+    assert 0.2 < linear.weight.std() * 4**0.5 < 3
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -70,7 +70,7 @@ def test_induction_scores_read_the_induction_diagonal(tiny):
     model, _ = tiny
     length = 7
     tokens = repeated_tokens(model, length, batch=3, seed=5)
-    assert torch.equal(tokens[:, 1:1 + length], tokens[:, 1 + length:])
+    assert torch.equal(tokens[:, 1 : 1 + length], tokens[:, 1 + length :])
     result = induction(model, length=length, batch=3, seed=5)
     _, cache = model.run_with_cache(tokens)
     pattern = cache["blocks.0.attn.hook_pattern"]  # [batch, head, query, key]

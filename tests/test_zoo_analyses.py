@@ -28,7 +28,9 @@ def test_attribution_sums_to_the_zoo_models_logit_difference(zoo):
     expected = (logits[zoo.to_single_token(" Mary")] - logits[zoo.to_single_token(" John")]).item()
     for by in ("layer", "head", "neuron", "head_pos"):
         frame = lenskit.attribute(zoo, PROMPT, " Mary", " John", by=by)
-        assert frame.value.sum() == pytest.approx(expected, abs=1e-4) and frame.attrs["logit_diff"] == pytest.approx(expected, abs=1e-4)
+        assert frame.value.sum() == pytest.approx(expected, abs=1e-4) and frame.attrs["logit_diff"] == pytest.approx(
+            expected, abs=1e-4
+        )
     with pytest.raises(ValueError, match=r"'Mary John' is not a single token: it splits into 2 tokens"):
         lenskit.attribute(zoo, PROMPT, "Mary John")
 
@@ -37,4 +39,6 @@ def test_head_detectors_equal_transformer_lens_on_the_zoo_model(zoo):
     text = "When Mary and John went to the store, John gave a drink to Mary. When Mary and John went to the store"
     for kind in ("previous_token", "duplicate_token", "induction"):
         expected = head_detector.detect_head(zoo, text, f"{kind}_head")
-        torch.testing.assert_close(vocab.head_scores(zoo, text, kind, progress=False).tensor, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            vocab.head_scores(zoo, text, kind, progress=False).tensor, expected, atol=1e-5, rtol=0
+        )

@@ -13,8 +13,17 @@ import torch
 import lenskit
 from lenskit import hooks
 from lenskit.models import ZOO_ROOT
-from lenskit.whisper import (HookedWhisper, SubsetTokenizer, WhisperConfig, decoder_logit_lens, get_tokenizer, layer_removal,
-                             load, save, transcribe)
+from lenskit.whisper import (
+    HookedWhisper,
+    SubsetTokenizer,
+    WhisperConfig,
+    decoder_logit_lens,
+    get_tokenizer,
+    layer_removal,
+    load,
+    save,
+    transcribe,
+)
 from lenskit.whisper.convert import CONFIG_FILE
 from lenskit.zoo import speech_data, train_speech
 from lenskit.zoo.card import CARD_FILE
@@ -43,8 +52,9 @@ def held_out_speech():
 @pytest.fixture(scope="module")
 def held_out_sequences():
     """Held-out random word sequences spoken by the held-out voice."""
-    return speech_data.utterances(24, seed=99, held_out_sentences=True, held_out_voice=True, progress=False,
-                                  kind="sequences")
+    return speech_data.utterances(
+        24, seed=99, held_out_sentences=True, held_out_voice=True, progress=False, kind="sequences"
+    )
 
 
 def test_held_out_sentences_and_voice_never_reach_training():
@@ -77,7 +87,10 @@ def test_every_text_fits_the_decoder_and_the_curriculum_starts_on_templates():
     assert all(len(tokenizer.encode(" " + w)) == 1 for w in speech_data.words())  # one token per word
     assert 4 + speech_data.MAX_WORDS + 1 <= recipe.n_text_ctx  # start sequence, words, end of text
     assert [train_speech.curriculum(recipe, s) for s in (0, recipe.template_steps - 1, recipe.template_steps)] == [
-        "sentences", "sentences", "all"]
+        "sentences",
+        "sentences",
+        "all",
+    ]
     assert 0 < recipe.n_sentences < recipe.n_utterances / 2  # mostly word sequences
     mel = torch.zeros(80, 10)
     mel[:, :] = torch.arange(80.0)[:, None]
@@ -94,7 +107,9 @@ def test_subset_tokenizer_speaks_whisper_ids():
     text = " they want seven yellow chairs one"
     ids = subset.encode(text)
     assert subset.to_whisper(ids) == full.encode(text) and subset.decode(ids) == text
-    assert subset.to_whisper(subset.sot_sequence_including_notimestamps) == list(full.sot_sequence_including_notimestamps)
+    assert subset.to_whisper(subset.sot_sequence_including_notimestamps) == list(
+        full.sot_sequence_including_notimestamps
+    )
     assert subset.to_whisper([subset.eot]) == [full.eot] and subset.translate is None
     assert subset.all_language_codes == ("en",)
     with pytest.raises(ValueError, match=r"\[' elephant'\] are not in this model's"):
@@ -104,8 +119,18 @@ def test_subset_tokenizer_speaks_whisper_ids():
 
 
 def test_save_and_load_round_trip(tmp_path):
-    cfg = WhisperConfig(n_mels=80, n_audio_ctx=8, n_audio_state=16, n_audio_head=2, n_audio_layer=1, n_vocab=5,
-                        n_text_ctx=6, n_text_state=16, n_text_head=2, n_text_layer=1)
+    cfg = WhisperConfig(
+        n_mels=80,
+        n_audio_ctx=8,
+        n_audio_state=16,
+        n_audio_head=2,
+        n_audio_layer=1,
+        n_vocab=5,
+        n_text_ctx=6,
+        n_text_state=16,
+        n_text_head=2,
+        n_text_layer=1,
+    )
     model = HookedWhisper(cfg, vocabulary=[50257, 50258, 50259, 50359, 50363])
     save(model, tmp_path)
     loaded = load(tmp_path)
@@ -116,7 +141,9 @@ def test_save_and_load_round_trip(tmp_path):
         HookedWhisper(cfg, vocabulary=[1, 2])
     with pytest.raises(ValueError, match="no speech model 'lenskit/nope' in the zoo; it ships: lenskit/speech-3l"):
         load("lenskit/nope")
-    with pytest.raises(ValueError, match=r"is a speech model; load it with lenskit.whisper.load\('lenskit/speech-3l'\)"):
+    with pytest.raises(
+        ValueError, match=r"is a speech model; load it with lenskit.whisper.load\('lenskit/speech-3l'\)"
+    ):
         lenskit.load(SHIPPED)
 
 
@@ -152,7 +179,9 @@ def test_shipped_model_transcribes_the_example_phrases(shipped):
     as "we buy two black cups"), spoken by the held-out voice at 130, 160 and 190 words per minute."""
     rows = example_transcripts(shipped)
     # with the training's light noise: all right but one word (as measured for the card)
-    assert [(r["phrase"], r["speed"]) for r in rows if r["noisy_transcript"] != r["phrase"]] == NOISY_EXAMPLE_MISSES, rows
+    assert [(r["phrase"], r["speed"]) for r in rows if r["noisy_transcript"] != r["phrase"]] == NOISY_EXAMPLE_MISSES, (
+        rows
+    )
     # as espeak-ng writes them (digital silence, never heard in training) it inserts words (see the card), but
     # hears the words rather than a template sentence (which starts "I", "we", ..., or "the"): every
     # transcript starts with the phrase's first word
@@ -182,8 +211,7 @@ def test_removing_layers_degrades_transcripts(shipped, held_out_speech):
         n_layers = shipped.cfg.n_audio_layer if part == "encoder" else shipped.cfg.n_text_layer
         assert list(table.removed) == list(range(n_layers + 1)) and table.wer.iloc[0] == pytest.approx(0.0)
     assert table.wer.iloc[-1] >= 0.5  # no decoder layer left: the transcript is gone
-    manual = transcribe(shipped, samples, hooks=hooks.skip(shipped, range(3), stack="decoder.blocks"),
-                        progress=False)
+    manual = transcribe(shipped, samples, hooks=hooks.skip(shipped, range(3), stack="decoder.blocks"), progress=False)
     assert table.transcript.iloc[-1] == manual.text
 
 

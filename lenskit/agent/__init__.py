@@ -1,8 +1,8 @@
 """The experiment agent: lenskit's experiments as MCP tools, an SQLite experiment log, and an agent loop.
 
-    lenskit mcp --workspace runs/            # serve the tools to any MCP client (stdio)
-    lenskit agent --base-url URL --model NAME --goal "..."   # or drive them with a chat model
-    lenskit log --db runs/experiments.db export --markdown write-up.md
+lenskit mcp --workspace runs/            # serve the tools to any MCP client (stdio)
+lenskit agent --base-url URL --model NAME --goal "..."   # or drive them with a chat model
+lenskit log --db runs/experiments.db export --markdown write-up.md
 """
 
 from lenskit.agent.log import ExperimentLog

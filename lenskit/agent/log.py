@@ -79,47 +79,76 @@ class ExperimentLog:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False)  # the server's worker threads; calls are serialised
+        self._db = sqlite3.connect(
+            self.path, check_same_thread=False
+        )  # the server's worker threads; calls are serialised
         self._db.executescript(SCHEMA)
 
     def close(self) -> None:
         self._db.close()
 
-    def record(self, tool: str, arguments: dict[str, Any], *, model: str | None, summary: str,
-               duration_s: float, picture: str | None = None, error: bool = False) -> int:
+    def record(
+        self,
+        tool: str,
+        arguments: dict[str, Any],
+        *,
+        model: str | None,
+        summary: str,
+        duration_s: float,
+        picture: str | None = None,
+        error: bool = False,
+    ) -> int:
         """Add one tool call; returns its experiment id."""
         with self._db:
             cursor = self._db.execute(
                 "INSERT INTO experiments (time, tool, arguments, model, summary, duration_s, picture, error) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (_now(), tool, json.dumps(arguments, sort_keys=True, default=str), model, summary, duration_s,
-                 picture, int(error)))
+                (
+                    _now(),
+                    tool,
+                    json.dumps(arguments, sort_keys=True, default=str),
+                    model,
+                    summary,
+                    duration_s,
+                    picture,
+                    int(error),
+                ),
+            )
         return cursor.lastrowid
 
     def note(self, hypothesis: str, observation: str, next_step: str, experiments: list[int] = ()) -> int:
         """Add a note linked to `experiments` (ids that must exist); returns the note's id."""
         unknown = sorted(set(experiments) - {row[0] for row in self._db.execute("SELECT id FROM experiments")})
         if unknown:
-            raise InputError(f"note: experiments {unknown} are not in the log; valid ids: 1..{self.last_experiment_id()}")
+            raise InputError(
+                f"note: experiments {unknown} are not in the log; valid ids: 1..{self.last_experiment_id()}"
+            )
         with self._db:
-            cursor = self._db.execute("INSERT INTO notes (time, hypothesis, observation, next_step) VALUES (?, ?, ?, ?)",
-                                      (_now(), hypothesis, observation, next_step))
-            self._db.executemany("INSERT INTO note_experiments VALUES (?, ?)",
-                                 [(cursor.lastrowid, experiment) for experiment in sorted(set(experiments))])
+            cursor = self._db.execute(
+                "INSERT INTO notes (time, hypothesis, observation, next_step) VALUES (?, ?, ?, ?)",
+                (_now(), hypothesis, observation, next_step),
+            )
+            self._db.executemany(
+                "INSERT INTO note_experiments VALUES (?, ?)",
+                [(cursor.lastrowid, experiment) for experiment in sorted(set(experiments))],
+            )
         return cursor.lastrowid
 
     def last_experiment_id(self) -> int:
         return self._db.execute("SELECT COALESCE(MAX(id), 0) FROM experiments").fetchone()[0]
 
     def experiments(self) -> list[Experiment]:
-        rows = self._db.execute("SELECT id, time, tool, arguments, model, summary, duration_s, picture, error "
-                                "FROM experiments ORDER BY id")
+        rows = self._db.execute(
+            "SELECT id, time, tool, arguments, model, summary, duration_s, picture, error FROM experiments ORDER BY id"
+        )
         return [Experiment(*row[:3], json.loads(row[3]), *row[4:8], bool(row[8])) for row in rows]
 
     def experiment(self, experiment_id: int) -> Experiment:
         found = [e for e in self.experiments() if e.id == experiment_id]
         if not found:
-            raise InputError(f"experiment {experiment_id} is not in {self.path}; valid ids: 1..{self.last_experiment_id()}")
+            raise InputError(
+                f"experiment {experiment_id} is not in {self.path}; valid ids: 1..{self.last_experiment_id()}"
+            )
         return found[0]
 
     def notes(self) -> list[Note]:
@@ -142,9 +171,18 @@ class ExperimentLog:
 
 def _experiment_markdown(e: Experiment) -> list[str]:
     status = " (error)" if e.error else ""
-    lines = [f"## Experiment {e.id}: {e.tool}{status}", "",
-             f"{e.time} · {e.duration_s:.2f} s" + (f" · model `{e.model}`" if e.model else ""), "",
-             "Arguments: `" + json.dumps(e.arguments, sort_keys=True) + "`", "", "```", e.summary, "```", ""]
+    lines = [
+        f"## Experiment {e.id}: {e.tool}{status}",
+        "",
+        f"{e.time} · {e.duration_s:.2f} s" + (f" · model `{e.model}`" if e.model else ""),
+        "",
+        "Arguments: `" + json.dumps(e.arguments, sort_keys=True) + "`",
+        "",
+        "```",
+        e.summary,
+        "```",
+        "",
+    ]
     if e.picture:
         lines += [f"Picture: [{e.picture}]({e.picture})", ""]
     return lines
@@ -152,8 +190,14 @@ def _experiment_markdown(e: Experiment) -> list[str]:
 
 def _note_markdown(n: Note) -> list[str]:
     about = ", ".join(f"experiment {i}" for i in n.experiments) or "no experiment"
-    return [f"> **Note {n.id}** (on {about})", ">", f"> - Hypothesis: {n.hypothesis}",
-            f"> - Observation: {n.observation}", f"> - Next step: {n.next_step}", ""]
+    return [
+        f"> **Note {n.id}** (on {about})",
+        ">",
+        f"> - Hypothesis: {n.hypothesis}",
+        f"> - Observation: {n.observation}",
+        f"> - Next step: {n.next_step}",
+        "",
+    ]
 
 
 def _now() -> str:

@@ -39,17 +39,30 @@ class AgentError(LenskitError, ConnectionError):
     """The chat endpoint failed (unreachable, timed out, or answered with an error)."""
 
 
-def run_agent(goal: str, server: MCPServer, log: ExperimentLog, *, base_url: str, model: str,
-              max_steps: int = 10, api_key: str = "not-needed", timeout: float = 120.0) -> str:
+def run_agent(
+    goal: str,
+    server: MCPServer,
+    log: ExperimentLog,
+    *,
+    base_url: str,
+    model: str,
+    max_steps: int = 10,
+    api_key: str = "not-needed",
+    timeout: float = 120.0,
+) -> str:
     """Drive `server`'s tools with the chat model `model` at `base_url` until it answers; returns its summary."""
     import openai
 
     if max_steps < 1:
         raise InputError(f"max_steps must be at least 1, not {max_steps}")
     client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=1)
-    tools = [{"type": "function", "function": {"name": t.name, "description": t.description or "",
-                                               "parameters": t.input_schema}}
-             for t in anyio.run(server.list_tools)]
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": t.name, "description": t.description or "", "parameters": t.input_schema},
+        }
+        for t in anyio.run(server.list_tools)
+    ]
     messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": goal}]
     summary = None
     for _ in range(max_steps):
@@ -59,11 +72,18 @@ def run_agent(goal: str, server: MCPServer, log: ExperimentLog, *, base_url: str
             summary = reply.content or ""
             break
         for call in reply.tool_calls:
-            messages.append({"role": "tool", "tool_call_id": call.id,
-                             "content": call_tool(server, call.function.name, call.function.arguments)})
+            messages.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": call.id,
+                    "content": call_tool(server, call.function.name, call.function.arguments),
+                }
+            )
     if summary is None:
         messages.append({"role": "user", "content": SUMMARY_REQUEST})
-        summary = _complete(client, base_url, model=model, messages=messages, tools=tools, tool_choice="none").content or ""
+        summary = (
+            _complete(client, base_url, model=model, messages=messages, tools=tools, tool_choice="none").content or ""
+        )
     log.note(hypothesis=f"goal: {goal}", observation=f"final summary: {summary}", next_step="(end of session)")
     return summary
 

@@ -26,9 +26,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 
 from lenskit.agent.log import ExperimentLog
 from lenskit.agent.tools import TOOLS, Finding, Lab
-
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
-"""What a caller's bad argument raises in lenskit; anything else is a bug and keeps its traceback in the server's log."""
+from lenskit.errors import LenskitError
 
 INSTRUCTIONS = (
     "lenskit runs mechanistic-interpretability experiments on transformer language models (and Whisper). "
@@ -45,8 +43,12 @@ def build_server(lab: Lab, log: ExperimentLog, max_chars: int = DEFAULT_MAX_CHAR
     server = MCPServer(name="lenskit", instructions=INSTRUCTIONS, log_level="WARNING")
     lock = threading.Lock()
     for tool in TOOLS:
-        server.add_tool(_recorded(tool, lab, log, lock, max_chars), name=tool.__name__,
-                        description=inspect.getdoc(tool), structured_output=False)
+        server.add_tool(
+            _recorded(tool, lab, log, lock, max_chars),
+            name=tool.__name__,
+            description=inspect.getdoc(tool),
+            structured_output=False,
+        )
 
     def note(hypothesis: str, observation: str, next_step: str, experiments: list[int] = []) -> str:  # noqa: B006
         try:
@@ -56,9 +58,15 @@ def build_server(lab: Lab, log: ExperimentLog, max_chars: int = DEFAULT_MAX_CHAR
             raise ToolError(str(error)) from None
         return f"[note {note_id}] recorded, linked to experiments {sorted(set(experiments))}"
 
-    server.add_tool(note, name="note", structured_output=False, description=(
-        "Record your reasoning: the hypothesis you are testing, what the experiments showed, and the next "
-        "step, linked to the experiment ids (the N of [experiment N]) it discusses."))
+    server.add_tool(
+        note,
+        name="note",
+        structured_output=False,
+        description=(
+            "Record your reasoning: the hypothesis you are testing, what the experiments showed, and the next "
+            "step, linked to the experiment ids (the N of [experiment N]) it discusses."
+        ),
+    )
     return server
 
 
@@ -69,8 +77,9 @@ def bounded(text: str, max_chars: int) -> str:
     return f"{text[:max_chars]}\n[truncated: {len(text) - max_chars} more characters; ask for fewer rows]"
 
 
-def _recorded(tool: Callable[..., Finding], lab: Lab, log: ExperimentLog, lock: threading.Lock,
-              max_chars: int) -> Callable[..., str]:
+def _recorded(
+    tool: Callable[..., Finding], lab: Lab, log: ExperimentLog, lock: threading.Lock, max_chars: int
+) -> Callable[..., str]:
     """`tool` bound to `lab`, serialised by `lock`, recorded in `log`, with the signature the SDK reads."""
 
     @functools.wraps(tool)
@@ -79,20 +88,30 @@ def _recorded(tool: Callable[..., Finding], lab: Lab, log: ExperimentLog, lock: 
             start = time.perf_counter()
             try:
                 finding = tool(lab, **arguments)
-            except USER_ERRORS as error:
-                message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-                log.record(tool.__name__, arguments, model=arguments.get("model"), summary=f"error: {message}",
-                           duration_s=time.perf_counter() - start, error=True)
-                raise ToolError(message) from None
             except Exception as error:
-                log.record(tool.__name__, arguments, model=arguments.get("model"),
-                           summary=f"crash: {type(error).__name__}: {error}", duration_s=time.perf_counter() - start,
-                           error=True)
+                user_error = isinstance(error, LenskitError)
+                summary = f"error: {error}" if user_error else f"crash: {type(error).__name__}: {error}"
+                log.record(
+                    tool.__name__,
+                    arguments,
+                    model=arguments.get("model"),
+                    summary=summary,
+                    duration_s=time.perf_counter() - start,
+                    error=True,
+                )
+                if user_error:
+                    raise ToolError(str(error)) from None
                 raise
             picture = str(Path(finding.picture).relative_to(lab.workspace)) if finding.picture else None
             text = bounded(finding.text, max_chars) + (f"\npicture: {finding.picture}" if picture else "")
-            experiment = log.record(tool.__name__, arguments, model=finding.model, summary=text,
-                                    duration_s=time.perf_counter() - start, picture=picture)
+            experiment = log.record(
+                tool.__name__,
+                arguments,
+                model=finding.model,
+                summary=text,
+                duration_s=time.perf_counter() - start,
+                picture=picture,
+            )
             return f"[experiment {experiment}] {text}"
 
     signature = inspect.signature(tool, eval_str=True)
@@ -100,8 +119,13 @@ def _recorded(tool: Callable[..., Finding], lab: Lab, log: ExperimentLog, lock: 
     return call
 
 
-def serve(workspace: str | Path, db: str | Path | None = None, model_roots: list[str | Path] = (),
-          max_models: int = 2, max_chars: int = DEFAULT_MAX_CHARS) -> None:
+def serve(
+    workspace: str | Path,
+    db: str | Path | None = None,
+    model_roots: list[str | Path] = (),
+    max_models: int = 2,
+    max_chars: int = DEFAULT_MAX_CHARS,
+) -> None:
     """Serve over stdio until the client closes the connection (``lenskit mcp``)."""
     lab = Lab(workspace, model_roots, max_models=max_models)
     log = ExperimentLog(db if db is not None else lab.workspace / "experiments.db")

@@ -60,8 +60,9 @@ def logit_diff(model: HookedTransformer, prompt: str, answer: str, wrong: str, p
     return (logits[token_id(model, answer)] - logits[token_id(model, wrong)]).item()
 
 
-def mean_logit_diff(model: HookedTransformer, prompts: list[str], answers: list[str], wrongs: list[str],
-                    prepend_bos: bool) -> float:
+def mean_logit_diff(
+    model: HookedTransformer, prompts: list[str], answers: list[str], wrongs: list[str], prepend_bos: bool
+) -> float:
     """The mean over prompts of logit(answer) - logit(wrong), prompts run in batches of one length."""
     by_length: dict[int, list[int]] = {}
     for i, prompt in enumerate(prompts):
@@ -70,50 +71,96 @@ def mean_logit_diff(model: HookedTransformer, prompts: list[str], answers: list[
     for members in by_length.values():
         logits = last_logits(model, tokens_with(model, [prompts[i] for i in members], prepend_bos))
         rows = torch.arange(len(members))
-        total += (logits[rows, token_ids(model, [answers[i] for i in members])]
-                  - logits[rows, token_ids(model, [wrongs[i] for i in members])]).sum().item()
+        total += (
+            (
+                logits[rows, token_ids(model, [answers[i] for i in members])]
+                - logits[rows, token_ids(model, [wrongs[i] for i in members])]
+            )
+            .sum()
+            .item()
+        )
     return total / len(prompts)
 
 
-def run(model: HookedTransformer | str | None = None, progress: bool = True, n_frames: int | None = None) -> Reproduction:
+def run(
+    model: HookedTransformer | str | None = None, progress: bool = True, n_frames: int | None = None
+) -> Reproduction:
     """The BOS experiment; `n_frames` sets the size of the IOI paper's set where it is used (two prompts a frame)."""
     name = model if isinstance(model, str) else None
     model = resolve_model(model, DEFAULT_MODEL)
     bos = bos_id(model)
     prompt, answer, wrong = DEMO if knows_every_word(model, DEMO[0]) else ZOO
-    rows = [{
-        "prompt": prompt, "answer - wrong": f"{answer!r} - {wrong!r}",
-        "with BOS": logit_diff(model, prompt, answer, wrong, True),
-        "without BOS": logit_diff(model, prompt, answer, wrong, False),
-    }]
+    rows = [
+        {
+            "prompt": prompt,
+            "answer - wrong": f"{answer!r} - {wrong!r}",
+            "with BOS": logit_diff(model, prompt, answer, wrong, True),
+            "without BOS": logit_diff(model, prompt, answer, wrong, False),
+        }
+    ]
     paper = ioi.paper_set(model, n_frames)
     if paper is not None:
-        rows.append({
-            "prompt": f"mean over {len(paper)} IOI prompts (the IOI paper's templates and names)", "answer - wrong": "IO - S",
-            "with BOS": mean_logit_diff(model, [e.prompt for e in paper], [" " + e.io for e in paper],
-                                        [" " + e.subject for e in paper], True),
-            "without BOS": mean_logit_diff(model, [e.prompt for e in paper], [" " + e.io for e in paper],
-                                           [" " + e.subject for e in paper], False),
-        })
+        rows.append(
+            {
+                "prompt": f"mean over {len(paper)} IOI prompts (the IOI paper's templates and names)",
+                "answer - wrong": "IO - S",
+                "with BOS": mean_logit_diff(
+                    model,
+                    [e.prompt for e in paper],
+                    [" " + e.io for e in paper],
+                    [" " + e.subject for e in paper],
+                    True,
+                ),
+                "without BOS": mean_logit_diff(
+                    model,
+                    [e.prompt for e in paper],
+                    [" " + e.io for e in paper],
+                    [" " + e.subject for e in paper],
+                    False,
+                ),
+            }
+        )
     else:
         examples = ioi_dataset(HELD_OUT_PROMPTS, held_out=True)
         if all(knows_every_word(model, e.prompt) for e in examples):
-            rows.append({
-                "prompt": f"mean over {HELD_OUT_PROMPTS} held-out IOI prompts", "answer - wrong": "IO - S",
-                "with BOS": ioi_logit_diffs(model, examples, prepend_bos=True).mean().item(),
-                "without BOS": ioi_logit_diffs(model, examples, prepend_bos=False).mean().item(),
-            })
+            rows.append(
+                {
+                    "prompt": f"mean over {HELD_OUT_PROMPTS} held-out IOI prompts",
+                    "answer - wrong": "IO - S",
+                    "with BOS": ioi_logit_diffs(model, examples, prepend_bos=True).mean().item(),
+                    "without BOS": ioi_logit_diffs(model, examples, prepend_bos=False).mean().item(),
+                }
+            )
     table = pd.DataFrame(rows)
     table["BOS effect"] = table["with BOS"] - table["without BOS"]
     default = "prepends it" if model.cfg.default_prepend_bos else "does not prepend it"
-    notes = (f"{model_label(model, name)}: 'with BOS' puts {model.tokenizer.convert_ids_to_tokens(bos)!r} (id {bos}) "
-             f"before the prompt's tokens; by default this model {default}. "
-             "GPT-2 small on the Main Demo prompt: 6.754 with BOS, 2.782 without (TransformerLens Main Demo): BOS "
-             "adds 3.972. Here: " + "; ".join(f"{effect:+.3f} ({row})" for row, effect in zip(
-                 ["the Main Demo prompt" if prompt == DEMO[0] else "the zoo's prompt", "the IOI set"], table["BOS effect"]))
-             + (". BOS helps here, as it does GPT-2." if (table["BOS effect"] > 0).all() else
-                ". Unlike GPT-2, BOS lowers the logit difference here." if (table["BOS effect"] < 0).all() else
-                ". Unlike GPT-2, BOS does not help everywhere here."))
-    return Reproduction("Logit difference with and without a prepended BOS", table, notes=notes,
-                        numbers={"bos_token": model.tokenizer.convert_ids_to_tokens(bos), "bos_token_id": bos,
-                                 "default_prepend_bos": bool(model.cfg.default_prepend_bos)})
+    notes = (
+        f"{model_label(model, name)}: 'with BOS' puts {model.tokenizer.convert_ids_to_tokens(bos)!r} (id {bos}) "
+        f"before the prompt's tokens; by default this model {default}. "
+        "GPT-2 small on the Main Demo prompt: 6.754 with BOS, 2.782 without (TransformerLens Main Demo): BOS "
+        "adds 3.972. Here: "
+        + "; ".join(
+            f"{effect:+.3f} ({row})"
+            for row, effect in zip(
+                ["the Main Demo prompt" if prompt == DEMO[0] else "the zoo's prompt", "the IOI set"],
+                table["BOS effect"],
+            )
+        )
+        + (
+            ". BOS helps here, as it does GPT-2."
+            if (table["BOS effect"] > 0).all()
+            else ". Unlike GPT-2, BOS lowers the logit difference here."
+            if (table["BOS effect"] < 0).all()
+            else ". Unlike GPT-2, BOS does not help everywhere here."
+        )
+    )
+    return Reproduction(
+        "Logit difference with and without a prepended BOS",
+        table,
+        notes=notes,
+        numbers={
+            "bos_token": model.tokenizer.convert_ids_to_tokens(bos),
+            "bos_token_id": bos,
+            "default_prepend_bos": bool(model.cfg.default_prepend_bos),
+        },
+    )

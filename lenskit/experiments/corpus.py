@@ -36,8 +36,10 @@ def devils_dictionary(path: str | Path = DEVIL_PATH) -> str:
     paragraphs (runs of spaces made one), indented verse kept line by line, paragraphs separated by blank lines."""
     path = Path(path)
     if not path.is_file():
-        raise CorpusMissing(f"the text corpus {path} is not installed: it comes with Debian's {DEBIAN_PACKAGE} "
-                            f"package (apt-get install {DEBIAN_PACKAGE})")
+        raise CorpusMissing(
+            f"the text corpus {path} is not installed: it comes with Debian's {DEBIAN_PACKAGE} "
+            f"package (apt-get install {DEBIAN_PACKAGE})"
+        )
     try:
         raw = gzip.decompress(path.read_bytes()).decode("utf-8", errors="replace")
     except (OSError, EOFError) as error:
@@ -46,7 +48,7 @@ def devils_dictionary(path: str | Path = DEVIL_PATH) -> str:
     if start < 0:
         raise InputError(f"{path} does not look like The Devil's Dictionary (no PREFACE)")
     paragraphs = []
-    for block in re.split(r"\n\s*\n", raw[start + len("PREFACE"):]):
+    for block in re.split(r"\n\s*\n", raw[start + len("PREFACE") :]):
         lines = [line for line in block.split("\n") if line.strip()]
         if not lines:
             continue
@@ -77,10 +79,14 @@ def passages(model: HookedTransformer, n: int, length: int, text: str | None = N
         raise InputError(f"passages: length {length} exceeds the model's context of {model.cfg.n_ctx}")
     text = devils_dictionary() if text is None else text
     ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = [model.tokenizer.bos_token_id] if model.cfg.default_prepend_bos and model.tokenizer.bos_token_id is not None else []
+    bos = (
+        [model.tokenizer.bos_token_id]
+        if model.cfg.default_prepend_bos and model.tokenizer.bos_token_id is not None
+        else []
+    )
     body = length - len(bos)
     if len(ids) < n * body:
         raise InputError(f"passages: the text has {len(ids)} tokens, fewer than {n} passages x {body}")
     stride = len(ids) // n
-    rows = [bos + ids[i * stride:i * stride + body] for i in range(n)]
+    rows = [bos + ids[i * stride : i * stride + body] for i in range(n)]
     return torch.tensor(rows, dtype=torch.long, device=model.cfg.device)

@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 from transformer_lens import HookedTransformer
 
-from lenskit.errors import InputError
 from lenskit.cache import residual_stream
+from lenskit.errors import InputError
 from lenskit.experiments.reproduction import Reproduction, resolve_model
-from lenskit.tokens import knows_every_word
 from lenskit.labelled import LabelledTensor
+from lenskit.tokens import knows_every_word
 from lenskit.zoo import DEFAULT_MODEL
 
 PAIRS = [
@@ -36,15 +36,17 @@ def aligned_positions(first: list[str], second: list[str]) -> tuple[list[int], l
         suffix += 1
     if prefix == len(first) == len(second):
         raise InputError(f"the two texts tokenize identically: {first}")
-    span = "".join(first[prefix:len(first) - suffix]) + "/" + "".join(second[prefix:len(second) - suffix])
+    span = "".join(first[prefix : len(first) - suffix]) + "/" + "".join(second[prefix : len(second) - suffix])
     first_positions = [*range(prefix), *range(len(first) - suffix - 1, len(first))]
     second_positions = [*range(prefix), *range(len(second) - suffix - 1, len(second))]
-    return first_positions, second_positions, [*first[:prefix], span, *first[len(first) - suffix:]]
+    return first_positions, second_positions, [*first[:prefix], span, *first[len(first) - suffix :]]
 
 
 def residual_difference(model: HookedTransformer, first: str, second: str) -> LabelledTensor:
     """||resid(first) - resid(second)|| per layer boundary and aligned position: [layer, pos], labelled by tokens."""
-    first_positions, second_positions, labels = aligned_positions(model.to_str_tokens(first), model.to_str_tokens(second))
+    first_positions, second_positions, labels = aligned_positions(
+        model.to_str_tokens(first), model.to_str_tokens(second)
+    )
     with torch.no_grad():
         a, b = residual_stream(model, first), residual_stream(model, second)  # [layer, 1, pos, d_model]
     difference = (a.tensor[:, 0, first_positions] - b.tensor[:, 0, second_positions]).norm(dim=-1)
@@ -62,6 +64,7 @@ def run(model: HookedTransformer | str | None = None, progress: bool = True) -> 
     table.columns = difference.labels["pos"]
     table = table.loc[difference.labels["layer"]].reset_index().rename(columns={"layer_label": "layer"})
     return Reproduction(
-        f"Residual-stream difference: {first!r} vs {second!r}", table,
+        f"Residual-stream difference: {first!r} vs {second!r}",
+        table,
         figures=[difference.plot(title="||resid(first) - resid(second)|| by layer and position")],
     )

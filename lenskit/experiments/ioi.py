@@ -39,9 +39,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from lenskit.errors import InputError
 from lenskit import metrics, sites
 from lenskit.attribution import attribute, needed_hooks
+from lenskit.errors import InputError
 from lenskit.experiments.reproduction import Reproduction, resolve_model
 from lenskit.patching import PatchResult, patch
 from lenskit.path_patching import path_patch
@@ -114,14 +114,17 @@ def paper_frames(model: HookedTransformer, n_frames: int = PAPER_FRAMES, seed: i
     single-token names of the model and a random place and object. Raises when too few names are single tokens."""
     names = single_token_names(model)
     if len(names) < MIN_PAPER_NAMES:
-        raise InputError(f"only {len(names)} of the paper's {len(PAPER_NAMES)} names are single tokens "
-                         f"(at least {MIN_PAPER_NAMES} needed)")
+        raise InputError(
+            f"only {len(names)} of the paper's {len(PAPER_NAMES)} names are single tokens "
+            f"(at least {MIN_PAPER_NAMES} needed)"
+        )
     rng = random.Random(seed)
     frames = []
     for i in range(n_frames):
         first, second = rng.sample(names, 2)
         sentence = PAPER_TEMPLATES[i % len(PAPER_TEMPLATES)].format(
-            A=first, B=second, S="{}", place=rng.choice(PAPER_PLACES), object=rng.choice(PAPER_OBJECTS))
+            A=first, B=second, S="{}", place=rng.choice(PAPER_PLACES), object=rng.choice(PAPER_OBJECTS)
+        )
         frames.append((sentence, first, second))
     return frames
 
@@ -156,8 +159,11 @@ def choose_prompts(model: HookedTransformer, n_frames: int | None = None) -> tup
     def paper():
         return paper_frames(model, n_frames or PAPER_FRAMES)
 
-    for source, frames in ((PAPER_SOURCE, paper), ("the demo's prompts", lambda: DEMO_FRAMES),
-                           ("held-out names in held-out zoo templates", zoo_frames)):
+    for source, frames in (
+        (PAPER_SOURCE, paper),
+        ("the demo's prompts", lambda: DEMO_FRAMES),
+        ("held-out names in held-out zoo templates", zoo_frames),
+    ):
         try:
             clean, corrupted = ioi_prompts(frames())
         except ValueError as error:
@@ -175,8 +181,10 @@ def role_positions(model: HookedTransformer, tokens: Tensor, example: IOIExample
     io, subject = token_ids(model, [" " + example.io, " " + example.subject]).tolist()
     io_at, subject_at = ((tokens == t).nonzero().flatten().tolist() for t in (io, subject))
     if len(io_at) != 1 or len(subject_at) != 2:
-        raise InputError(f"an IOI prompt names the IO once and the subject twice: {example.prompt!r} reads "
-                         f"{model.to_str_tokens(tokens)}")
+        raise InputError(
+            f"an IOI prompt names the IO once and the subject twice: {example.prompt!r} reads "
+            f"{model.to_str_tokens(tokens)}"
+        )
     return io_at[0], subject_at[0], subject_at[0] + 1, subject_at[1], len(tokens) - 1
 
 
@@ -198,30 +206,60 @@ class Group:
         patterns = [sites.act_name("pattern", layer) for layer in range(model.cfg.n_layers)]
         store = run.require([*patterns, *needed_hooks(model, "head"), *sites.residual_names(model, "pre")])
         with torch.no_grad():
-            diffs = [logit_diffs(model, self.clean, self.io, self.subject, run.logits),
-                     logit_diffs(model, self.corrupted, self.io, self.subject)]
+            diffs = [
+                logit_diffs(model, self.clean, self.io, self.subject, run.logits),
+                logit_diffs(model, self.corrupted, self.io, self.subject),
+            ]
         io_at, s1_at, _, s2_at, end = self.positions
-        attention = torch.stack([
-            torch.stack([store[name][:, :, end, at].mean(0) for at in (io_at, s1_at, s2_at)], -1) for name in patterns
-        ]).float().cpu()  # [layer, head, (IO, S1, S2)]
+        attention = (
+            torch.stack(
+                [
+                    torch.stack([store[name][:, :, end, at].mean(0) for at in (io_at, s1_at, s2_at)], -1)
+                    for name in patterns
+                ]
+            )
+            .float()
+            .cpu()
+        )  # [layer, head, (IO, S1, S2)]
         heads = attribute(model, run, self.io, self.subject, by="head").query("component == 'head'")
         attribution = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
-        attribution[heads["layer"].to_numpy(int), heads["head"].to_numpy(int)] = torch.tensor(heads["value"].to_numpy()).float()
+        attribution[heads["layer"].to_numpy(int), heads["head"].to_numpy(int)] = torch.tensor(
+            heads["value"].to_numpy()
+        ).float()
         metric = self.metric()
-        resid = patch(model, run, self.corrupted, metric, site="resid_pre", by="layer_pos",
-                      positions=self.positions, progress=False)
+        resid = patch(
+            model,
+            run,
+            self.corrupted,
+            metric,
+            site="resid_pre",
+            by="layer_pos",
+            positions=self.positions,
+            progress=False,
+        )
         to_logits = path_patch(model, run, self.corrupted, metric, receivers="logits", progress=False)
-        head_outputs = (patch(model, run, self.corrupted, metric, site="z", by="layer_head", progress=False)
-                        if head_patching else None)
-        return {"clean": diffs[0], "corrupted": diffs[1], "attribution": attribution, "attention": attention,
-                "resid": resid, "heads": head_outputs, "to_logits": to_logits}
+        head_outputs = (
+            patch(model, run, self.corrupted, metric, site="z", by="layer_head", progress=False)
+            if head_patching
+            else None
+        )
+        return {
+            "clean": diffs[0],
+            "corrupted": diffs[1],
+            "attribution": attribution,
+            "attention": attention,
+            "resid": resid,
+            "heads": head_outputs,
+            "to_logits": to_logits,
+        }
 
     def metric(self) -> metrics.Metric:
         return metrics.logit_diff(self.io, self.subject)
 
 
-def logit_diffs(model: HookedTransformer, tokens: Tensor, io: list[str], subject: list[str],
-                logits: Tensor | None = None) -> Tensor:
+def logit_diffs(
+    model: HookedTransformer, tokens: Tensor, io: list[str], subject: list[str], logits: Tensor | None = None
+) -> Tensor:
     """logit(IO) - logit(S) at the last position of each prompt: [batch] (from `logits` of `tokens` if given)."""
     logits = (model(tokens) if logits is None else logits)[:, -1]
     rows = torch.arange(len(tokens))
@@ -238,8 +276,13 @@ def groups(model: HookedTransformer, clean: list[IOIExample], corrupted: list[st
             raise InputError(f"{example.prompt!r} and its corrupted twin {corrupted[i]!r} differ in length")
         layouts.setdefault((len(tokens), role_positions(model, tokens, example)), []).append(i)
     return [
-        Group(torch.stack([clean_tokens[i] for i in members]), torch.stack([corrupted_tokens[i] for i in members]),
-              [" " + clean[i].io for i in members], [" " + clean[i].subject for i in members], positions)
+        Group(
+            torch.stack([clean_tokens[i] for i in members]),
+            torch.stack([corrupted_tokens[i] for i in members]),
+            [" " + clean[i].io for i in members],
+            [" " + clean[i].subject for i in members],
+            positions,
+        )
         for (_, positions), members in layouts.items()
     ]
 
@@ -251,8 +294,13 @@ def pooled(grids: list[PatchResult], weights: list[float], labels: dict | None =
         return sum(w * v for w, v in zip(weights, values))
 
     first = grids[0]
-    return PatchResult(mean([g.tensor for g in grids]), first.dims, labels or first.labels,
-                       mean([g.clean_value for g in grids]), mean([g.corrupted_value for g in grids]))
+    return PatchResult(
+        mean([g.tensor for g in grids]),
+        first.dims,
+        labels or first.labels,
+        mean([g.clean_value for g in grids]),
+        mean([g.corrupted_value for g in grids]),
+    )
 
 
 def top_indices(values: Tensor) -> list[int]:
@@ -261,13 +309,20 @@ def top_indices(values: Tensor) -> list[int]:
 
 
 def head_name(flat_index: int, model: HookedTransformer) -> str:
-    """"layer.head" (the paper's naming, e.g. 9.9) of a flat index into [layer, head]."""
+    """ "layer.head" (the paper's naming, e.g. 9.9) of a flat index into [layer, head]."""
     layer, head = divmod(flat_index, model.cfg.n_heads)
     return f"{layer}.{head}"
 
 
-def summary(model: HookedTransformer, clean: Tensor, corrupted: Tensor, attribution: Tensor,
-            resid: PatchResult, heads: PatchResult | None, circuit: Circuit) -> pd.DataFrame:
+def summary(
+    model: HookedTransformer,
+    clean: Tensor,
+    corrupted: Tensor,
+    attribution: Tensor,
+    resid: PatchResult,
+    heads: PatchResult | None,
+    circuit: Circuit,
+) -> pd.DataFrame:
     """The table: logit differences [n_prompts] and accuracy, the top heads by attribution [layer, head],
     each layer's strongest role in the normalised resid_pre grid [layer, role], the top heads by z patching
     (when measured), the top heads by path patching to the logits and the circuit's classes."""
@@ -276,22 +331,44 @@ def summary(model: HookedTransformer, clean: Tensor, corrupted: Tensor, attribut
         ("logit difference, corrupted", "IO - S", corrupted.mean().item()),
         ("accuracy, clean", "logit IO > logit S", (clean > 0).float().mean().item()),
     ]
-    rows += [("direct logit attribution", head_name(i, model), attribution.flatten()[i].item())
-             for i in top_indices(attribution)]
+    rows += [
+        ("direct logit attribution", head_name(i, model), attribution.flatten()[i].item())
+        for i in top_indices(attribution)
+    ]
     for layer, values in zip(resid.labels["layer"], resid.tensor):
         best = int(values.argmax())
-        rows.append(("resid_pre patching (normalised)", f"{sites.act_name('resid_pre', layer)} at {ROLES[best]}", values[best].item()))
+        rows.append(
+            (
+                "resid_pre patching (normalised)",
+                f"{sites.act_name('resid_pre', layer)} at {ROLES[best]}",
+                values[best].item(),
+            )
+        )
     if heads is not None:
-        rows += [("head output (z) patching (normalised)", head_name(i, model), heads.tensor.flatten()[i].item())
-                 for i in top_indices(heads.tensor)]
-    rows += [("path patching to logits (normalised)", head_name(i, model), circuit.to_logits.tensor.flatten()[i].item())
-             for i in top_indices(circuit.to_logits.tensor)]
-    rows += [("name mover", f"{layer}.{head}", circuit.to_logits.tensor[layer, head].item())
-             for layer, head in circuit.name_movers]
-    rows += [("negative name mover", f"{layer}.{head}", circuit.to_logits.tensor[layer, head].item())
-             for layer, head in circuit.negative_name_movers]
-    rows += [("S-inhibition (path patching to name movers' q)", f"{layer}.{head}", circuit.to_queries.tensor[layer, head].item())
-             for layer, head in circuit.s_inhibition]
+        rows += [
+            ("head output (z) patching (normalised)", head_name(i, model), heads.tensor.flatten()[i].item())
+            for i in top_indices(heads.tensor)
+        ]
+    rows += [
+        ("path patching to logits (normalised)", head_name(i, model), circuit.to_logits.tensor.flatten()[i].item())
+        for i in top_indices(circuit.to_logits.tensor)
+    ]
+    rows += [
+        ("name mover", f"{layer}.{head}", circuit.to_logits.tensor[layer, head].item())
+        for layer, head in circuit.name_movers
+    ]
+    rows += [
+        ("negative name mover", f"{layer}.{head}", circuit.to_logits.tensor[layer, head].item())
+        for layer, head in circuit.negative_name_movers
+    ]
+    rows += [
+        (
+            "S-inhibition (path patching to name movers' q)",
+            f"{layer}.{head}",
+            circuit.to_queries.tensor[layer, head].item(),
+        )
+        for layer, head in circuit.s_inhibition
+    ]
     return pd.DataFrame(rows, columns=["measurement", "component", "value"])
 
 
@@ -329,9 +406,11 @@ class Circuit:
 
     def numbers(self) -> dict:
         """The classes as lists of [layer, head], strongest first."""
-        return {"name_movers": [list(h) for h in self.name_movers],
-                "negative_name_movers": [list(h) for h in self.negative_name_movers],
-                "s_inhibition": [list(h) for h in self.s_inhibition]}
+        return {
+            "name_movers": [list(h) for h in self.name_movers],
+            "negative_name_movers": [list(h) for h in self.negative_name_movers],
+            "s_inhibition": [list(h) for h in self.s_inhibition],
+        }
 
 
 def by_length(batches: list[Group]) -> list[Group]:
@@ -339,25 +418,48 @@ def by_length(batches: list[Group]) -> list[Group]:
     merged: dict[int, list[Group]] = {}
     for group in batches:
         merged.setdefault(group.clean.shape[1], []).append(group)
-    return [Group(torch.cat([g.clean for g in gs]), torch.cat([g.corrupted for g in gs]),
-                  [n for g in gs for n in g.io], [n for g in gs for n in g.subject], gs[0].positions)
-            for gs in merged.values()]
+    return [
+        Group(
+            torch.cat([g.clean for g in gs]),
+            torch.cat([g.corrupted for g in gs]),
+            [n for g in gs for n in g.io],
+            [n for g in gs for n in g.subject],
+            gs[0].positions,
+        )
+        for gs in merged.values()
+    ]
 
 
-def path_to_queries(model: HookedTransformer, batches: list[Group], receivers: list[tuple[int, int]],
-                    progress: bool = True) -> PatchResult:
+def path_to_queries(
+    model: HookedTransformer, batches: list[Group], receivers: list[tuple[int, int]], progress: bool = True
+) -> PatchResult:
     """Path patching from every head to the queries of `receivers` (at all positions), pooled over the prompts
     (a mean weighted by group size) and normalised: [layer, head], NaN where a head is not before any receiver."""
     merged = by_length(batches)
     total = sum(len(g.clean) for g in merged)
-    results = [path_patch(model, g.clean, g.corrupted, g.metric(), senders="heads",
-                          receivers=[(layer, head, "q") for layer, head in receivers], progress=False)
-               for g in tqdm(merged, desc="ioi: path patching to the name movers' queries", disable=not progress)]
+    results = [
+        path_patch(
+            model,
+            g.clean,
+            g.corrupted,
+            g.metric(),
+            senders="heads",
+            receivers=[(layer, head, "q") for layer, head in receivers],
+            progress=False,
+        )
+        for g in tqdm(merged, desc="ioi: path patching to the name movers' queries", disable=not progress)
+    ]
     return pooled(results, [len(g.clean) / total for g in merged]).normalised()
 
 
-def classify(model: HookedTransformer, batches: list[Group], measured: list[dict], weights: list[float],
-             attribution: Tensor, progress: bool = True) -> Circuit:
+def classify(
+    model: HookedTransformer,
+    batches: list[Group],
+    measured: list[dict],
+    weights: list[float],
+    attribution: Tensor,
+    progress: bool = True,
+) -> Circuit:
     """Name movers from path patching to the logits, then S-inhibition heads from path patching to their queries."""
     to_logits = pooled([m["to_logits"] for m in measured], weights).normalised()
     attention = sum(w * m["attention"] for w, m in zip(weights, measured))
@@ -365,31 +467,45 @@ def classify(model: HookedTransformer, batches: list[Group], measured: list[dict
     to_io, to_s1, to_s2 = attention.unbind(-1)
     heads = [(layer, head) for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]
     reads_io = [h for h in heads if to_io[h] > to_s1[h] + to_s2[h]]
-    name_movers = sorted((h for h in reads_io if effect[h] >= NAME_MOVER_MIN and attribution[h] > 0),
-                         key=lambda h: -effect[h])
-    negative = sorted((h for h in reads_io if effect[h] <= -NAME_MOVER_MIN and attribution[h] < 0),
-                      key=lambda h: effect[h])
+    name_movers = sorted(
+        (h for h in reads_io if effect[h] >= NAME_MOVER_MIN and attribution[h] > 0), key=lambda h: -effect[h]
+    )
+    negative = sorted(
+        (h for h in reads_io if effect[h] <= -NAME_MOVER_MIN and attribution[h] < 0), key=lambda h: effect[h]
+    )
     to_queries, s_inhibition = None, []
     if name_movers:
         to_queries = path_to_queries(model, batches, name_movers, progress)
         through = to_queries.tensor.nan_to_num(float("-inf"))
-        s_inhibition = sorted((h for h in heads if through[h] >= S_INHIBITION_MIN and to_s2[h] > to_io[h]),
-                              key=lambda h: -through[h])
-    classes = {**{h: "name mover" for h in name_movers}, **{h: "negative name mover" for h in negative},
-               **{h: "S-inhibition" for h in s_inhibition}}
+        s_inhibition = sorted(
+            (h for h in heads if through[h] >= S_INHIBITION_MIN and to_s2[h] > to_io[h]), key=lambda h: -through[h]
+        )
+    classes = {
+        **{h: "name mover" for h in name_movers},
+        **{h: "negative name mover" for h in negative},
+        **{h: "S-inhibition" for h in s_inhibition},
+    }
     listed = list(classes)
     for grid in (effect, None if to_queries is None else to_queries.tensor):
         if grid is not None:
             order = grid.nan_to_num(0).flatten().abs().argsort(descending=True)[:CANDIDATES].tolist()
             listed += [divmod(i, model.cfg.n_heads) for i in order if divmod(i, model.cfg.n_heads) not in listed]
-    rows = [{
-        "class": classes.get(h, "unclassed candidate"), "head": f"{h[0]}.{h[1]}",
-        "path to logits": effect[h].item(),
-        "path to name movers' q": float("nan") if to_queries is None else to_queries.tensor[h].item(),
-        "direct attribution": attribution[h].item(),
-        "attn END->IO": to_io[h].item(), "attn END->S1": to_s1[h].item(), "attn END->S2": to_s2[h].item(),
-    } for h in listed]
-    return Circuit(name_movers, negative, s_inhibition, to_logits, to_queries, attribution, attention, pd.DataFrame(rows))
+    rows = [
+        {
+            "class": classes.get(h, "unclassed candidate"),
+            "head": f"{h[0]}.{h[1]}",
+            "path to logits": effect[h].item(),
+            "path to name movers' q": float("nan") if to_queries is None else to_queries.tensor[h].item(),
+            "direct attribution": attribution[h].item(),
+            "attn END->IO": to_io[h].item(),
+            "attn END->S1": to_s1[h].item(),
+            "attn END->S2": to_s2[h].item(),
+        }
+        for h in listed
+    ]
+    return Circuit(
+        name_movers, negative, s_inhibition, to_logits, to_queries, attribution, attention, pd.DataFrame(rows)
+    )
 
 
 def _heads(heads: list[tuple[int, int]]) -> str:
@@ -410,49 +526,72 @@ def comparison(model: HookedTransformer, circuit: Circuit, resid: PatchResult) -
     n_layers, table = model.cfg.n_layers, circuit.table.set_index("head")
 
     def described(heads, column):
-        return "; ".join(
-            f"{layer}.{head} ({column} {table.loc[f'{layer}.{head}', column]:+.2f}, attribution "
-            f"{table.loc[f'{layer}.{head}', 'direct attribution']:+.2f}, END->IO {table.loc[f'{layer}.{head}', 'attn END->IO']:.2f}, "
-            f"END->S2 {table.loc[f'{layer}.{head}', 'attn END->S2']:.2f})" for layer, head in heads) or "none"
+        return (
+            "; ".join(
+                f"{layer}.{head} ({column} {table.loc[f'{layer}.{head}', column]:+.2f}, attribution "
+                f"{table.loc[f'{layer}.{head}', 'direct attribution']:+.2f}, END->IO {table.loc[f'{layer}.{head}', 'attn END->IO']:.2f}, "
+                f"END->S2 {table.loc[f'{layer}.{head}', 'attn END->S2']:.2f})"
+                for layer, head in heads
+            )
+            or "none"
+        )
 
     nm, si = circuit.name_movers, circuit.s_inhibition
-    text = (f"Compared with GPT-2 small (name movers {_heads(GPT2_NAME_MOVERS)}, {_depth(GPT2_NAME_MOVERS, GPT2_LAYERS)}; "
-            f"S-inhibition {_heads(GPT2_S_INHIBITION)}, {_depth(GPT2_S_INHIBITION, GPT2_LAYERS)}): "
-            f"this model has {len(nm)} name mover{'' if len(nm) == 1 else 's'}, {_depth(nm, n_layers)}: {described(nm, 'path to logits')}. ")
+    text = (
+        f"Compared with GPT-2 small (name movers {_heads(GPT2_NAME_MOVERS)}, {_depth(GPT2_NAME_MOVERS, GPT2_LAYERS)}; "
+        f"S-inhibition {_heads(GPT2_S_INHIBITION)}, {_depth(GPT2_S_INHIBITION, GPT2_LAYERS)}): "
+        f"this model has {len(nm)} name mover{'' if len(nm) == 1 else 's'}, {_depth(nm, n_layers)}: {described(nm, 'path to logits')}. "
+    )
     if circuit.negative_name_movers:
-        text += (f"Negative name movers (GPT-2: 10.7, 11.10): {described(circuit.negative_name_movers, 'path to logits')}. ")
+        text += (
+            f"Negative name movers (GPT-2: 10.7, 11.10): {described(circuit.negative_name_movers, 'path to logits')}. "
+        )
     else:
         text += "No negative name mover passes the rule (GPT-2 has 10.7 and 11.10). "
     if nm:
         text += f"S-inhibition heads: {len(si)}, {_depth(si, n_layers)}: {described(si, 'path to name movers' + chr(39) + ' q')}. "
         if si:
             below = max(h[0] for h in si) < min(h[0] for h in nm)
-            text += ("As in GPT-2, every S-inhibition head sits below every name mover, so the two-step structure "
-                     "(S-inhibition writes to END, name movers read it in their queries) holds. " if below else
-                     "Unlike GPT-2, some S-inhibition heads are not below every name mover. ")
+            text += (
+                "As in GPT-2, every S-inhibition head sits below every name mover, so the two-step structure "
+                "(S-inhibition writes to END, name movers read it in their queries) holds. "
+                if below
+                else "Unlike GPT-2, some S-inhibition heads are not below every name mover. "
+            )
         else:
             text += "Unlike GPT-2, no head passes the S-inhibition rule. "
     else:
         text += "Without name movers there are no queries to path-patch into, so no S-inhibition heads are sought. "
     unclassed = table[(table["class"] == "unclassed candidate") & (table["path to logits"].abs() >= NAME_MOVER_MIN)]
     if len(unclassed):
+
         def failed(row):
             sign = 1 if row["path to logits"] > 0 else -1
             reasons = [] if sign * row["direct attribution"] > 0 else ["its direct attribution has the other sign"]
             if row["attn END->IO"] <= row["attn END->S1"] + row["attn END->S2"]:
-                reasons.append(f"END attends to the IO {row['attn END->IO']:.2f}, to S1 {row['attn END->S1']:.2f} "
-                               f"and to S2 {row['attn END->S2']:.2f}")
+                reasons.append(
+                    f"END attends to the IO {row['attn END->IO']:.2f}, to S1 {row['attn END->S1']:.2f} "
+                    f"and to S2 {row['attn END->S2']:.2f}"
+                )
             return "; ".join(reasons)
 
-        text += ("Heads with a path effect to the logits past the threshold that the rules leave unclassed: " + "; ".join(
-            f"{head} (path to logits {row['path to logits']:+.2f}, attribution {row['direct attribution']:+.2f}: "
-            f"{failed(row)})" for head, row in unclassed.iterrows()) + ". ")
+        text += (
+            "Heads with a path effect to the logits past the threshold that the rules leave unclassed: "
+            + "; ".join(
+                f"{head} (path to logits {row['path to logits']:+.2f}, attribution {row['direct attribution']:+.2f}: "
+                f"{failed(row)})"
+                for head, row in unclassed.iterrows()
+            )
+            + ". "
+        )
     s2, end = resid.tensor[:, ROLES.index("S2")], resid.tensor[:, ROLES.index("END")]
     moved = next((layer for layer in range(len(end)) if end[layer] > s2[layer]), None)
     if moved:  # None: never; 0: at the embeddings already
-        text += (f"Residual patching: the answer's information sits at S2 up to layer {moved - 1} "
-                 f"(resid_pre {s2[moved - 1]:.2f} there) and at END from layer {moved} (resid_pre {end[moved]:.2f}); "
-                 "in GPT-2 small it moves from S2 to END around the S-inhibition heads' layers 7-8.")
+        text += (
+            f"Residual patching: the answer's information sits at S2 up to layer {moved - 1} "
+            f"(resid_pre {s2[moved - 1]:.2f} there) and at END from layer {moved} (resid_pre {end[moved]:.2f}); "
+            "in GPT-2 small it moves from S2 to END around the S-inhibition heads' layers 7-8."
+        )
     return text
 
 
@@ -465,42 +604,75 @@ def paper_set(model: HookedTransformer, n_frames: int | None = None) -> list[IOI
     return clean if unreadable(model, clean) is None else None
 
 
-def run(model: HookedTransformer | str | None = None, progress: bool = True, n_frames: int | None = None) -> Reproduction:
+def run(
+    model: HookedTransformer | str | None = None, progress: bool = True, n_frames: int | None = None
+) -> Reproduction:
     """The IOI reproduction; `n_frames` sets the size of the paper's set (two prompts per frame; default
     `PAPER_FRAMES`, 120 prompts)."""
     model = resolve_model(model, DEFAULT_MODEL)
     source, clean, corrupted = choose_prompts(model, n_frames)
     head_patching = source != PAPER_SOURCE
     batches = groups(model, clean, corrupted)
-    measured = [group.measure(model, head_patching)
-                for group in tqdm(batches, desc="ioi: prompt groups", disable=not progress)]
+    measured = [
+        group.measure(model, head_patching) for group in tqdm(batches, desc="ioi: prompt groups", disable=not progress)
+    ]
     weights = [len(group.clean) / len(clean) for group in batches]
     attribution = sum(w * m["attribution"] for w, m in zip(weights, measured))
-    resid = pooled([m["resid"] for m in measured], weights,
-                   {"layer": measured[0]["resid"].labels["layer"], "pos": list(ROLES)}).normalised()
+    resid = pooled(
+        [m["resid"] for m in measured], weights, {"layer": measured[0]["resid"].labels["layer"], "pos": list(ROLES)}
+    ).normalised()
     heads = pooled([m["heads"] for m in measured], weights).normalised() if head_patching else None
     circuit = classify(model, batches, measured, weights, attribution, progress)
-    table = summary(model, torch.cat([m["clean"] for m in measured]), torch.cat([m["corrupted"] for m in measured]),
-                    attribution, resid, heads, circuit)
+    table = summary(
+        model,
+        torch.cat([m["clean"] for m in measured]),
+        torch.cat([m["corrupted"] for m in measured]),
+        attribution,
+        resid,
+        heads,
+        circuit,
+    )
 
     top_head = head_name(top_indices(attribution)[0], model)
     top_layer = int(top_head.split(".")[0])
     labels = ([f"L{layer}" for layer in range(model.cfg.n_layers)], [f"H{head}" for head in range(model.cfg.n_heads)])
     figures = [
-        heatmap(attribution, *labels, row_title="layer", col_title="head",
-                title="direct logit attribution of each head to logit(IO) - logit(S)"),
+        heatmap(
+            attribution,
+            *labels,
+            row_title="layer",
+            col_title="head",
+            title="direct logit attribution of each head to logit(IO) - logit(S)",
+        ),
         resid.plot(title="resid_pre patching by layer and role (0 = corrupted, 1 = clean)"),
-        heads.plot(title="head output (z) patching at all positions (0 = corrupted, 1 = clean)") if heads is not None
-        else heatmap(circuit.to_logits.tensor, *labels, row_title="layer", col_title="head",
-                     title="path patching from each head to the logits (0 = corrupted, 1 = clean)"),
+        heads.plot(title="head output (z) patching at all positions (0 = corrupted, 1 = clean)")
+        if heads is not None
+        else heatmap(
+            circuit.to_logits.tensor,
+            *labels,
+            row_title="layer",
+            col_title="head",
+            title="path patching from each head to the logits (0 = corrupted, 1 = clean)",
+        ),
         Run(model, clean[0].prompt).attention_patterns(
-            top_layer, title=f"attention patterns of layer {top_layer} ({top_head} tops the direct logit attribution)"),
+            top_layer, title=f"attention patterns of layer {top_layer} ({top_head} tops the direct logit attribution)"
+        ),
     ]
     if circuit.to_queries is not None:
-        figures.append(heatmap(circuit.to_queries.tensor.nan_to_num(0), *labels, row_title="layer", col_title="head",
-                               title="path patching from each head to the name movers' queries (0 = corrupted, 1 = clean)"))
-    patching = ("Head output (z) patching: each head's z at every position." if head_patching else
-                "Head output (z) patching is left out on this set: path patching (the paper's method) takes its place.")
+        figures.append(
+            heatmap(
+                circuit.to_queries.tensor.nan_to_num(0),
+                *labels,
+                row_title="layer",
+                col_title="head",
+                title="path patching from each head to the name movers' queries (0 = corrupted, 1 = clean)",
+            )
+        )
+    patching = (
+        "Head output (z) patching: each head's z at every position."
+        if head_patching
+        else "Head output (z) patching is left out on this set: path patching (the paper's method) takes its place."
+    )
     notes = (
         f"{len(clean)} prompts ({source}), ABBA and BABA, in {len(batches)} groups of one layout. Corrupted "
         "run: the same sentence with S2 replaced by the IO (the demo's flipped prompts, used here for path patching "
@@ -510,5 +682,11 @@ def run(model: HookedTransformer | str | None = None, progress: bool = True, n_f
         f"gives 0. {patching} {CIRCUIT_RULES} {comparison(model, circuit, resid)}"
         + ("" if source == PAPER_SOURCE else f" {DEMO_FINDINGS}")
     )
-    return Reproduction("Indirect object identification: logit difference, attribution, patching and the circuit",
-                        table, figures, notes, tables={"circuit": circuit.table}, numbers=circuit.numbers())
+    return Reproduction(
+        "Indirect object identification: logit difference, attribution, patching and the circuit",
+        table,
+        figures,
+        notes,
+        tables={"circuit": circuit.table},
+        numbers=circuit.numbers(),
+    )

@@ -33,8 +33,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from lenskit.errors import InputError
 from lenskit import sites, surgery
+from lenskit.errors import InputError
 from lenskit.experiments.bos import ZOO
 from lenskit.experiments.corpus import NAME, passages
 from lenskit.experiments.reproduction import Reproduction, resolve_model
@@ -46,8 +46,10 @@ from lenskit.zoo.data import ioi_dataset, story
 
 STORY = (
     "Once upon a time",
-    ["Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
-     "One day, she saw a big red ball under a tree. Lily was very happy."],
+    [
+        "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
+        "One day, she saw a big red ball under a tree. Lily was very happy."
+    ],
 )
 """(prompt, evaluation texts) for any model that reads English."""
 ZOO_SENTENCES = 4
@@ -98,28 +100,43 @@ def run(model: HookedTransformer | str | None = None, progress: bool = True, **o
     if reads_english(model):
         return seed_study(model, progress=progress, **options)
     if options:
-        raise InputError(f"options {sorted(options)} apply to the seed study only, which needs a pretrained English "
-                         f"model (vocabulary of at least {SEED_MIN_VOCAB} tokens)")
+        raise InputError(
+            f"options {sorted(options)} apply to the seed study only, which needs a pretrained English "
+            f"model (vocabulary of at least {SEED_MIN_VOCAB} tokens)"
+        )
     return schedule_study(model, progress)
 
 
 def schedule_study(model: HookedTransformer, progress: bool = True) -> Reproduction:
     """Every schedule of `study_schedules` on the story (or the zoo's text): loss, top tokens, generation."""
     prompt, texts = material(model)
-    table = surgery.evaluate(model, study_schedules(model.cfg.n_layers), [prompt, *texts],
-                             generate_tokens=GENERATED_TOKENS, top_k=TOP_K, progress=progress)
+    table = surgery.evaluate(
+        model,
+        study_schedules(model.cfg.n_layers),
+        [prompt, *texts],
+        generate_tokens=GENERATED_TOKENS,
+        top_k=TOP_K,
+        progress=progress,
+    )
     table = table.rename(columns={"blocks": "layers run", f"top{TOP_K}@-1": f"top {TOP_K} next"})
     table[f"top {TOP_K} next"] = [" ".join(map(repr, tokens)) for tokens in table[f"top {TOP_K} next"]]
     table.insert(3, "Δ loss", table["loss"] - table["loss"][0])
     delta = torch.tensor(table["Δ loss"].to_numpy())[:, None]
-    figure = heatmap(delta, list(table["schedule"]), ["loss (Δ from full)"],
-                     text=[[f"{loss:.2f} ({change:+.2f})"] for loss, change in zip(table["loss"], table["Δ loss"])],
-                     title="Next-token loss under each layer schedule", row_title="schedule")
+    figure = heatmap(
+        delta,
+        list(table["schedule"]),
+        ["loss (Δ from full)"],
+        text=[[f"{loss:.2f} ({change:+.2f})"] for loss, change in zip(table["loss"], table["Δ loss"])],
+        title="Next-token loss under each layer schedule",
+        row_title="schedule",
+    )
     return Reproduction(
         f"Layer corruption: loss over the prompt and {len(texts)} more text(s); top tokens and greedy "
-        f"generation after the prompt {prompt!r}", table, figures=[figure],
+        f"generation after the prompt {prompt!r}",
+        table,
+        figures=[figure],
         notes="Sun et al. (2024), Transformer Layers as Painters: skipping or reordering middle layers degrades "
-              "a model gracefully, while its first and last layers are essential.",
+        "a model gracefully, while its first and last layers are essential.",
     )
 
 
@@ -141,8 +158,11 @@ GENERATION_COUNTS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25)
 
 def reads_english(model: HookedTransformer) -> bool:
     """A pretrained English model: a tokenizer of at least `SEED_MIN_VOCAB` tokens that reads the seed prompts."""
-    return (model.tokenizer is not None and model.cfg.d_vocab >= SEED_MIN_VOCAB
-            and all(knows_every_word(model, prompt) for prompt in SEED_PROMPTS))
+    return (
+        model.tokenizer is not None
+        and model.cfg.d_vocab >= SEED_MIN_VOCAB
+        and all(knows_every_word(model, prompt) for prompt in SEED_PROMPTS)
+    )
 
 
 @torch.no_grad()
@@ -156,8 +176,9 @@ def residual_stack(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -
     return logits, torch.stack([cache[name] for name in names])
 
 
-def run_schedule_from(model: HookedTransformer, stack: Tensor, blocks: Sequence[int],
-                      tokens: Int[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch pos vocab"]:
+def run_schedule_from(
+    model: HookedTransformer, stack: Tensor, blocks: Sequence[int], tokens: Int[Tensor, "batch pos"] | None = None
+) -> Float[Tensor, "batch pos vocab"]:
     """Logits of `blocks` run in order, started from the cached residual stream where they begin.
 
     The longest prefix of `blocks` that is 0, 1, ..., k-1 is not recomputed: the run starts from x_k
@@ -185,7 +206,7 @@ def angular_distances(stack: Tensor) -> Float[Tensor, "n l"]:
     table = torch.full((n_states - 1, n_states - 1), float("nan"), dtype=torch.float64)
     for n in range(1, n_states):
         cosine = (unit[:-n] * unit[n:]).sum(-1).clamp(-1, 1)  # [L + 1 - n, batch, pos]
-        table[n - 1, :n_states - n] = (torch.arccos(cosine) / torch.pi).flatten(1).mean(-1)
+        table[n - 1, : n_states - n] = (torch.arccos(cosine) / torch.pi).flatten(1).mean(-1)
     return table.float()
 
 
@@ -196,8 +217,11 @@ def measures(logits: Tensor, tokens: Tensor, intact_top: Tensor) -> dict[str, fl
     targets = tokens[:, 1:]
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).item()
     top = logits.argmax(-1)
-    return {"loss": loss, "agreement": (top == intact_top[:, :-1]).float().mean().item(),
-            "accuracy": (top == targets).float().mean().item()}
+    return {
+        "loss": loss,
+        "agreement": (top == intact_top[:, :-1]).float().mean().item(),
+        "accuracy": (top == targets).float().mean().item(),
+    }
 
 
 @torch.no_grad()
@@ -210,15 +234,18 @@ def greedy(model: HookedTransformer, prompt: str, blocks: Sequence[int], n_token
     return model.to_string(tokens[0, -n_tokens:]) if n_tokens else ""
 
 
-def seed_schedules(n_layers: int, counts: Sequence[int] | None = None,
-                   layers: Sequence[int] | None = None) -> list[tuple[str, int, surgery.Schedule]]:
+def seed_schedules(
+    n_layers: int, counts: Sequence[int] | None = None, layers: Sequence[int] | None = None
+) -> list[tuple[str, int, surgery.Schedule]]:
     """(study, layer or n, schedule): delete each layer of `layers` (default all); swap each of them with the
     next; skip the last n; skip the first n (n of `counts`, default 1..L-1). Block removal comes from the
     angular distances."""
     counts = range(1, n_layers) if counts is None else counts
     layers = range(n_layers) if layers is None else layers
-    rows = [("delete", layer, surgery.sequence([b for b in range(n_layers) if b != layer], f"delete {layer}"))
-            for layer in layers]
+    rows = [
+        ("delete", layer, surgery.sequence([b for b in range(n_layers) if b != layer], f"delete {layer}"))
+        for layer in layers
+    ]
     for layer in layers:
         if layer + 1 < n_layers:
             order = list(range(n_layers))
@@ -268,42 +295,83 @@ def seed_study(
     del intact_logits
     distance = angular_distances(stack)
 
-    plan = [("intact", None, None, surgery.full(n_layers))] + [(s, v, None, sch) for s, v, sch in seed_schedules(n_layers, counts, layers)]
+    plan = [("intact", None, None, surgery.full(n_layers))] + [
+        (s, v, None, sch) for s, v, sch in seed_schedules(n_layers, counts, layers)
+    ]
     for n in counts:  # the block of n layers whose ends are closest in angle (Gromov et al.)
         first = int(torch.nan_to_num(distance[n - 1], nan=float("inf")).argmin())
         plan.append(("remove block", first, n, surgery.skip_range(n_layers, first, first + n)))
     rows = []
     for study, layer, n, schedule in tqdm(plan, desc="layer schedules", disable=not progress):
-        numbers = intact if study == "intact" else measures(run_schedule_from(model, stack, schedule.blocks, tokens), tokens, intact_top)
+        numbers = (
+            intact
+            if study == "intact"
+            else measures(run_schedule_from(model, stack, schedule.blocks, tokens), tokens, intact_top)
+        )
         if study in ("skip last", "skip first"):
             layer, n = None, layer
         elif study == "delete":
             n = 1
         angle = distance[n - 1, layer].item() if study in ("delete", "remove block") else float("nan")
-        rows.append({"study": study, "layer": layer, "n": n, "schedule": schedule.name, "layers run": len(schedule.blocks),
-                     **numbers, "angular distance": angle})
+        rows.append(
+            {
+                "study": study,
+                "layer": layer,
+                "n": n,
+                "schedule": schedule.name,
+                "layers run": len(schedule.blocks),
+                **numbers,
+                "angular distance": angle,
+            }
+        )
     table = pd.DataFrame(rows).astype({"layer": "Int64", "n": "Int64"})
     table.insert(6, "Δ loss", table["loss"] - intact["loss"])
     table["accuracy kept"] = table["accuracy"] / intact["accuracy"]
-    table = table[["study", "layer", "n", "schedule", "layers run", "loss", "Δ loss", "agreement", "accuracy",
-                   "accuracy kept", "angular distance"]]
+    table = table[
+        [
+            "study",
+            "layer",
+            "n",
+            "schedule",
+            "layers run",
+            "loss",
+            "Δ loss",
+            "agreement",
+            "accuracy",
+            "accuracy kept",
+            "angular distance",
+        ]
+    ]
 
     generation_counts = [n for n in generation_counts if 0 <= n < n_layers]
-    generations = pd.DataFrame([
-        {"skip last": n, **{prompt: greedy(model, prompt, range(n_layers - n), generate_tokens) for prompt in SEED_PROMPTS}}
-        for n in tqdm(generation_counts, desc="generations", disable=not progress)])
-    angles = pd.DataFrame(distance.numpy(), index=pd.Index(range(1, n_layers + 1), name="n"),
-                          columns=[f"l={l}" for l in range(n_layers)])
+    generations = pd.DataFrame(
+        [
+            {
+                "skip last": n,
+                **{prompt: greedy(model, prompt, range(n_layers - n), generate_tokens) for prompt in SEED_PROMPTS},
+            }
+            for n in tqdm(generation_counts, desc="generations", disable=not progress)
+        ]
+    )
+    angles = pd.DataFrame(
+        distance.numpy(), index=pd.Index(range(1, n_layers + 1), name="n"), columns=[f"l={l}" for l in range(n_layers)]
+    )
     deletion = table[table["study"] == "delete"]
     rho = deletion["angular distance"].rank().corr(deletion["Δ loss"].rank())  # Spearman: Pearson of ranks
     figures = seed_figures(table, distance, generations, n_layers)
     low, high = n_layers // 4, n_layers - 1 - n_layers // 4
     middle = table[table["study"].isin(["delete", "swap"]) & table["layer"].between(low, high)]
     by_layer = deletion.set_index("layer")["agreement"]
-    ends = ", ".join(f"layer {layer} deleted: {by_layer[layer]:.0%}" for layer in (0, n_layers - 1) if layer in by_layer.index)
-    span = (f"{middle['agreement'].min():.0%}-{middle['agreement'].max():.0%} (median {middle['agreement'].median():.0%}) "
-            f"top-1 agreement with the intact model and {middle['accuracy kept'].median():.0%} of its top-1 accuracy "
-            "(median)" if len(middle) else "(none measured)")
+    ends = ", ".join(
+        f"layer {layer} deleted: {by_layer[layer]:.0%}" for layer in (0, n_layers - 1) if layer in by_layer.index
+    )
+    span = (
+        f"{middle['agreement'].min():.0%}-{middle['agreement'].max():.0%} (median {middle['agreement'].median():.0%}) "
+        f"top-1 agreement with the intact model and {middle['accuracy kept'].median():.0%} of its top-1 accuracy "
+        "(median)"
+        if len(middle)
+        else "(none measured)"
+    )
     notes = (
         f"Text: {n_passages} passages of {passage_tokens} tokens spread over {NAME if text is None else 'the given text'}; "
         f"the intact model's loss {intact['loss']:.3f}, top-1 accuracy {intact['accuracy']:.1%}. "
@@ -315,8 +383,12 @@ def seed_study(
     )
     return Reproduction(
         f"Layers skipped, repeated and permuted in a pretrained model ({n_layers} layers): loss and top-1 agreement "
-        "with the intact model", table, figures=figures, notes=notes,
-        tables={"generations (last n layers skipped)": generations, "angular distance d(x_l, x_l+n)": angles})
+        "with the intact model",
+        table,
+        figures=figures,
+        notes=notes,
+        tables={"generations (last n layers skipped)": generations, "angular distance d(x_l, x_l+n)": angles},
+    )
 
 
 def seed_figures(table: pd.DataFrame, distance: Tensor, generations: pd.DataFrame, n_layers: int) -> list:
@@ -326,24 +398,57 @@ def seed_figures(table: pd.DataFrame, distance: Tensor, generations: pd.DataFram
     for study in ("delete", "swap"):
         part = table[table["study"] == study].set_index("layer")
         per_layer.append([part["agreement"].get(l, float("nan")) for l in range(n_layers)])
-    figures.append(heatmap(torch.tensor(per_layer), ["delete layer l", "swap l, l+1"], [str(l) for l in range(n_layers)],
-                           text=[[f"{v:.0%}" if v == v else "" for v in row] for row in per_layer], limit=1.0,
-                           title="Top-1 agreement with the intact model after deleting or swapping one layer",
-                           row_title="change", col_title="layer l"))
-    per_count = {study: table[table["study"] == study].set_index("n") for study in ("skip last", "skip first", "remove block")}
+    figures.append(
+        heatmap(
+            torch.tensor(per_layer),
+            ["delete layer l", "swap l, l+1"],
+            [str(l) for l in range(n_layers)],
+            text=[[f"{v:.0%}" if v == v else "" for v in row] for row in per_layer],
+            limit=1.0,
+            title="Top-1 agreement with the intact model after deleting or swapping one layer",
+            row_title="change",
+            col_title="layer l",
+        )
+    )
+    per_count = {
+        study: table[table["study"] == study].set_index("n") for study in ("skip last", "skip first", "remove block")
+    }
     ns = sorted(set(per_count["skip last"].index) | set(per_count["remove block"].index))
     values = [[per_count[s]["agreement"].get(n, float("nan")) for n in ns] for s in per_count]
     losses = [[per_count[s]["Δ loss"].get(n, float("nan")) for n in ns] for s in per_count]
-    figures.append(heatmap(torch.tensor(values), ["skip last n", "skip first n", "remove closest block of n"], [str(n) for n in ns],
-                           text=[[f"{v:.0%}\n{d:+.2f}" if v == v else "" for v, d in zip(vr, dr)] for vr, dr in zip(values, losses)],
-                           limit=1.0, title="Top-1 agreement (and Δ loss) with n layers removed", row_title="removed",
-                           col_title="n"))
-    figures.append(heatmap(distance, [str(n) for n in range(1, n_layers + 1)], [str(l) for l in range(n_layers)],
-                           text=[[f"{v:.2f}" if v == v else "" for v in row] for row in distance.tolist()],
-                           title="Angular distance d(x_l, x_l+n) = arccos(cos) / pi, averaged over tokens",
-                           row_title="n", col_title="l"))
+    figures.append(
+        heatmap(
+            torch.tensor(values),
+            ["skip last n", "skip first n", "remove closest block of n"],
+            [str(n) for n in ns],
+            text=[[f"{v:.0%}\n{d:+.2f}" if v == v else "" for v, d in zip(vr, dr)] for vr, dr in zip(values, losses)],
+            limit=1.0,
+            title="Top-1 agreement (and Δ loss) with n layers removed",
+            row_title="removed",
+            col_title="n",
+        )
+    )
+    figures.append(
+        heatmap(
+            distance,
+            [str(n) for n in range(1, n_layers + 1)],
+            [str(l) for l in range(n_layers)],
+            text=[[f"{v:.2f}" if v == v else "" for v in row] for row in distance.tolist()],
+            title="Angular distance d(x_l, x_l+n) = arccos(cos) / pi, averaged over tokens",
+            row_title="n",
+            col_title="l",
+        )
+    )
     text = [[str(cell) for cell in row[1:]] for row in generations.itertuples(index=False)]
-    figures.append(heatmap(torch.zeros(len(generations), len(SEED_PROMPTS)), [f"skip last {n}" for n in generations["skip last"]],
-                           list(SEED_PROMPTS), text=text, title="Greedy continuations with the last n layers skipped",
-                           row_title="schedule", col_title="prompt"))
+    figures.append(
+        heatmap(
+            torch.zeros(len(generations), len(SEED_PROMPTS)),
+            [f"skip last {n}" for n in generations["skip last"]],
+            list(SEED_PROMPTS),
+            text=text,
+            title="Greedy continuations with the last n layers skipped",
+            row_title="schedule",
+            col_title="prompt",
+        )
+    )
     return figures

@@ -31,9 +31,16 @@ class Reproduction:
 
     def to_dict(self) -> dict:
         """title, rows, notes, each further table's records and the named `numbers`: JSON-ready values."""
-        return {"title": self.title, "rows": self.rows, "notes": self.notes,
-                "tables": {name: _records(table.reset_index() if table.index.name else table)
-                           for name, table in self.tables.items()}, **self.numbers}
+        return {
+            "title": self.title,
+            "rows": self.rows,
+            "notes": self.notes,
+            "tables": {
+                name: _records(table.reset_index() if table.index.name else table)
+                for name, table in self.tables.items()
+            },
+            **self.numbers,
+        }
 
     def __str__(self) -> str:
         text = f"{self.title}\n\n{self.table.to_string(index=False, max_colwidth=100)}"
@@ -44,14 +51,18 @@ class Reproduction:
     def _repr_html_(self) -> str:
         esc = html.escape
         notes = f"<p>{esc(self.notes)}</p>" if self.notes else ""
-        more = "".join(f"<h4>{esc(name)}</h4>{table.to_html(index=table.index.name is not None)}"
-                       for name, table in self.tables.items())
-        return (f"<h3>{esc(self.title)}</h3>{self.table.to_html(index=False)}{notes}{more}"
-                + "".join(f._repr_html_() for f in self.figures))
+        more = "".join(
+            f"<h4>{esc(name)}</h4>{table.to_html(index=table.index.name is not None)}"
+            for name, table in self.tables.items()
+        )
+        return f"<h3>{esc(self.title)}</h3>{self.table.to_html(index=False)}{notes}{more}" + "".join(
+            f._repr_html_() for f in self.figures
+        )
 
 
 def _records(table: pd.DataFrame) -> list[dict]:
     """Rows as dicts of plain Python values: numpy scalars unwrapped, NaN / NA as None, tuples as lists."""
+
     def plain(value):
         if isinstance(value, tuple):
             return [plain(v) for v in value]
@@ -63,6 +74,7 @@ def _records(table: pd.DataFrame) -> list[dict]:
         except (TypeError, ValueError):
             pass
         return value
+
     return [{str(key): plain(value) for key, value in row.items()} for row in table.to_dict("records")]
 
 

@@ -36,7 +36,9 @@ def run(model: HookedTransformer | str | None = None, progress: bool = True) -> 
         model = model if isinstance(model, HookedTransformer) else load(model)
         source = f"{model_label(model, name)}'s tokenizer"
         pieces = [model.to_str_tokens(word, prepend_bos=False) for word in WORDS]
-    table = pd.DataFrame({"text": [repr(w) for w in WORDS], "tokens": [str(p) for p in pieces], "n_tokens": [len(p) for p in pieces]})
+    table = pd.DataFrame(
+        {"text": [repr(w) for w in WORDS], "tokens": [str(p) for p in pieces], "n_tokens": [len(p) for p in pieces]}
+    )
     notes = "GPT-2: ' Claire' is one token, 'Claire' two ('Cl', 'aire'): a name's first mention without a space splits."
     if model is not None:
         try:
@@ -48,5 +50,9 @@ def run(model: HookedTransformer | str | None = None, progress: bool = True) -> 
             table["GPT-2 n_tokens"] = [len(p) for p in reference]
         same = [w for w, p in zip(WORDS, pieces) if len(p) == 1]
         notes += f" With this tokenizer, single tokens: {', '.join(repr(w) for w in same) or 'none'}."
-    return Reproduction(f"How a leading space changes tokenization ({source})", table, notes=notes,
-                        numbers={"tokens": {w: p for w, p in zip(WORDS, pieces)}})
+    return Reproduction(
+        f"How a leading space changes tokenization ({source})",
+        table,
+        notes=notes,
+        numbers={"tokens": {w: p for w, p in zip(WORDS, pieces)}},
+    )

@@ -39,8 +39,9 @@ DEFAULT_SPEECH_MODEL = "lenskit/speech-3l"
 N_UTTERANCES = 4
 
 
-def run(model: HookedWhisper | str | None = None, progress: bool = True, n_utterances: int | None = None,
-        **options) -> Reproduction:
+def run(
+    model: HookedWhisper | str | None = None, progress: bool = True, n_utterances: int | None = None, **options
+) -> Reproduction:
     """`zoo_study` on a model with its own small vocabulary (the zoo's), `real_study` on one with OpenAI's."""
     model = model if isinstance(model, HookedWhisper) else load(model or DEFAULT_SPEECH_MODEL)
     if model.vocabulary is None:
@@ -52,39 +53,68 @@ def run(model: HookedWhisper | str | None = None, progress: bool = True, n_utter
 
 def zoo_study(model: HookedWhisper, progress: bool = True, n_utterances: int = N_UTTERANCES) -> Reproduction:
     speech = utterances(n_utterances, seed=4000, held_out_sentences=True, held_out_voice=True, progress=False)
-    runs = pd.concat([
-        layer_removal(model, utterance.samples, utterance.text, part=part, progress=progress).assign(utterance=i)
-        for i, utterance in enumerate(speech) for part in ("encoder", "decoder")
-    ])
-    table = (runs.groupby(["part", "removed", "layers_left"], sort=False)
-             .agg(mean_wer=("wer", "mean"), example_transcript=("transcript", "first")).reset_index())
+    runs = pd.concat(
+        [
+            layer_removal(model, utterance.samples, utterance.text, part=part, progress=progress).assign(utterance=i)
+            for i, utterance in enumerate(speech)
+            for part in ("encoder", "decoder")
+        ]
+    )
+    table = (
+        runs.groupby(["part", "removed", "layers_left"], sort=False)
+        .agg(mean_wer=("wer", "mean"), example_transcript=("transcript", "first"))
+        .reset_index()
+    )
     grid = table.pivot(index="part", columns="removed", values="mean_wer").loc[["encoder", "decoder"]]
-    figure = heatmap(torch.tensor(grid.to_numpy()), list(grid.index), [str(c) for c in grid.columns],
-                     title="word error rate with the final layers removed", row_title="part", col_title="layers removed")
-    notes = (f"Mean word error rate over {n_utterances} utterances; the example transcript is the first utterance's "
-             f"(reference: {speech[0].text!r}). Removing a layer zeroes its attention, cross-attention and MLP outputs "
-             "(`hooks.skip`); the final layer norm stays.")
+    figure = heatmap(
+        torch.tensor(grid.to_numpy()),
+        list(grid.index),
+        [str(c) for c in grid.columns],
+        title="word error rate with the final layers removed",
+        row_title="part",
+        col_title="layers removed",
+    )
+    notes = (
+        f"Mean word error rate over {n_utterances} utterances; the example transcript is the first utterance's "
+        f"(reference: {speech[0].text!r}). Removing a layer zeroes its attention, cross-attention and MLP outputs "
+        "(`hooks.skip`); the final layer norm stays."
+    )
     return Reproduction("Whisper layer removal: word error rate against removed final layers", table, [figure], notes)
 
 
 # --- a Whisper with OpenAI's vocabulary -----------------------------------------------------
 
 HARVARD_SENTENCES = (  # IEEE Recommended Practice for Speech Quality Measurements (1969), lists 1-3: public domain
-    "The birch canoe slid on the smooth planks.", "Glue the sheet to the dark blue background.",
-    "It's easy to tell the depth of a well.", "These days a chicken leg is a rare dish.",
-    "Rice is often served in round bowls.", "The juice of lemons makes fine punch.",
-    "The box was thrown beside the parked truck.", "The hogs were fed chopped corn and garbage.",
-    "Four hours of steady work faced us.", "A large size in stockings is hard to sell.",
-    "The boy was there when the sun rose.", "A rod is used to catch pink salmon.",
-    "The source of the huge river is the clear spring.", "Kick the ball straight and follow through.",
-    "Help the woman get back to her feet.", "A pot of tea helps to pass the evening.",
-    "Smoky fires lack flame and heat.", "The soft cushion broke the man's fall.",
-    "The salt breeze came across from the sea.", "The girl at the booth sold fifty bonds.",
-    "The small pup gnawed a hole in the sock.", "The fish twisted and turned on the bent hook.",
-    "Press the pants and sew a button on the vest.", "The swan dive was far short of perfect.",
-    "The beauty of the view stunned the young boy.", "Two blue fish swam in the tank.",
-    "Her purse was full of useless trash.", "The colt reared and threw the tall rider.",
-    "It snowed, rained, and hailed the same morning.", "Read verse out loud for pleasure.",
+    "The birch canoe slid on the smooth planks.",
+    "Glue the sheet to the dark blue background.",
+    "It's easy to tell the depth of a well.",
+    "These days a chicken leg is a rare dish.",
+    "Rice is often served in round bowls.",
+    "The juice of lemons makes fine punch.",
+    "The box was thrown beside the parked truck.",
+    "The hogs were fed chopped corn and garbage.",
+    "Four hours of steady work faced us.",
+    "A large size in stockings is hard to sell.",
+    "The boy was there when the sun rose.",
+    "A rod is used to catch pink salmon.",
+    "The source of the huge river is the clear spring.",
+    "Kick the ball straight and follow through.",
+    "Help the woman get back to her feet.",
+    "A pot of tea helps to pass the evening.",
+    "Smoky fires lack flame and heat.",
+    "The soft cushion broke the man's fall.",
+    "The salt breeze came across from the sea.",
+    "The girl at the booth sold fifty bonds.",
+    "The small pup gnawed a hole in the sock.",
+    "The fish twisted and turned on the bent hook.",
+    "Press the pants and sew a button on the vest.",
+    "The swan dive was far short of perfect.",
+    "The beauty of the view stunned the young boy.",
+    "Two blue fish swam in the tank.",
+    "Her purse was full of useless trash.",
+    "The colt reared and threw the tall rider.",
+    "It snowed, rained, and hailed the same morning.",
+    "Read verse out loud for pleasure.",
 )
 VOICES = ("en-us", "en-us-nyc", "en-us+m3", "en-gb", "en-gb-x-rp", "en-us+f3")
 """espeak-ng voices (accent + variant), used in turn: the English voices tiny.en transcribed best in a scan
@@ -109,8 +139,9 @@ def harvard_speech(n: int, progress: bool = True) -> list[Utterance]:
 
 
 @torch.no_grad()
-def real_study(model: HookedWhisper, progress: bool = True, n_utterances: int = N_REAL_UTTERANCES,
-               max_tokens: int = MAX_TOKENS) -> Reproduction:
+def real_study(
+    model: HookedWhisper, progress: bool = True, n_utterances: int = N_REAL_UTTERANCES, max_tokens: int = MAX_TOKENS
+) -> Reproduction:
     """Layer removal over `n_utterances` Harvard sentences, the decoder logit lens and cross-attention (module doc).
 
     Table: one row per (part, removed): layers_left, wer (jiwer over all utterances: word errors / reference
@@ -118,17 +149,34 @@ def real_study(model: HookedWhisper, progress: bool = True, n_utterances: int = 
     example_transcript (the first utterance's). `tables`: every transcript; the logit lens per layer.
     """
     speech = harvard_speech(n_utterances, progress)
-    runs = layer_removal_batch(model, [u.samples for u in speech], [u.text for u in speech], max_tokens=max_tokens,
-                               progress=progress)
-    table = pd.DataFrame([
-        dict(part=part, removed=removed, layers_left=group.layers_left.iloc[0],
-             wer=corpus_word_error_rate(list(group.reference), list(group.transcript)), mean_wer=group.wer.mean(),
-             repeating=group.repeats.mean(), example_transcript=group.transcript.iloc[0])
-        for (part, removed), group in runs.groupby(["part", "removed"], sort=False)])
+    runs = layer_removal_batch(
+        model, [u.samples for u in speech], [u.text for u in speech], max_tokens=max_tokens, progress=progress
+    )
+    table = pd.DataFrame(
+        [
+            dict(
+                part=part,
+                removed=removed,
+                layers_left=group.layers_left.iloc[0],
+                wer=corpus_word_error_rate(list(group.reference), list(group.transcript)),
+                mean_wer=group.wer.mean(),
+                repeating=group.repeats.mean(),
+                example_transcript=group.transcript.iloc[0],
+            )
+            for (part, removed), group in runs.groupby(["part", "removed"], sort=False)
+        ]
+    )
     grid = table.pivot(index="part", columns="removed", values="wer").loc[["encoder", "decoder"]]
-    figures = [heatmap(torch.tensor(grid.to_numpy(dtype=float)), list(grid.index), [str(c) for c in grid.columns],
-                       title="word error rate (jiwer) with the final layers removed", row_title="part",
-                       col_title="layers removed")]
+    figures = [
+        heatmap(
+            torch.tensor(grid.to_numpy(dtype=float)),
+            list(grid.index),
+            [str(c) for c in grid.columns],
+            title="word error rate (jiwer) with the final layers removed",
+            row_title="part",
+            col_title="layers removed",
+        )
+    ]
 
     first = speech[0]
     tokenizer = get_tokenizer(model)
@@ -144,40 +192,72 @@ def real_study(model: HookedWhisper, progress: bool = True, n_utterances: int = 
     removal = remove_final_layers(model, "decoder", degraded_count)
     degraded = transcribe(model, first.samples, hooks=removal, max_tokens=max_tokens, progress=False)
     seconds = len(first.samples) / SAMPLE_RATE + 0.5
-    figures.append(cross_attention_figure(model, first.samples, normal, layer, head, tokenizer, seconds,
-                                          f"normal regime: cross-attention of decoder layer {layer} head {head}"))
+    figures.append(
+        cross_attention_figure(
+            model,
+            first.samples,
+            normal,
+            layer,
+            head,
+            tokenizer,
+            seconds,
+            f"normal regime: cross-attention of decoder layer {layer} head {head}",
+        )
+    )
     with removal.on(model):
-        figures.append(cross_attention_figure(
-            model, first.samples, degraded, layer, head, tokenizer, seconds,
-            f"degraded regime, last {degraded_count} decoder layer(s) removed: layer {layer} head {head}"))
+        figures.append(
+            cross_attention_figure(
+                model,
+                first.samples,
+                degraded,
+                layer,
+                head,
+                tokenizer,
+                seconds,
+                f"degraded regime, last {degraded_count} decoder layer(s) removed: layer {layer} head {head}",
+            )
+        )
 
     voices = ", ".join(sorted({u.voice.name for u in speech}))
-    notes = (f"{n_utterances} Harvard sentences spoken by espeak-ng ({voices}; {SPEED} words per minute), at most "
-             f"{max_tokens} tokens decoded. Removing a layer zeroes its attention, cross-attention and MLP outputs "
-             f"(`hooks.skip`); the final layer norm stays. wer is jiwer's over all utterances (lower case, punctuation "
-             f"dropped). The whisper_logit_lens study found whisper-medium's decoder tolerates about 3 of 24 removed "
-             f"layers and its encoder about 8, with repetition when too many go. Logit lens and cross-attention: "
-             f"utterance 0, {first.text!r} -> {normal.text!r}; with the last {degraded_count} decoder layer(s) "
-             f"removed -> {degraded.text[:120]!r}.")
-    return Reproduction(f"Whisper layer removal ({model.cfg.n_audio_layer} encoder + {model.cfg.n_text_layer} decoder "
-                        "layers): word error rate against removed final layers", table, figures, notes,
-                        tables={"decoder logit lens per layer (utterance 0)": lens_table,
-                                "transcripts": runs[["part", "removed", "utterance", "reference", "transcript", "wer",
-                                                     "repeats"]]})
+    notes = (
+        f"{n_utterances} Harvard sentences spoken by espeak-ng ({voices}; {SPEED} words per minute), at most "
+        f"{max_tokens} tokens decoded. Removing a layer zeroes its attention, cross-attention and MLP outputs "
+        f"(`hooks.skip`); the final layer norm stays. wer is jiwer's over all utterances (lower case, punctuation "
+        f"dropped). The whisper_logit_lens study found whisper-medium's decoder tolerates about 3 of 24 removed "
+        f"layers and its encoder about 8, with repetition when too many go. Logit lens and cross-attention: "
+        f"utterance 0, {first.text!r} -> {normal.text!r}; with the last {degraded_count} decoder layer(s) "
+        f"removed -> {degraded.text[:120]!r}."
+    )
+    return Reproduction(
+        f"Whisper layer removal ({model.cfg.n_audio_layer} encoder + {model.cfg.n_text_layer} decoder "
+        "layers): word error rate against removed final layers",
+        table,
+        figures,
+        notes,
+        tables={
+            "decoder logit lens per layer (utterance 0)": lens_table,
+            "transcripts": runs[["part", "removed", "utterance", "reference", "transcript", "wer", "repeats"]],
+        },
+    )
 
 
 def lens_by_layer(lens: WhisperLensResult, prompt_length: int) -> pd.DataFrame:
     """Per lens layer, over the positions that predict the transcript's tokens (from the prompt's last one):
     the mean logit of the token the model emitted there, the mean largest logit, the emitted token's mean
     probability, and the share of positions where it is already the top token."""
-    logits = lens.logits.tensor[:, prompt_length - 1:-1]  # [layer, pos, vocab]
+    logits = lens.logits.tensor[:, prompt_length - 1 : -1]  # [layer, pos, vocab]
     emitted = lens.tokens[prompt_length:]
     chosen = logits.gather(-1, emitted[None, :, None].expand(logits.shape[0], -1, 1))[..., 0]
     probs = logits.softmax(-1).gather(-1, emitted[None, :, None].expand(logits.shape[0], -1, 1))[..., 0]
-    return pd.DataFrame({"layer": lens.logits.labels["layer"], "emitted token logit": chosen.mean(-1).numpy(),
-                         "largest logit": logits.max(-1).values.mean(-1).numpy(),
-                         "emitted token probability": probs.mean(-1).numpy(),
-                         "emitted token on top": (logits.argmax(-1) == emitted).float().mean(-1).numpy()})
+    return pd.DataFrame(
+        {
+            "layer": lens.logits.labels["layer"],
+            "emitted token logit": chosen.mean(-1).numpy(),
+            "largest logit": logits.max(-1).values.mean(-1).numpy(),
+            "emitted token probability": probs.mean(-1).numpy(),
+            "emitted token on top": (logits.argmax(-1) == emitted).float().mean(-1).numpy(),
+        }
+    )
 
 
 def cross_attention_head(model: HookedWhisper, layers_running: int) -> tuple[int, int]:
@@ -189,10 +269,26 @@ def cross_attention_head(model: HookedWhisper, layers_running: int) -> tuple[int
     return max(layers_running - 1, 0), 0
 
 
-def cross_attention_figure(model: HookedWhisper, samples: Tensor, transcript: Transcript, layer: int, head: int,
-                           tokenizer, seconds: float, title: str):
+def cross_attention_figure(
+    model: HookedWhisper,
+    samples: Tensor,
+    transcript: Transcript,
+    layer: int,
+    head: int,
+    tokenizer,
+    seconds: float,
+    title: str,
+):
     """The head's pattern over the transcript's tokens and the first `seconds` of audio, 0.1 s per column."""
     pattern = cross_attention(model, samples, transcript.sequence, layer, head, tokenizer=tokenizer, frames_per_bin=5)
     n_bins = min(pattern.tensor.shape[1], int(seconds / 0.1) + 1)
-    return heatmap(pattern.tensor[:, :n_bins], pattern.labels["token"], pattern.labels["time"][:n_bins], title=title,
-                   row_title="token", col_title="time", limit=1.0, text=[[""] * n_bins] * pattern.tensor.shape[0])
+    return heatmap(
+        pattern.tensor[:, :n_bins],
+        pattern.labels["token"],
+        pattern.labels["time"][:n_bins],
+        title=title,
+        row_title="token",
+        col_title="time",
+        limit=1.0,
+        text=[[""] * n_bins] * pattern.tensor.shape[0],
+    )

@@ -29,7 +29,6 @@ import html
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
-from pathlib import Path
 from typing import Literal
 
 import pandas as pd
@@ -42,13 +41,25 @@ from transformer_lens import HookedTransformer
 from lenskit import sites, vocab
 from lenskit.errors import InputError
 from lenskit.flow.proximity import proximity, shares
-from lenskit.flow.shares import (EDGE_KINDS, NodeKind, Routes, attention_kind, check_index, check_supported,
-                                 head_sources, node_rows, route_shares, row_activations, values)
+from lenskit.flow.shares import (
+    EDGE_KINDS,
+    Decomposition,
+    NodeKind,
+    Routes,
+    attention_kind,
+    check_index,
+    check_supported,
+    head_sources,
+    node_rows,
+    route_shares,
+    row_activations,
+    values,
+)
 from lenskit.labelled import LabelledTensor
 from lenskit.readout import Readout
 from lenskit.run import Run
 from lenskit.tokens import Prompts, token_labels
-from lenskit.viz.figure import Figure
+from lenskit.viz.figure import Figure, Pictured
 from lenskit.viz.graph import route_graph
 
 
@@ -79,28 +90,8 @@ def flow(
     return FlowGraph(model, row, activations, head_shares, routes, threshold, renormalize, target_pos)
 
 
-@dataclass
-class Decomposition:
-    """A residual stream as a sum of parts (exactly), with each part's proximity share.
-
-    parts: [part, d_model], labelled ("resid_pre", "head 3 <- 5" for head 3 reading position 5,
-    "mlp_out", "neuron 17", ...); whole: the cached stream [d_model]; shares: [part], summing
-    to 1 (all 0 if every proximity is 0).
-    """
-
-    parts: LabelledTensor
-    whole: Float[Tensor, " d_model"]
-    shares: Float[Tensor, " part"]
-
-    def to_frame(self) -> pd.DataFrame:
-        """One row per part: part, share, and the part's L1 norm; largest share first."""
-        frame = pd.DataFrame({"part": self.parts.labels["part"], "share": self.shares.numpy(),
-                              "l1_norm": self.parts.tensor.abs().sum(-1).numpy()})
-        return frame.sort_values("share", ascending=False, kind="stable").reset_index(drop=True)
-
-
 @dataclass(eq=False)
-class FlowGraph:
+class FlowGraph(Pictured):
     """The routes graph of one prompt: shares of every edge, thresholded, traced from `target_pos`.
 
     `nodes` and `edges` are the part of the graph the target's final stream reaches; `trace(pos)`,
@@ -206,11 +197,16 @@ class FlowGraph:
         ids = reached.nonzero().squeeze(1)
         kinds, layers = zip(*(self.rows[i] for i in (ids // self.n_pos).tolist()))
         positions = (ids % self.n_pos).tolist()
-        return pd.DataFrame({
-            "layer": list(layers), "position": positions, "token": [self.str_tokens[p] for p in positions],
-            "kind": list(kinds), "hook": [sites.act_name(k, l) for k, l in zip(kinds, layers)],
-            "weight": carried[ids].numpy(),
-        })
+        return pd.DataFrame(
+            {
+                "layer": list(layers),
+                "position": positions,
+                "token": [self.str_tokens[p] for p in positions],
+                "kind": list(kinds),
+                "hook": [sites.act_name(k, l) for k, l in zip(kinds, layers)],
+                "weight": carried[ids].numpy(),
+            }
+        )
 
     @property
     def edges(self) -> pd.DataFrame:
@@ -228,12 +224,19 @@ class FlowGraph:
         src_pos, tgt_pos = source % self.n_pos, target % self.n_pos
         attention = kind == EDGE_KINDS.index("attention")
         top_head = self.head_shares[layer, tgt_pos, src_pos].argmax(-1)
-        frame = {"layer": layer.numpy(), "kind": [EDGE_KINDS[k] for k in kind.tolist()],
-                 "head": pd.array([h if a else pd.NA for h, a in zip(top_head.tolist(), attention.tolist())], dtype="Int64")}
+        frame = {
+            "layer": layer.numpy(),
+            "kind": [EDGE_KINDS[k] for k in kind.tolist()],
+            "head": pd.array([h if a else pd.NA for h, a in zip(top_head.tolist(), attention.tolist())], dtype="Int64"),
+        }
         for end, ids, pos in (("source", source, src_pos), ("target", target, tgt_pos)):
             kinds, layers = zip(*(self.rows[r] for r in (ids // self.n_pos).tolist())) if len(ids) else ((), ())
-            frame |= {f"{end}_kind": list(kinds), f"{end}_layer": list(layers), f"{end}_position": pos.numpy(),
-                      f"{end}_token": [self.str_tokens[p] for p in pos.tolist()]}
+            frame |= {
+                f"{end}_kind": list(kinds),
+                f"{end}_layer": list(layers),
+                f"{end}_position": pos.numpy(),
+                f"{end}_token": [self.str_tokens[p] for p in pos.tolist()],
+            }
         frame |= {"weight": weight.numpy(), "flow": (carried[target] * weight).numpy()}
         return pd.DataFrame(frame)
 
@@ -257,12 +260,20 @@ class FlowGraph:
         else:
             layer, source, target = edge
         layer = check_index("layer", layer, self.model.cfg.n_layers)
-        source, target = check_index("source_position", source, self.n_pos), check_index("target_position", target, self.n_pos)
+        source, target = (
+            check_index("source_position", source, self.n_pos),
+            check_index("target_position", target, self.n_pos),
+        )
         head_shares = self.head_shares[layer, target, source]
         node = self.row(attention_kind(self.model.cfg), layer) * self.n_pos + target
         kept = (head_shares.sum() >= self.threshold) & (head_shares.sum() > 0)
-        frame = pd.DataFrame({"head": range(len(head_shares)), "share": head_shares.numpy(),
-                              "weight": (head_shares * self._scale[node] * kept).numpy()})
+        frame = pd.DataFrame(
+            {
+                "head": range(len(head_shares)),
+                "share": head_shares.numpy(),
+                "weight": (head_shares * self._scale[node] * kept).numpy(),
+            }
+        )
         return frame.sort_values("share", ascending=False, kind="stable").reset_index(drop=True)
 
     def decompose(self, layer: int, pos: int, kind: NodeKind = "resid_post", neurons: bool = False) -> Decomposition:
@@ -275,8 +286,10 @@ class FlowGraph:
         cfg = self.model.cfg
         layer, pos = check_index("layer", layer, cfg.n_layers), check_index("pos", pos, self.n_pos)
         if kind == "resid_pre":
-            raise InputError("resid_pre is not a sum of parts here: it is the previous block's resid_post "
-                             "(or the embeddings); decompose that block's resid_post instead")
+            raise InputError(
+                "resid_pre is not a sum of parts here: it is the previous block's resid_post "
+                "(or the embeddings); decompose that block's resid_post instead"
+            )
         self.row(kind, layer)  # checks the kind exists at this layer
         labels, parts = [], []
         if kind == attention_kind(cfg):
@@ -293,7 +306,9 @@ class FlowGraph:
                 post = self.activations[sites.act_name("post", layer)][pos]
                 mlp = self.model.blocks[layer].mlp
                 labels += [f"neuron {n}" for n in range(len(post))]
-                parts.append(post[:, None] * mlp.W_out.detach().to(post.dtype) + mlp.b_out.detach().to(post.dtype) / len(post))
+                parts.append(
+                    post[:, None] * mlp.W_out.detach().to(post.dtype) + mlp.b_out.detach().to(post.dtype) / len(post)
+                )
             else:
                 labels.append("mlp_out")
                 parts.append(self.activations[sites.act_name("mlp_out", layer)][pos, None])
@@ -302,8 +317,9 @@ class FlowGraph:
         stacked = torch.cat(parts)
         whole = self.activations[sites.act_name(kind, layer)][pos]
         prox = proximity(stacked, whole)
-        return Decomposition(LabelledTensor(stacked, ("part", "d_model"), {"part": labels}), whole,
-                             shares(prox, prox.sum()))
+        return Decomposition(
+            LabelledTensor(stacked, ("part", "d_model"), {"part": labels}), whole, shares(prox, prox.sum())
+        )
 
     def top_neurons(self, layer: int, pos: int, k: int = 10) -> pd.DataFrame:
         """The k neurons of the MLP at (layer, pos) with the largest shares in its resid_post.
@@ -317,8 +333,9 @@ class FlowGraph:
         parts = self.decompose(layer, pos, "resid_post", neurons=True)
         first = parts.parts.labels["part"].index("neuron 0")
         post = self.activations[sites.act_name("post", layer)][pos]
-        frame = pd.DataFrame({"neuron": range(len(post)), "activation": post.numpy(),
-                              "share": parts.shares[first:].numpy()})
+        frame = pd.DataFrame(
+            {"neuron": range(len(post)), "activation": post.numpy(), "share": parts.shares[first:].numpy()}
+        )
         return frame.sort_values("share", ascending=False, kind="stable").head(k).reset_index(drop=True)
 
     def top_tokens(
@@ -371,7 +388,9 @@ class FlowGraph:
     def _final_scale(self) -> Float[Tensor, "pos 1"]:
         """The final normalisation's scale at each position (1 without one)."""
         with torch.no_grad():
-            _, scale = self._readout.normalize_with_scale(self._on_model(self.activations[sites.final_residual(self.model)]))
+            _, scale = self._readout.normalize_with_scale(
+                self._on_model(self.activations[sites.final_residual(self.model)])
+            )
         return scale.float().cpu()
 
     def _logit_lens(self, streams: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_vocab"]:
@@ -389,7 +408,11 @@ class FlowGraph:
         A selector picks the traced position among `positions` (default: every position);
         clicking an attention edge lists its heads' weights, clicking a node its top `k` tokens.
         """
-        positions = list(range(self.n_pos)) if positions is None else [check_index("position", p, self.n_pos) for p in positions]
+        positions = (
+            list(range(self.n_pos))
+            if positions is None
+            else [check_index("position", p, self.n_pos) for p in positions]
+        )
         reached = torch.zeros(len(self.rows) * self.n_pos, dtype=torch.bool)
         for position in positions:
             reached |= self.trace(position)._traced[0]
@@ -397,28 +420,42 @@ class FlowGraph:
         edges = []
         for index in live.nonzero().squeeze(1).tolist():
             layer, kind = int(self.routes.layer[index]), EDGE_KINDS[int(self.routes.kind[index])]
-            source, target = divmod(int(self.routes.source[index]), self.n_pos), divmod(int(self.routes.target[index]), self.n_pos)
+            source, target = (
+                divmod(int(self.routes.source[index]), self.n_pos),
+                divmod(int(self.routes.target[index]), self.n_pos),
+            )
             details = []
             if kind == "attention":
                 heads = self.head_shares[layer, target[1], source[1]] * self._scale[self.routes.target[index]]
                 details = [(f"head {h}", round(w, 4)) for h, w in enumerate(heads.tolist()) if w > 0]
-            edges.append({"source": source, "target": target, "kind": kind, "weight": round(float(self.weights[index]), 4),
-                          "title": f"L{layer} {kind}", "details": sorted(details, key=lambda d: -d[1])})
+            edges.append(
+                {
+                    "source": source,
+                    "target": target,
+                    "kind": kind,
+                    "weight": round(float(self.weights[index]), 4),
+                    "title": f"L{layer} {kind}",
+                    "details": sorted(details, key=lambda d: -d[1]),
+                }
+            )
         node_details = self._node_top_tokens(reached.nonzero().squeeze(1), k, progress) if k else {}
         rows = [f"{kind} {layer}" for kind, layer in self.rows]
         title = f"information-flow routes (threshold {self.threshold:g}{', renormalized' if self.renormalize else ''})"
-        return route_graph(self.str_tokens, rows, edges, node_details, targets=positions,
-                           selected=self.target_pos if self.target_pos in positions else positions[-1], title=title)
+        return route_graph(
+            self.str_tokens,
+            rows,
+            edges,
+            node_details,
+            targets=positions,
+            selected=self.target_pos if self.target_pos in positions else positions[-1],
+            title=title,
+        )
 
     def show(self, **kwargs) -> None:
         """Display `plot(**kwargs)` in a notebook."""
         from IPython.display import display
 
         display(self.plot(**kwargs))
-
-    def save_html(self, path: str | Path, **kwargs) -> Path:
-        """Write `plot(**kwargs)` as a standalone HTML page that works offline; returns the path."""
-        return self.plot(**kwargs).save(path)
 
     def _node_top_tokens(self, ids: Tensor, k: int, progress: bool, chunk: int = 256) -> dict[tuple[int, int], list]:
         """{(row, position): [(token, logit), ...]}: the logit lens' top k for each node in `ids`."""
@@ -427,7 +464,7 @@ class FlowGraph:
         found = {}
         with torch.no_grad():
             for start in tqdm(range(0, len(ids), chunk), desc="top tokens", disable=not progress):
-                batch = ids[start:start + chunk]
+                batch = ids[start : start + chunk]
                 top = self._logit_lens(flat[batch]).topk(min(k, self.model.cfg.d_vocab))
                 for node, logits, tokens in zip(batch.tolist(), top.values.tolist(), top.indices.tolist()):
                     words = token_labels(self.model, torch.tensor(tokens))
@@ -435,11 +472,14 @@ class FlowGraph:
         return found
 
     def __repr__(self) -> str:
-        return (f"FlowGraph(pos={self.n_pos}, target_pos={self.target_pos} {self.str_tokens[self.target_pos]!r}, "
-                f"threshold={self.threshold:g}, renormalize={self.renormalize}, "
-                f"{int(self._traced[0].sum())} nodes reached)")
+        return (
+            f"FlowGraph(pos={self.n_pos}, target_pos={self.target_pos} {self.str_tokens[self.target_pos]!r}, "
+            f"threshold={self.threshold:g}, renormalize={self.renormalize}, "
+            f"{int(self._traced[0].sum())} nodes reached)"
+        )
 
     def _repr_html_(self) -> str:
         edges = self.edges.sort_values("flow", ascending=False).head(20)
-        return (f"<p><code>{html.escape(repr(self))}</code></p><p>edges carrying the most flow:</p>"
-                + edges.to_html(index=False))
+        return f"<p><code>{html.escape(repr(self))}</code></p><p>edges carrying the most flow:</p>" + edges.to_html(
+            index=False
+        )

@@ -69,8 +69,10 @@ def head_source_proximity(
     correction = torch.zeros_like(linear)
 
     sizes = [2**m for m in range(3, d_model.bit_length()) if 2**m < d_model]
-    unsafe = torch.stack([(smallest[:, size, None] < bound).sum(1) for size in sizes]
-                         + [torch.zeros(n_pos, dtype=torch.long, device=whole.device)]).cpu()  # [sizes + 1, pos]
+    unsafe = torch.stack(
+        [(smallest[:, size, None] < bound).sum(1) for size in sizes]
+        + [torch.zeros(n_pos, dtype=torch.long, device=whole.device)]
+    ).cpu()  # [sizes + 1, pos]
     sizes.append(d_model)
     signed_columns = torch.cat([flat_sources.T, -flat_sources.T])  # row d: w[:, d]; row d_model + d: -w[:, d]
     limit = torch.full((n_pos, 1), torch.inf, dtype=whole.dtype, device=whole.device)
@@ -86,7 +88,9 @@ def head_source_proximity(
         for first in range(start, stop, step):
             last = min(first + step, stop)
             coords = order[first:last, :size]
-            signed = signed_columns[coords + d_model * negative[first:last].gather(1, coords), :n_parts]  # [rows, size, parts]
+            signed = signed_columns[
+                coords + d_model * negative[first:last].gather(1, coords), :n_parts
+            ]  # [rows, size, parts]
             excess = torch.addcmul(-smallest[first:last, :size, None], weights[first:last, None, :n_parts], signed)
             correction[first:last, :n_parts] = excess.clamp_(min=0).sum(1)
 
@@ -96,7 +100,7 @@ def head_source_proximity(
     rows, cols = (limit < bound).nonzero().T
     step = max(1, min(budget, 2**16) // d_model)
     for start in range(0, len(rows), step):
-        r, c = rows[start:start + step], cols[start:start + step]
+        r, c = rows[start : start + step], cols[start : start + step]
         gap = torch.addcmul(whole[r], weights[r, c, None], flat_sources[c], value=-1).mul_(sign[r])
         correction[r, c] = gap.clamp_(max=0).sum(-1).neg_()
     return (linear - 2 * correction).clamp_(min=0).reshape(n_pos, -1, n_heads)

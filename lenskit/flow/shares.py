@@ -29,6 +29,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Literal
 
+import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -39,6 +40,7 @@ from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 from lenskit import sites
 from lenskit.errors import InputError
 from lenskit.flow.proximity import head_source_proximity, proximity, shares
+from lenskit.labelled import LabelledTensor
 from lenskit.run import Run, as_run
 from lenskit.tokens import Prompts
 
@@ -61,9 +63,9 @@ def check_supported(model: HookedTransformer) -> None:
     """Raise InputError for blocks whose update is not a sum of head, MLP and residual parts."""
     cfg = model.cfg
     reasons = {
-        "it normalises attention and MLP outputs inside the block (use_normalization_before_and_after)":
-            cfg.use_normalization_before_and_after,
-        f"it is a post-norm architecture ({cfg.original_architecture})": cfg.original_architecture in POST_NORM_ARCHITECTURES,
+        "it normalises attention and MLP outputs inside the block (use_normalization_before_and_after)": cfg.use_normalization_before_and_after,
+        f"it is a post-norm architecture ({cfg.original_architecture})": cfg.original_architecture
+        in POST_NORM_ARCHITECTURES,
         "its attention sinks make pattern rows sum to less than 1": cfg.use_attention_sinks,
         "its MLPs are mixtures of experts": bool(cfg.num_experts),
         "its weights are 4-bit quantised": cfg.load_in_4bit,
@@ -101,15 +103,16 @@ def needed_hooks(model: HookedTransformer) -> list[str]:
     return names
 
 
-def row_activations(model: HookedTransformer, tokens: "Prompts | Run", batch: int
-                    ) -> tuple[Int[Tensor, " pos"], dict[str, Tensor]]:
+def row_activations(
+    model: HookedTransformer, tokens: "Prompts | Run", batch: int
+) -> tuple[Int[Tensor, " pos"], dict[str, Tensor]]:
     """Token ids [pos] of prompt `batch` and its activations by hook name [pos, ...] (or [head, pos,
     pos]), on the CPU in float32 or wider: read from `tokens` when it is a run, else from one
     forward pass (no unembedding) on that prompt alone."""
     run = as_run(model, tokens)
     row = check_index("batch", batch, run.shape[0])
     if not isinstance(tokens, Run):  # only the traced prompt needs running
-        run, row = Run(model, run.tokens[row:row + 1]), 0
+        run, row = Run(model, run.tokens[row : row + 1]), 0
     names, dtype = needed_hooks(model), torch.promote_types(model.cfg.dtype, torch.float32)
     activations = run.require(names)
     return run.tokens[row].cpu(), {name: activations[name][row].to("cpu", dtype) for name in names}
@@ -121,7 +124,9 @@ def values(model: HookedTransformer, activations: dict[str, Tensor], layer: int)
     return v.repeat_interleave(model.cfg.n_heads // v.shape[1], dim=1)
 
 
-def head_sources(model: HookedTransformer, activations: dict[str, Tensor], layer: int) -> Float[Tensor, "src head d_model"]:
+def head_sources(
+    model: HookedTransformer, activations: dict[str, Tensor], layer: int
+) -> Float[Tensor, "src head d_model"]:
     """What each head writes per unit of attention to each source: v[j, h] @ W_O[h] + b_O / n_heads."""
     attn = model.blocks[layer].attn
     v = values(model, activations, layer)
@@ -129,8 +134,9 @@ def head_sources(model: HookedTransformer, activations: dict[str, Tensor], layer
     return torch.einsum("jhe,hed->jhd", v, W_O) + b_O / model.cfg.n_heads
 
 
-def route_shares(model: HookedTransformer, activations: dict[str, Tensor], n_pos: int, progress: bool
-                 ) -> tuple[Float[Tensor, "layer pos src_pos head"], Routes]:
+def route_shares(
+    model: HookedTransformer, activations: dict[str, Tensor], n_pos: int, progress: bool
+) -> tuple[Float[Tensor, "layer pos src_pos head"], Routes]:
     """Head shares [layer, pos, src_pos, head] and every edge with a non-zero share."""
     cfg = model.cfg
     rows = node_rows(cfg)
@@ -147,8 +153,9 @@ def route_shares(model: HookedTransformer, activations: dict[str, Tensor], n_pos
         others = [activations[sites.block_input(layer)]]
         if cfg.parallel_attn_mlp and not cfg.attn_only:
             others.append(activations[sites.act_name("mlp_out", layer)])
-        head_prox = head_source_proximity(whole, head_sources(model, activations, layer),
-                                          activations[sites.act_name("pattern", layer)])
+        head_prox = head_source_proximity(
+            whole, head_sources(model, activations, layer), activations[sites.act_name("pattern", layer)]
+        )
         other_prox = proximity(torch.stack(others), whole)
         total = head_prox.sum((1, 2)) + other_prox.sum(0)
         heads = shares(head_prox, total[:, None, None])
@@ -157,25 +164,43 @@ def route_shares(model: HookedTransformer, activations: dict[str, Tensor], n_pos
 
         edge_shares = heads.sum(-1)  # [pos, src]
         target_pos, source_pos = edge_shares.nonzero().T
-        groups.append((layer, "attention", input_row * n_pos + source_pos, attention_row * n_pos + target_pos,
-                       edge_shares[target_pos, source_pos]))
+        groups.append(
+            (
+                layer,
+                "attention",
+                input_row * n_pos + source_pos,
+                attention_row * n_pos + target_pos,
+                edge_shares[target_pos, source_pos],
+            )
+        )
         per_position(layer, "residual", input_row, attention_row, other[0])
         if len(others) == 2:
             per_position(layer, "mlp", input_row, attention_row, other[1])
         elif not cfg.attn_only:
             mid_row, post_row = attention_row, rows.index(("resid_post", layer))
-            parts = torch.stack([activations[sites.act_name("mlp_out", layer)], activations[sites.act_name("resid_mid", layer)]])
+            parts = torch.stack(
+                [activations[sites.act_name("mlp_out", layer)], activations[sites.act_name("resid_mid", layer)]]
+            )
             mlp_prox = proximity(parts, activations[sites.act_name("resid_post", layer)])
             mlp = shares(mlp_prox, mlp_prox.sum(0))
             per_position(layer, "mlp", mid_row, post_row, mlp[0])
             per_position(layer, "residual", mid_row, post_row, mlp[1])
 
-    columns = zip(*((torch.full_like(source, layer), torch.full_like(source, EDGE_KINDS.index(kind)), source, target, share)
-                    for layer, kind, source, target, share in groups))  # groups come in order of target row
+    columns = zip(
+        *(
+            (torch.full_like(source, layer), torch.full_like(source, EDGE_KINDS.index(kind)), source, target, share)
+            for layer, kind, source, target, share in groups
+        )
+    )  # groups come in order of target row
     routes = Routes(*(torch.cat(column) for column in columns))
     nonzero = routes.share > 0
-    routes = Routes(routes.layer[nonzero], routes.kind[nonzero], routes.source[nonzero], routes.target[nonzero],
-                    routes.share[nonzero])
+    routes = Routes(
+        routes.layer[nonzero],
+        routes.kind[nonzero],
+        routes.source[nonzero],
+        routes.target[nonzero],
+        routes.share[nonzero],
+    )
     return torch.stack(head_shares), routes
 
 
@@ -187,5 +212,32 @@ def check_index(what: str, index: int, size: int) -> int:
         raise InputError(f"{what} must be an integer, got {index!r}")
     index = int(index)
     if not -size <= index < size:
-        raise InputError(f"{what} {index} out of range: there are {size} (valid 0..{size - 1}, or negative from the end)")
+        raise InputError(
+            f"{what} {index} out of range: there are {size} (valid 0..{size - 1}, or negative from the end)"
+        )
     return index % size
+
+
+@dataclass
+class Decomposition:
+    """A residual stream as a sum of parts (exactly), with each part's proximity share.
+
+    parts: [part, d_model], labelled ("resid_pre", "head 3 <- 5" for head 3 reading position 5,
+    "mlp_out", "neuron 17", ...); whole: the cached stream [d_model]; shares: [part], summing
+    to 1 (all 0 if every proximity is 0).
+    """
+
+    parts: LabelledTensor
+    whole: Float[Tensor, " d_model"]
+    shares: Float[Tensor, " part"]
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per part: part, share, and the part's L1 norm; largest share first."""
+        frame = pd.DataFrame(
+            {
+                "part": self.parts.labels["part"],
+                "share": self.shares.numpy(),
+                "l1_norm": self.parts.tensor.abs().sum(-1).numpy(),
+            }
+        )
+        return frame.sort_values("share", ascending=False, kind="stable").reset_index(drop=True)

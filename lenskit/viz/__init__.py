@@ -16,10 +16,20 @@ notebook session receives it with the first such figure (see `figure`).
 """
 
 from lenskit.viz.attention import attention_patterns
-from lenskit.viz.figure import Figure, forget_sent_scripts, page, save_page
+from lenskit.viz.figure import Figure, Pictured, forget_sent_scripts, page, save_page
 from lenskit.viz.graph import route_graph
 from lenskit.viz.heatmap import heatmap
 from lenskit.viz.tokens import colored_tokens, top_k_tokens
 
-__all__ = ["Figure", "heatmap", "attention_patterns", "colored_tokens", "top_k_tokens", "route_graph", "page",
-           "save_page", "forget_sent_scripts"]
+__all__ = [
+    "Figure",
+    "Pictured",
+    "heatmap",
+    "attention_patterns",
+    "colored_tokens",
+    "top_k_tokens",
+    "route_graph",
+    "page",
+    "save_page",
+    "forget_sent_scripts",
+]

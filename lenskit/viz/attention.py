@@ -27,8 +27,10 @@ def attention_patterns(
     """
     n_pos = len(tokens)
     if pattern.ndim != 3 or tuple(pattern.shape[1:]) != (n_pos, n_pos):
-        raise InputError(f"attention_patterns: pattern of shape {tuple(pattern.shape)} for {n_pos} tokens; "
-                         f"expected [head, {n_pos}, {n_pos}] (head, query_pos, key_pos)")
+        raise InputError(
+            f"attention_patterns: pattern of shape {tuple(pattern.shape)} for {n_pos} tokens; "
+            f"expected [head, {n_pos}, {n_pos}] (head, query_pos, key_pos)"
+        )
     head_names = [f"H{head}" for head in range(pattern.shape[0])] if head_names is None else list(head_names)
     if len(head_names) != pattern.shape[0]:
         raise InputError(f"attention_patterns: {len(head_names)} head names for {pattern.shape[0]} heads")

@@ -37,8 +37,11 @@ def bundle_script() -> str:
 def circuitsvis_figure(component: str, props: dict[str, PythonProperty], title: str = "") -> Figure:
     """A `Figure` that renders ``CircuitsVis.<component>`` with `props` (tensors become nested lists)."""
     heading = f'<h4 style="margin:4px 0">{html.escape(title)}</h4>' if title else ""
-    return Figure(f'<div class="lenskit-circuitsvis">{heading}{rendered(component, props)}</div>', title,
-                  scripts=(bundle_script(),))
+    return Figure(
+        f'<div class="lenskit-circuitsvis">{heading}{rendered(component, props)}</div>',
+        title,
+        scripts=(bundle_script(),),
+    )
 
 
 def rendered(component: str, props: dict[str, PythonProperty]) -> str:

@@ -63,6 +63,14 @@ class Figure:
         return save_page([self], path, self.title)
 
 
+class Pictured:
+    """The result protocol's page: a result that draws itself with ``plot(**options)`` saves that picture
+    with ``save_html(path, **options)`` (a standalone page that works offline; returns the path)."""
+
+    def save_html(self, path: str | Path, **options) -> Path:
+        return self.plot(**options).save(path)
+
+
 def forget_sent_scripts() -> None:
     """Make the next notebook figure carry its shared scripts again (see the module docstring)."""
     _sent_to_notebook.clear()

@@ -159,13 +159,26 @@ def route_graph(
         for end in ("source", "target"):
             row, pos = edge[end]
             if not (0 <= row < len(rows) and 0 <= pos < len(tokens)):
-                raise InputError(f"route_graph: edge {end} {(row, pos)} is outside the {len(rows)} x {len(tokens)} grid")
+                raise InputError(
+                    f"route_graph: edge {end} {(row, pos)} is outside the {len(rows)} x {len(tokens)} grid"
+                )
     data = {
-        "tokens": list(tokens), "rows": list(rows), "targets": targets, "selected": selected,
+        "tokens": list(tokens),
+        "rows": list(rows),
+        "targets": targets,
+        "selected": selected,
         "colours": EDGE_COLOURS,
-        "edges": [{"source": list(e["source"]), "target": list(e["target"]), "kind": e["kind"],
-                   "weight": float(e["weight"]), "title": e.get("title", e["kind"]),
-                   "details": [list(d) for d in e.get("details", ())]} for e in edges],
+        "edges": [
+            {
+                "source": list(e["source"]),
+                "target": list(e["target"]),
+                "kind": e["kind"],
+                "weight": float(e["weight"]),
+                "title": e.get("title", e["kind"]),
+                "details": [list(d) for d in e.get("details", ())],
+            }
+            for e in edges
+        ],
         "node_details": {f"{r},{p}": [list(d) for d in details] for (r, p), details in (node_details or {}).items()},
     }
     payload = safe_in_script(json.dumps(data))

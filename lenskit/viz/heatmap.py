@@ -79,7 +79,9 @@ def heatmap(
             f"{esc(str(text[i][j]))}</td>"
             for j in range(len(cols))
         )
-        body.append(f'<tr><th style="padding:2px 4px;text-align:right;font-weight:normal">{esc(str(row_label))}</th>{cells}</tr>')
+        body.append(
+            f'<tr><th style="padding:2px 4px;text-align:right;font-weight:normal">{esc(str(row_label))}</th>{cells}</tr>'
+        )
     caption = f'<caption style="font-weight:bold;padding:4px">{esc(title)}</caption>' if title else ""
     corner = f"{esc(row_title)} \\ {esc(col_title)}" if (row_title or col_title) else ""
     table = (

@@ -35,8 +35,9 @@ def colored_tokens(
     """
     values = torch.as_tensor(values, dtype=torch.float32).detach().cpu()
     if values.shape != (len(tokens),):
-        raise InputError(f"colored_tokens: {len(tokens)} tokens but values of shape {tuple(values.shape)}; "
-                         "give one value per token")
+        raise InputError(
+            f"colored_tokens: {len(tokens)} tokens but values of shape {tuple(values.shape)}; give one value per token"
+        )
     if not values.isfinite().all():
         raise InputError(f"colored_tokens: values must be finite, got {values.tolist()}")
     return circuitsvis_figure(
@@ -64,15 +65,19 @@ def top_k_tokens(
     [row, pos - 1, k], most probable first. `rows` label the rows, `row_notes` add a small second line.
     """
     if len(prompt) < 2:
-        raise InputError(f"top_k_tokens: the prompt has {len(prompt)} tokens; it needs at least two tokens, "
-                         "each position being scored on the token that follows it")
+        raise InputError(
+            f"top_k_tokens: the prompt has {len(prompt)} tokens; it needs at least two tokens, "
+            "each position being scored on the token that follows it"
+        )
     top_probs, next_probs, next_ranks = (torch.as_tensor(v).detach().cpu() for v in (top_probs, next_probs, next_ranks))
     expected = (len(rows), len(prompt) - 1)
     values = {"top_strings": top_strings, "top_probs": top_probs, "next_probs": next_probs, "next_ranks": next_ranks}
     for name, value in values.items():
         if tuple(np.shape(value)[:2]) != expected:
-            raise InputError(f"top_k_tokens: {name} has shape {tuple(np.shape(value))}, but {len(rows)} rows and a prompt "
-                             f"of {len(prompt)} tokens need [{expected[0]}, {expected[1]}, ...]")
+            raise InputError(
+                f"top_k_tokens: {name} has shape {tuple(np.shape(value))}, but {len(rows)} rows and a prompt "
+                f"of {len(prompt)} tokens need [{expected[0]}, {expected[1]}, ...]"
+            )
     if row_notes is not None and len(row_notes) != len(rows):
         raise InputError(f"top_k_tokens: {len(row_notes)} row notes for {len(rows)} rows")
     lines = []
@@ -85,13 +90,17 @@ def top_k_tokens(
             "correctTokenRank": next_ranks[i],
             "correctTokenLogProb": _log(next_probs[i]),
         }
-        lines.append(f'<tr><th style="{LABEL_STYLE}">{html.escape(label)}{note}</th>'
-                     f"<td>{rendered('TokenLogProbs', props)}</td></tr>")
+        lines.append(
+            f'<tr><th style="{LABEL_STYLE}">{html.escape(label)}{note}</th>'
+            f"<td>{rendered('TokenLogProbs', props)}</td></tr>"
+        )
     # TokenLogProbs pads itself by 350 px for its hover box; one padding under the last row is enough.
     style = "<style>.lenskit-lens-topk [id^=lenskit-cv-] > div { padding-bottom: 0 !important; }</style>"
     heading = f'<h4 style="margin:4px 0">{html.escape(title)}</h4>' if title else ""
-    fragment = (f'<div class="lenskit-lens-topk" style="padding-bottom:360px">{style}{heading}'
-                f'<table style="border-collapse:collapse">{"".join(lines)}</table></div>')
+    fragment = (
+        f'<div class="lenskit-lens-topk" style="padding-bottom:360px">{style}{heading}'
+        f'<table style="border-collapse:collapse">{"".join(lines)}</table></div>'
+    )
     return Figure(fragment, title, scripts=(bundle_script(),))
 
 

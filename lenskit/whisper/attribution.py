@@ -21,11 +21,11 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from lenskit.errors import InputError
 from lenskit import hooks
+from lenskit.errors import InputError
 from lenskit.labelled import LabelledTensor
 from lenskit.readout import Readout
-from lenskit.viz import Figure, heatmap
+from lenskit.viz import Figure, Pictured, heatmap
 from lenskit.whisper.audio import AudioLike, model_input
 from lenskit.whisper.model import HookedWhisper
 from lenskit.whisper.tokenizer import TokensLike, get_tokenizer, single_token, token_batch
@@ -34,7 +34,7 @@ ATTENTION_KINDS = ("attn", "cross_attn")
 
 
 @dataclass
-class LogitAttribution:
+class LogitAttribution(Pictured):
     """A decoder logit split into components.
 
     Attributes:
@@ -51,20 +51,28 @@ class LogitAttribution:
         """One row per component: component index, its name, and its share of the logit."""
         return self.components.to_frame()
 
+    def _repr_html_(self) -> str:
+        return self.plot().html + self.to_frame().to_html()
+
     def plot(self, title: str = "per-head direct logit attribution") -> Figure:
         """Heatmap of the heads' shares: a row per (layer, self / cross attention), a column per head."""
         n_kinds, n_layers, n_heads = self.heads.shape
         values = self.heads.tensor.permute(1, 0, 2).reshape(n_layers * n_kinds, n_heads)
         rows = [f"L{layer} {kind}" for layer in range(n_layers) for kind in ATTENTION_KINDS]
-        return heatmap(values, rows, [f"H{h}" for h in range(n_heads)], title=title, row_title="layer",
-                       col_title="head")
+        return heatmap(
+            values, rows, [f"H{h}" for h in range(n_heads)], title=title, row_title="layer", col_title="head"
+        )
 
 
 @torch.no_grad()
-def decoder_logit_attribution(model: HookedWhisper, audio: AudioLike, tokens: TokensLike, target: int | str,
-                              pos: int = -1) -> LogitAttribution:
+def decoder_logit_attribution(
+    model: HookedWhisper, audio: AudioLike, tokens: TokensLike, target: int | str, pos: int = -1
+) -> LogitAttribution:
     """Split the decoder's logit for `target` (an id, or text that is one token) at `pos` into components."""
-    mel, ids = model_input(audio, model.cfg.n_mels, n_frames=model.cfg.n_frames).to(model.device), token_batch(tokens).to(model.device)
+    mel, ids = (
+        model_input(audio, model.cfg.n_mels, n_frames=model.cfg.n_frames).to(model.device),
+        token_batch(tokens).to(model.device),
+    )
     if isinstance(target, str):
         target = single_token(get_tokenizer(model), target)
     if not 0 <= target < model.cfg.n_vocab:
@@ -72,9 +80,16 @@ def decoder_logit_attribution(model: HookedWhisper, audio: AudioLike, tokens: To
     if not -ids.shape[1] <= pos < ids.shape[1]:
         raise InputError(f"pos {pos} out of range for {ids.shape[1]} tokens")
     n_layers = model.cfg.n_text_layer
-    cache = hooks.cache(["decoder.hook_embed", "decoder.hook_pos_embed", "decoder.ln_final.hook_scale",
-                         "decoder.blocks.*.attn.hook_z", "decoder.blocks.*.cross_attn.hook_z",
-                         "decoder.blocks.*.hook_mlp_out"])
+    cache = hooks.cache(
+        [
+            "decoder.hook_embed",
+            "decoder.hook_pos_embed",
+            "decoder.ln_final.hook_scale",
+            "decoder.blocks.*.attn.hook_z",
+            "decoder.blocks.*.cross_attn.hook_z",
+            "decoder.blocks.*.hook_mlp_out",
+        ]
+    )
     logits = cache.run(model, mel, ids)
     store = cache.store
     direction, constant = Readout(model).direction(torch.tensor([target], device=model.device))  # [1, d_model], [1]
@@ -84,8 +99,10 @@ def decoder_logit_attribution(model: HookedWhisper, audio: AudioLike, tokens: To
         """Shares of residual writes [..., d_model] through the frozen final layer norm (direction is centred)."""
         return (writes / scale) @ direction[0]
 
-    labels, parts = ["embed", "pos_embed"], [share(store["decoder.hook_embed"][0, pos]),
-                                            share(store["decoder.hook_pos_embed"][0, pos])]
+    labels, parts = (
+        ["embed", "pos_embed"],
+        [share(store["decoder.hook_embed"][0, pos]), share(store["decoder.hook_pos_embed"][0, pos])],
+    )
     heads = torch.zeros(len(ATTENTION_KINDS), n_layers, model.cfg.n_text_head, device=model.device)
     for layer, block in enumerate(model.decoder.blocks):
         for kind_index, kind in enumerate(ATTENTION_KINDS):
@@ -98,7 +115,8 @@ def decoder_logit_attribution(model: HookedWhisper, audio: AudioLike, tokens: To
         parts.append(share(store[f"decoder.blocks.{layer}.hook_mlp_out"][0, pos]))
     labels.append("ln_final bias")
     parts.append(constant[0])
-    components = LabelledTensor(torch.stack([torch.as_tensor(p) for p in parts]).cpu(), ("component",),
-                                {"component": labels})
+    components = LabelledTensor(
+        torch.stack([torch.as_tensor(p) for p in parts]).cpu(), ("component",), {"component": labels}
+    )
     heads_labelled = LabelledTensor(heads.cpu(), ("attn", "layer", "head"), {"attn": list(ATTENTION_KINDS)})
     return LogitAttribution(components, heads_labelled, logits[0, pos, target].item())

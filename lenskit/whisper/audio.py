@@ -49,8 +49,14 @@ MAX_CHANNELS = 8  # a 2-D array with more rows and columns than this is a spectr
 AudioLike = Union[str, Path, np.ndarray, Tensor]
 
 _WAVE_PCM, _WAVE_FLOAT, _WAVE_EXTENSIBLE = 1, 3, 0xFFFE
-_WAV_TYPES = {(_WAVE_PCM, 8): np.uint8, (_WAVE_PCM, 16): np.dtype("<i2"), (_WAVE_PCM, 24): np.uint8,
-              (_WAVE_PCM, 32): np.dtype("<i4"), (_WAVE_FLOAT, 32): np.dtype("<f4"), (_WAVE_FLOAT, 64): np.dtype("<f8")}
+_WAV_TYPES = {
+    (_WAVE_PCM, 8): np.uint8,
+    (_WAVE_PCM, 16): np.dtype("<i2"),
+    (_WAVE_PCM, 24): np.uint8,
+    (_WAVE_PCM, 32): np.dtype("<i4"),
+    (_WAVE_FLOAT, 32): np.dtype("<f4"),
+    (_WAVE_FLOAT, 64): np.dtype("<f8"),
+}
 _PCM_BITS = {torch.uint8: 8, torch.int8: 8, torch.int16: 16, torch.int32: 32}  # integer samples: PCM of these bits
 
 
@@ -58,16 +64,20 @@ def read_wav(path: str | Path) -> tuple[Float[Tensor, "channel sample"], int]:
     """The samples of a WAV file in [-1, 1] (integer PCM of 8-32 bits, or float) and its sample rate."""
     path = Path(path)
     if not path.is_file():
-        raise MissingFileError(f"no audio file {path}") if not path.exists() else InputError(
-            f"{path} is a folder, not a WAV file")
+        raise (
+            MissingFileError(f"no audio file {path}")
+            if not path.exists()
+            else InputError(f"{path} is a folder, not a WAV file")
+        )
     data = path.read_bytes()
     if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-        raise InputError(f"{path} is not a WAV file (no RIFF/WAVE header); convert it first, "
-                         "e.g. ffmpeg -i input.mp3 output.wav")
+        raise InputError(
+            f"{path} is not a WAV file (no RIFF/WAVE header); convert it first, e.g. ffmpeg -i input.mp3 output.wav"
+        )
     chunks, offset = {}, 12
     while offset + 8 <= len(data):
-        chunk_id, size = data[offset:offset + 4], struct.unpack_from("<I", data, offset + 4)[0]
-        chunks.setdefault(chunk_id, data[offset + 8:offset + 8 + size])
+        chunk_id, size = data[offset : offset + 4], struct.unpack_from("<I", data, offset + 4)[0]
+        chunks.setdefault(chunk_id, data[offset + 8 : offset + 8 + size])
         offset += 8 + size + size % 2
     if b"fmt " not in chunks or b"data" not in chunks:
         raise InputError(f"{path}: WAV file without a 'fmt ' or 'data' chunk")
@@ -77,22 +87,27 @@ def read_wav(path: str | Path) -> tuple[Float[Tensor, "channel sample"], int]:
     encoding, channels, sample_rate, _, _, bits = struct.unpack_from("<HHIIHH", fmt)
     if encoding == _WAVE_EXTENSIBLE:
         if len(fmt) < 26:
-            raise InputError(f"{path}: its extensible WAV 'fmt ' chunk has {len(fmt)} bytes; it needs at least 26 "
-                             "(the sub-format)")
+            raise InputError(
+                f"{path}: its extensible WAV 'fmt ' chunk has {len(fmt)} bytes; it needs at least 26 (the sub-format)"
+            )
         encoding = struct.unpack_from("<H", fmt, 24)[0]
     if channels == 0 or sample_rate == 0:
-        raise InputError(f"{path}: the WAV header gives {channels} channels at {sample_rate} Hz; a WAV file has at "
-                         "least 1 channel and a sample rate above 0 Hz")
+        raise InputError(
+            f"{path}: the WAV header gives {channels} channels at {sample_rate} Hz; a WAV file has at "
+            "least 1 channel and a sample rate above 0 Hz"
+        )
     dtype = _WAV_TYPES.get((encoding, bits))
     if dtype is None:
-        raise InputError(f"{path}: unsupported WAV encoding (format {encoding}, {bits} bits); "
-                         "use integer PCM of 8, 16, 24 or 32 bits or float samples of 32 or 64 bits")
+        raise InputError(
+            f"{path}: unsupported WAV encoding (format {encoding}, {bits} bits); "
+            "use integer PCM of 8, 16, 24 or 32 bits or float samples of 32 or 64 bits"
+        )
     raw = chunks[b"data"]
-    raw = raw[:len(raw) - len(raw) % (channels * bits // 8)]
+    raw = raw[: len(raw) - len(raw) % (channels * bits // 8)]
     if bits == 24:  # three little-endian bytes a sample, signed
         triples = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
         ints = triples[:, 0] | (triples[:, 1] << 8) | (triples[:, 2] << 16)
-        samples = _pcm_to_float(np.where(ints >= 2 ** 23, ints - 2 ** 24, ints), 24)
+        samples = _pcm_to_float(np.where(ints >= 2**23, ints - 2**24, ints), 24)
     elif encoding == _WAVE_PCM:
         samples = _pcm_to_float(np.frombuffer(raw, dtype=dtype), bits)
     else:
@@ -114,8 +129,10 @@ def as_samples(audio: Any) -> Float[Tensor, "..."]:
     if tensor.is_floating_point():
         return tensor.float()
     if tensor.dtype not in _PCM_BITS:
-        raise InputError(f"audio: samples of dtype {tensor.dtype} are not audio; give floats in [-1, 1] or integer "
-                         f"PCM of dtype {', '.join(str(d).removeprefix('torch.') for d in _PCM_BITS)}")
+        raise InputError(
+            f"audio: samples of dtype {tensor.dtype} are not audio; give floats in [-1, 1] or integer "
+            f"PCM of dtype {', '.join(str(d).removeprefix('torch.') for d in _PCM_BITS)}"
+        )
     return torch.from_numpy(_pcm_to_float(tensor.cpu().numpy(), _PCM_BITS[tensor.dtype])).to(tensor.device)
 
 
@@ -125,15 +142,21 @@ def _as_tensor(value: Any, what: str) -> Tensor:
         try:
             array = np.asarray(value)
         except (ValueError, TypeError) as error:  # ragged lists and the like
-            raise InputError(f"{what}: expected samples or a spectrogram (a tensor or array of numbers), got "
-                             f"{type(value).__name__} ({error})") from None
+            raise InputError(
+                f"{what}: expected samples or a spectrogram (a tensor or array of numbers), got "
+                f"{type(value).__name__} ({error})"
+            ) from None
         if array.dtype.kind not in "biufc":
-            raise InputError(f"{what}: expected a WAV path, samples or a spectrogram (a tensor or array of numbers), "
-                             f"got {type(value).__name__}{f' of dtype {array.dtype}' if array.dtype.kind != 'O' else ''}")
+            raise InputError(
+                f"{what}: expected a WAV path, samples or a spectrogram (a tensor or array of numbers), "
+                f"got {type(value).__name__}{f' of dtype {array.dtype}' if array.dtype.kind != 'O' else ''}"
+            )
         value = torch.from_numpy(np.require(array, requirements=["C", "W"]))  # a copy only when needed
     if value.is_complex() or value.dtype == torch.bool:
-        raise InputError(f"{what}: got values of dtype {value.dtype}; audio is real: give float samples in [-1, 1] "
-                         "(or a float log-mel spectrogram)")
+        raise InputError(
+            f"{what}: got values of dtype {value.dtype}; audio is real: give float samples in [-1, 1] "
+            "(or a float log-mel spectrogram)"
+        )
     return value
 
 
@@ -145,21 +168,32 @@ def load_audio(path: str | Path, resample: bool = True) -> Float[Tensor, " sampl
     samples, rate = read_wav(path)
     check_rate(rate, f"{path}: sample rate")
     if rate != SAMPLE_RATE and not resample:
-        raise InputError(f"{path} is sampled at {rate} Hz; Whisper needs {SAMPLE_RATE} Hz "
-                         "(pass resample=True to convert it)")
+        raise InputError(
+            f"{path} is sampled at {rate} Hz; Whisper needs {SAMPLE_RATE} Hz (pass resample=True to convert it)"
+        )
     return resample_audio(samples.mean(0), rate, SAMPLE_RATE)
 
 
 def check_rate(rate: Any, what: str = "sample_rate") -> int:
     """`rate` as an int, after checking it is a whole number of Hz in `RATES`; InputError otherwise."""
-    if not (isinstance(rate, numbers.Real) and not isinstance(rate, bool) and math.isfinite(rate) and rate == int(rate)
-            and RATES[0] <= rate <= RATES[1]):
+    if not (
+        isinstance(rate, numbers.Real)
+        and not isinstance(rate, bool)
+        and math.isfinite(rate)
+        and rate == int(rate)
+        and RATES[0] <= rate <= RATES[1]
+    ):
         raise InputError(f"{what} is {rate!r} Hz; valid: a whole number of Hz from {RATES[0]} to {RATES[1]}")
     return int(rate)
 
 
-def resample_audio(samples: Float[Tensor, " sample"], orig_rate: int, new_rate: int = SAMPLE_RATE,
-                   zero_crossings: int = 6, rolloff: float = 0.99) -> Float[Tensor, " new_sample"]:
+def resample_audio(
+    samples: Float[Tensor, " sample"],
+    orig_rate: int,
+    new_rate: int = SAMPLE_RATE,
+    zero_crossings: int = 6,
+    rolloff: float = 0.99,
+) -> Float[Tensor, " new_sample"]:
     """Band-limited resampling by a Hann-windowed sinc filter (torchaudio's default method).
 
     The filter keeps frequencies below ``rolloff`` times the lower Nyquist frequency; the
@@ -177,9 +211,11 @@ def resample_audio(samples: Float[Tensor, " sample"], orig_rate: int, new_rate: 
     cutoff = min(orig, new) * rolloff
     width = math.ceil(zero_crossings * orig / cutoff)
     if new * (2 * width + orig) > MAX_RESAMPLING_TAPS:
-        raise InputError(f"resampling {orig_rate} Hz to {new_rate} Hz needs a filter of {new} x {2 * width + orig} "
-                         f"taps (more than {MAX_RESAMPLING_TAPS}); convert the audio to {new_rate} Hz first, "
-                         f"e.g. ffmpeg -i input.wav -ar {new_rate} output.wav")
+        raise InputError(
+            f"resampling {orig_rate} Hz to {new_rate} Hz needs a filter of {new} x {2 * width + orig} "
+            f"taps (more than {MAX_RESAMPLING_TAPS}); convert the audio to {new_rate} Hz first, "
+            f"e.g. ffmpeg -i input.wav -ar {new_rate} output.wav"
+        )
     # kernel[phase, tap]: the filter for output phase `phase` over input taps -width .. width + orig
     taps = torch.arange(-width, width + orig, dtype=torch.float64)[None, :] / orig
     t = (taps - torch.arange(new, dtype=torch.float64)[:, None] / new) * cutoff
@@ -191,13 +227,16 @@ def resample_audio(samples: Float[Tensor, " sample"], orig_rate: int, new_rate: 
     return out[: math.ceil(new * len(samples) / orig)].to(samples.dtype)
 
 
-def check_samples(samples: Tensor, sample_rate: int = SAMPLE_RATE, trim: bool = False,
-                  max_seconds: float = CHUNK_SECONDS) -> None:
+def check_samples(
+    samples: Tensor, sample_rate: int = SAMPLE_RATE, trim: bool = False, max_seconds: float = CHUNK_SECONDS
+) -> None:
     """Raise InputError for audio Whisper cannot read: not 1-D, empty, NaN or infinite, or longer than
     the model's window of `max_seconds` (30 s for OpenAI's models) unless `trim`."""
     if samples.ndim != 1:
-        raise InputError(f"expected mono samples [n], got shape {tuple(samples.shape)}; "
-                         "average the channels first (e.g. samples.mean(0))")
+        raise InputError(
+            f"expected mono samples [n], got shape {tuple(samples.shape)}; "
+            "average the channels first (e.g. samples.mean(0))"
+        )
     if samples.numel() == 0:
         raise InputError("audio is empty (0 samples)")
     bad = (~torch.isfinite(samples)).nonzero()
@@ -205,8 +244,10 @@ def check_samples(samples: Tensor, sample_rate: int = SAMPLE_RATE, trim: bool = 
         raise InputError(f"audio has {len(bad)} NaN or infinite samples (the first at sample {int(bad[0])})")
     seconds = len(samples) / sample_rate
     if seconds > max_seconds and not trim:
-        raise InputError(f"audio is {seconds:.1f} s long; this model reads {max_seconds:g} s windows: pass "
-                         f"trim=True to keep the first {max_seconds:g} s, or split the recording")
+        raise InputError(
+            f"audio is {seconds:.1f} s long; this model reads {max_seconds:g} s windows: pass "
+            f"trim=True to keep the first {max_seconds:g} s, or split the recording"
+        )
 
 
 def pad_or_trim(samples: Float[Tensor, " sample"], length: int = N_SAMPLES) -> Float[Tensor, " length"]:
@@ -240,21 +281,31 @@ def log_mel_spectrogram(samples: Float[Tensor, " sample"], n_mels: int = 80) -> 
     samples = as_samples(samples)
     check_samples(samples, trim=True)
     if len(samples) <= N_FFT // 2:
-        raise InputError(f"log_mel_spectrogram: {len(samples)} samples are too few for its {N_FFT}-sample window; "
-                         f"give more than {N_FFT // 2} (pad_or_trim pads them)")
+        raise InputError(
+            f"log_mel_spectrogram: {len(samples)} samples are too few for its {N_FFT}-sample window; "
+            f"give more than {N_FFT // 2} (pad_or_trim pads them)"
+        )
     window = torch.hann_window(N_FFT, device=samples.device)
     stft = torch.stft(samples, N_FFT, HOP_LENGTH, window=window, return_complex=True)
     power = stft[..., :-1].abs() ** 2
     log_spec = (mel_filters(n_mels).to(samples.device) @ power).clamp(min=1e-10).log10()
     log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
     if not torch.isfinite(log_spec).all():  # a power beyond float32: samples far outside [-1, 1]
-        raise InputError(f"audio samples reach {samples.abs().max().item():.3g}, too loud for a float32 spectrogram; "
-                         "audio samples lie in [-1, 1]")
+        raise InputError(
+            f"audio samples reach {samples.abs().max().item():.3g}, too loud for a float32 spectrogram; "
+            "audio samples lie in [-1, 1]"
+        )
     return (log_spec + 4.0) / 4.0
 
 
-def log_mel(audio: AudioLike, n_mels: int = 80, sample_rate: int = SAMPLE_RATE, resample: bool = True,
-            trim: bool = False, n_frames: int = N_FRAMES) -> Float[Tensor, "n_mels n_frames"]:
+def log_mel(
+    audio: AudioLike,
+    n_mels: int = 80,
+    sample_rate: int = SAMPLE_RATE,
+    resample: bool = True,
+    trim: bool = False,
+    n_frames: int = N_FRAMES,
+) -> Float[Tensor, "n_mels n_frames"]:
     """The log-mel spectrogram of one window, from a WAV path or mono samples.
 
     Samples at another `sample_rate` are resampled (or rejected when ``resample=False``);
@@ -269,16 +320,19 @@ def log_mel(audio: AudioLike, n_mels: int = 80, sample_rate: int = SAMPLE_RATE, 
         samples = as_samples(audio)
         if check_rate(sample_rate) != SAMPLE_RATE:
             if not resample:
-                raise InputError(f"audio is sampled at {sample_rate} Hz; Whisper needs {SAMPLE_RATE} Hz "
-                                 "(pass resample=True to convert it)")
+                raise InputError(
+                    f"audio is sampled at {sample_rate} Hz; Whisper needs {SAMPLE_RATE} Hz "
+                    "(pass resample=True to convert it)"
+                )
             check_samples(samples, sample_rate, trim=True)
             samples = resample_audio(samples, sample_rate, SAMPLE_RATE)
     check_samples(samples, trim=trim, max_seconds=n_frames * HOP_LENGTH / SAMPLE_RATE)
     return log_mel_spectrogram(pad_or_trim(samples, n_frames * HOP_LENGTH), n_mels)
 
 
-def model_input(audio: AudioLike, n_mels: int = 80, trim: bool = False,
-                n_frames: int = N_FRAMES) -> Float[Tensor, "batch n_mels n_frames"]:
+def model_input(
+    audio: AudioLike, n_mels: int = 80, trim: bool = False, n_frames: int = N_FRAMES
+) -> Float[Tensor, "batch n_mels n_frames"]:
     """What HookedWhisper reads: a log-mel spectrogram with a batch dimension.
 
     `audio` is a WAV path, 16 kHz mono samples [n], or a log-mel spectrogram already computed
@@ -287,8 +341,11 @@ def model_input(audio: AudioLike, n_mels: int = 80, trim: bool = False,
     """
     _check_count(n_mels, "n_mels")
     _check_count(n_frames, "n_frames")
-    if isinstance(audio, (np.ndarray, Tensor)) and (audio.ndim == 3 or audio.ndim == 2 and (
-            audio.shape[0] == n_mels or audio.shape[1] == n_frames or min(audio.shape) > MAX_CHANNELS)):
+    if isinstance(audio, (np.ndarray, Tensor)) and (
+        audio.ndim == 3
+        or audio.ndim == 2
+        and (audio.shape[0] == n_mels or audio.shape[1] == n_frames or min(audio.shape) > MAX_CHANNELS)
+    ):
         return check_spectrogram(audio, n_mels, n_frames)
     return log_mel(audio, n_mels, trim=trim, n_frames=n_frames)[None]
 
@@ -300,17 +357,22 @@ def check_spectrogram(mel: np.ndarray | Tensor, n_mels: int, n_frames: int) -> F
     if not mel.is_floating_point():
         raise InputError(f"spectrogram: a log-mel spectrogram holds floats, got dtype {mel.dtype}")
     if mel.ndim not in (2, 3):
-        raise InputError(f"spectrogram: expected [n_mels, frames] or [batch, n_mels, frames], got shape "
-                         f"{tuple(mel.shape)}")
+        raise InputError(
+            f"spectrogram: expected [n_mels, frames] or [batch, n_mels, frames], got shape {tuple(mel.shape)}"
+        )
     mel = mel.float() if mel.ndim == 3 else mel.float()[None]
     batch, bins, frames = mel.shape
     if bins != n_mels:
-        raise InputError(f"audio is a log-mel spectrogram with {bins} mel bins (shape {tuple(mel.shape)}); this model "
-                         f"reads n_mels={n_mels}: give [{n_mels}, {n_frames}] or [batch, {n_mels}, {n_frames}]")
+        raise InputError(
+            f"audio is a log-mel spectrogram with {bins} mel bins (shape {tuple(mel.shape)}); this model "
+            f"reads n_mels={n_mels}: give [{n_mels}, {n_frames}] or [batch, {n_mels}, {n_frames}]"
+        )
     if frames != n_frames:
-        raise InputError(f"audio is a log-mel spectrogram of {frames} frames; this model reads windows of "
-                         f"n_frames={n_frames} ({n_frames * HOP_LENGTH / SAMPLE_RATE:g} s): compute it with "
-                         f"log_mel(samples, n_frames={n_frames})")
+        raise InputError(
+            f"audio is a log-mel spectrogram of {frames} frames; this model reads windows of "
+            f"n_frames={n_frames} ({n_frames * HOP_LENGTH / SAMPLE_RATE:g} s): compute it with "
+            f"log_mel(samples, n_frames={n_frames})"
+        )
     if batch == 0:
         raise InputError("spectrogram: a batch of 0 spectrograms")
     bad = int((~torch.isfinite(mel)).sum())

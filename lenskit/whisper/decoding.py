@@ -83,8 +83,9 @@ def transcribe(
         prompt = list(tokenizer.sot_sequence_including_notimestamps)
         suppressed = sorted(set(model_suppressed_tokens(model, tokenizer)) | set(suppress_tokens))
         blank = blank_tokens(tokenizer) if model.begin_suppress_tokens is None else list(model.begin_suppress_tokens)
-        tokens = greedy_decode(model, audio_features, prompt, tokenizer.eot, max_tokens, suppressed, blank,
-                               use_cache, progress)
+        tokens = greedy_decode(
+            model, audio_features, prompt, tokenizer.eot, max_tokens, suppressed, blank, use_cache, progress
+        )
     return Transcript(tokenizer.decode(tokens).strip(), tokens, prompt, language if model.is_multilingual else None)
 
 
@@ -104,14 +105,17 @@ def greedy_decode(
     `suppressed` ids are never sampled; `blank` ids are not sampled first.
     """
     cache = model.new_cache() if use_cache else None
-    suppressed, blank = (torch.tensor(ids, dtype=torch.long, device=audio_features.device) for ids in (suppressed, blank))
+    suppressed, blank = (
+        torch.tensor(ids, dtype=torch.long, device=audio_features.device) for ids in (suppressed, blank)
+    )
     tokens = list(prompt)
     step_input = torch.tensor([prompt], device=audio_features.device)
     for step in tqdm(range(max_tokens), desc="decoding", disable=not progress, leave=False):
         if len(tokens) > model.cfg.n_text_ctx:
             break
-        logits = model.decode(step_input if use_cache else torch.tensor([tokens], device=audio_features.device),
-                              audio_features, cache)[0, -1]
+        logits = model.decode(
+            step_input if use_cache else torch.tensor([tokens], device=audio_features.device), audio_features, cache
+        )[0, -1]
         logits[suppressed] = float("-inf")
         if step == 0:
             logits[blank] = float("-inf")
@@ -120,7 +124,7 @@ def greedy_decode(
             break
         tokens.append(next_token)
         step_input = torch.tensor([[next_token]], device=audio_features.device)
-    return tokens[len(prompt):]
+    return tokens[len(prompt) :]
 
 
 def detect_language(model: HookedWhisper, audio_features: Float[Tensor, "1 audio_pos d_model"]) -> str:
@@ -152,6 +156,12 @@ def model_suppressed_tokens(model: HookedWhisper, tokenizer) -> list[int]:
 
 def suppressed_tokens(tokenizer) -> list[int]:
     """openai-whisper's default suppressed set: non-speech symbols and the task / start tokens."""
-    special = (tokenizer.transcribe, tokenizer.translate, tokenizer.sot, tokenizer.sot_prev, tokenizer.sot_lm,
-               tokenizer.no_speech)
+    special = (
+        tokenizer.transcribe,
+        tokenizer.translate,
+        tokenizer.sot,
+        tokenizer.sot_prev,
+        tokenizer.sot_lm,
+        tokenizer.no_speech,
+    )
     return [*tokenizer.non_speech_tokens, *(token for token in special if token is not None)]

@@ -20,8 +20,8 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lenskit.errors import InputError
 from lenskit import hooks
+from lenskit.errors import InputError
 from lenskit.hooks import Hooks
 from lenskit.whisper.audio import AudioLike, model_input
 from lenskit.whisper.decoding import blank_tokens, model_suppressed_tokens, transcribe
@@ -61,10 +61,23 @@ def layer_removal(
     mel = model_input(audio, model.cfg.n_mels, n_frames=model.cfg.n_frames)
     rows = []
     for count in tqdm(counts, desc=f"removing {part} layers", disable=not progress):
-        transcript = transcribe(model, mel, hooks=remove_final_layers(model, part, count), max_tokens=max_tokens,
-                                language=language, progress=False)
-        rows.append(dict(part=part, removed=count, layers_left=n_layers - count, transcript=transcript.text,
-                         wer=word_error_rate(reference_text, transcript.text)))
+        transcript = transcribe(
+            model,
+            mel,
+            hooks=remove_final_layers(model, part, count),
+            max_tokens=max_tokens,
+            language=language,
+            progress=False,
+        )
+        rows.append(
+            dict(
+                part=part,
+                removed=count,
+                layers_left=n_layers - count,
+                transcript=transcript.text,
+                wer=word_error_rate(reference_text, transcript.text),
+            )
+        )
     return pd.DataFrame(rows)
 
 
@@ -131,8 +144,8 @@ def repeats(tokens: Sequence[int], max_tokens: int, times: int = 3) -> bool:
         return True
     for width in range(1, 9):
         for start in range(len(tokens) - width * times + 1):
-            chunk = list(tokens[start:start + width])
-            if all(list(tokens[start + k * width:start + (k + 1) * width]) == chunk for k in range(1, times)):
+            chunk = list(tokens[start : start + width])
+            if all(list(tokens[start + k * width : start + (k + 1) * width]) == chunk for k in range(1, times)):
                 return True
     return False
 
@@ -158,7 +171,9 @@ def layer_removal_batch(
     for part in parts:
         _n_layers(model, part)
     mels = [model_input(audio, model.cfg.n_mels, n_frames=model.cfg.n_frames) for audio in audios]
-    encodings = [truncated_encodings(model, mel) for mel in tqdm(mels, desc="encoding", disable=not progress, leave=False)]
+    encodings = [
+        truncated_encodings(model, mel) for mel in tqdm(mels, desc="encoding", disable=not progress, leave=False)
+    ]
     tokenizer = get_tokenizer(model, language=language)
     jobs = [(part, count) for part in parts for count in range(_n_layers(model, part) + 1)]
     rows = []
@@ -167,9 +182,18 @@ def layer_removal_batch(
         removal = remove_final_layers(model, "decoder", count) if part == "decoder" else None
         for i, tokens in enumerate(greedy_batch(model, features, removal, max_tokens, language)):
             text = tokenizer.decode(tokens).strip()
-            rows.append(dict(part=part, removed=count, layers_left=_n_layers(model, part) - count, utterance=i,
-                             reference=references[i], transcript=text, wer=word_error_rate(references[i], text),
-                             repeats=repeats(tokens, max_tokens)))
+            rows.append(
+                dict(
+                    part=part,
+                    removed=count,
+                    layers_left=_n_layers(model, part) - count,
+                    utterance=i,
+                    reference=references[i],
+                    transcript=text,
+                    wer=word_error_rate(references[i], text),
+                    repeats=repeats(tokens, max_tokens),
+                )
+            )
     return pd.DataFrame(rows)
 
 

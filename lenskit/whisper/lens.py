@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -28,14 +27,14 @@ from lenskit import hooks
 from lenskit.labelled import LabelledTensor
 from lenskit.readout import Readout
 from lenskit.sites import act_name
-from lenskit.viz import Figure, heatmap
+from lenskit.viz import Figure, Pictured, heatmap
 from lenskit.whisper.audio import AudioLike, model_input
 from lenskit.whisper.model import HookedWhisper
 from lenskit.whisper.tokenizer import TokensLike, str_tokens, token_batch
 
 
 @dataclass
-class WhisperLensResult:
+class WhisperLensResult(Pictured):
     """Logits [layer, pos, d_vocab] read at each layer, for one token sequence.
 
     Attributes:
@@ -67,21 +66,33 @@ class WhisperLensResult:
             for pos, token in enumerate(positions):
                 has_next = pos + 1 < len(self.tokens)
                 next_prob = log_probs[layer, pos, self.tokens[pos + 1]].exp().item() if has_next else float("nan")
-                rows.append(dict(layer=layer, layer_label=layer_name, pos=pos, token=token,
-                                 top_token=self._text(int(ids[layer, pos])), top_prob=probs[layer, pos].item(),
-                                 next_token_prob=next_prob))
+                rows.append(
+                    dict(
+                        layer=layer,
+                        layer_label=layer_name,
+                        pos=pos,
+                        token=token,
+                        top_token=self._text(int(ids[layer, pos])),
+                        top_prob=probs[layer, pos].item(),
+                        next_token_prob=next_prob,
+                    )
+                )
         return pd.DataFrame(rows)
 
     def plot(self, title: str = "logit lens") -> Figure:
         """Heatmap [layer, pos] of the top token's probability, each cell showing that token."""
         ids, probs = self.top()
         text = [[self._text(int(i)) for i in row] for row in ids]
-        return heatmap(probs, self.logits.labels["layer"], self.logits.labels["pos"], text=text, title=title,
-                       row_title="layer", col_title="input token", limit=1.0)
-
-    def save_html(self, path: str | Path, **kwargs) -> Path:
-        """Write `plot(**kwargs)` as a standalone HTML page that works offline; returns the path."""
-        return self.plot(**kwargs).save(path)
+        return heatmap(
+            probs,
+            self.logits.labels["layer"],
+            self.logits.labels["pos"],
+            text=text,
+            title=title,
+            row_title="layer",
+            col_title="input token",
+            limit=1.0,
+        )
 
     def __repr__(self) -> str:
         n_layers, n_pos, _ = self.logits.shape
@@ -98,9 +109,14 @@ def decoder_logit_lens(model: HookedWhisper, audio: AudioLike, tokens: TokensLik
     The last row equals the model's logits. `tokens` is one decoder input sequence (e.g.
     ``transcript.sequence``); `tokenizer` (optional) labels tokens with their text.
     """
-    mel, ids = model_input(audio, model.cfg.n_mels, n_frames=model.cfg.n_frames).to(model.device), token_batch(tokens).to(model.device)
-    names = [f"decoder.{act_name('resid_pre', 0)}",
-             *(f"decoder.{act_name('resid_post', l)}" for l in range(model.cfg.n_text_layer))]
+    mel, ids = (
+        model_input(audio, model.cfg.n_mels, n_frames=model.cfg.n_frames).to(model.device),
+        token_batch(tokens).to(model.device),
+    )
+    names = [
+        f"decoder.{act_name('resid_pre', 0)}",
+        *(f"decoder.{act_name('resid_post', l)}" for l in range(model.cfg.n_text_layer)),
+    ]
     cache = hooks.cache(names)
     cache.run(model, mel, ids)
     resid = torch.stack([cache.store[name][0] for name in names])  # [layer, pos, d_model]
@@ -110,24 +126,31 @@ def decoder_logit_lens(model: HookedWhisper, audio: AudioLike, tokens: TokensLik
 
 
 @torch.no_grad()
-def encoder_lens(model: HookedWhisper, audio: AudioLike, tokens: TokensLike, tokenizer=None,
-                 progress: bool = True) -> WhisperLensResult:
+def encoder_lens(
+    model: HookedWhisper, audio: AudioLike, tokens: TokensLike, tokenizer=None, progress: bool = True
+) -> WhisperLensResult:
     """Decoder logits when the encoder stops after each block (``ln_post`` applied to that block's output).
 
     Row l equals running the model with encoder blocks l+1.. skipped (``hooks.skip(model, ...,
     stack="encoder.blocks")``); the last row equals the model's logits.
     """
-    mel, ids = model_input(audio, model.cfg.n_mels, n_frames=model.cfg.n_frames).to(model.device), token_batch(tokens).to(model.device)
+    mel, ids = (
+        model_input(audio, model.cfg.n_mels, n_frames=model.cfg.n_frames).to(model.device),
+        token_batch(tokens).to(model.device),
+    )
     names = [f"encoder.{act_name('resid_post', l)}" for l in range(model.cfg.n_audio_layer)]
     cache = hooks.cache(names)
     cache.run(model, mel, ids)
-    rows = [model.decode(ids, model.encoder.ln_post(cache.store[name]))[0]
-            for name in tqdm(names, desc="encoder lens", disable=not progress, leave=False)]
+    rows = [
+        model.decode(ids, model.encoder.ln_post(cache.store[name]))[0]
+        for name in tqdm(names, desc="encoder lens", disable=not progress, leave=False)
+    ]
     layers = [f"encoder block {l}" for l in range(model.cfg.n_audio_layer)]
     return _result(torch.stack(rows), layers, ids[0], tokenizer)
 
 
 def _result(logits: Float[Tensor, "layer pos vocab"], layers: list[str], ids: Tensor, tokenizer) -> WhisperLensResult:
-    labelled = LabelledTensor(logits.cpu(), ("layer", "pos", "vocab"),
-                              {"layer": layers, "pos": str_tokens(ids, tokenizer)})
+    labelled = LabelledTensor(
+        logits.cpu(), ("layer", "pos", "vocab"), {"layer": layers, "pos": str_tokens(ids, tokenizer)}
+    )
     return WhisperLensResult(labelled, ids.cpu(), tokenizer)

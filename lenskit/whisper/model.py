@@ -57,22 +57,37 @@ class WhisperConfig:
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise InputError(f"WhisperConfig: {name}={value!r} is not valid; valid: a whole number of at least 1")
         if self.n_audio_state != self.n_text_state:
-            raise InputError(f"the decoder cross-attends to the encoder's states: n_audio_state ({self.n_audio_state}) "
-                             f"must equal n_text_state ({self.n_text_state})")
+            raise InputError(
+                f"the decoder cross-attends to the encoder's states: n_audio_state ({self.n_audio_state}) "
+                f"must equal n_text_state ({self.n_text_state})"
+            )
         if self.n_audio_state % 2 or self.n_audio_state < 4:
-            raise InputError(f"WhisperConfig: n_audio_state={self.n_audio_state} is not valid; valid: an even number of "
-                             "at least 4 (the encoder's sinusoidal positions pair its channels)")
+            raise InputError(
+                f"WhisperConfig: n_audio_state={self.n_audio_state} is not valid; valid: an even number of "
+                "at least 4 (the encoder's sinusoidal positions pair its channels)"
+            )
         for stack, width in (("audio", self.n_audio_state), ("text", self.n_text_state)):
             heads = getattr(self, f"n_{stack}_head")
             if width % heads:
-                raise InputError(f"WhisperConfig: n_{stack}_head={heads} is not valid; valid: a divisor of "
-                                 f"n_{stack}_state={width}")
+                raise InputError(
+                    f"WhisperConfig: n_{stack}_head={heads} is not valid; valid: a divisor of n_{stack}_state={width}"
+                )
 
     @classmethod
     def tiny(cls, **overrides) -> "WhisperConfig":
         """The dimensions of whisper-tiny (multilingual), optionally changed."""
-        dims = dict(n_mels=80, n_audio_ctx=1500, n_audio_state=384, n_audio_head=6, n_audio_layer=4,
-                    n_vocab=51865, n_text_ctx=448, n_text_state=384, n_text_head=6, n_text_layer=4)
+        dims = dict(
+            n_mels=80,
+            n_audio_ctx=1500,
+            n_audio_state=384,
+            n_audio_head=6,
+            n_audio_layer=4,
+            n_vocab=51865,
+            n_text_ctx=448,
+            n_text_state=384,
+            n_text_head=6,
+            n_text_layer=4,
+        )
         return cls(**(dims | overrides))
 
     def to_dict(self) -> dict[str, int]:
@@ -147,9 +162,14 @@ class TextDecoder(nn.Module):
         if torch.is_grad_enabled() or self.W_E.is_inference():
             return F.linear(normalized, self.W_E)
         source = self._unembed_source
-        if (source is None or source.data_ptr() != self.W_E.data_ptr() or source.shape != self.W_E.shape
-                or source.dtype != self.W_E.dtype or source.device != self.W_E.device
-                or self._unembed_version != self.W_E._version):
+        if (
+            source is None
+            or source.data_ptr() != self.W_E.data_ptr()
+            or source.shape != self.W_E.shape
+            or source.dtype != self.W_E.dtype
+            or source.device != self.W_E.device
+            or self._unembed_version != self.W_E._version
+        ):
             self._unembed_source = self.W_E.detach()  # keeps that storage alive: its address cannot be reused
             self._unembed_version = self.W_E._version
             self._unembed_weight = self.W_E.detach().T.contiguous()
@@ -163,10 +183,11 @@ class TextDecoder(nn.Module):
     ) -> Float[Tensor, "batch pos d_vocab"]:
         start = 0 if cache is None else cache.length
         if start + tokens.shape[1] > self.W_pos.shape[0]:
-            raise InputError(f"{start + tokens.shape[1]} token positions exceed the decoder's context "
-                             f"of {self.W_pos.shape[0]}")
+            raise InputError(
+                f"{start + tokens.shape[1]} token positions exceed the decoder's context of {self.W_pos.shape[0]}"
+            )
         embed = self.hook_embed(self.W_E[tokens])
-        positions = self.W_pos[start:start + tokens.shape[1]].expand(tokens.shape[0], -1, -1)
+        positions = self.W_pos[start : start + tokens.shape[1]].expand(tokens.shape[0], -1, -1)
         resid = embed + self.hook_pos_embed(positions)
         for layer, block in enumerate(self.blocks):
             resid = block(resid, audio, None if cache is None else cache.layers[layer])
@@ -217,7 +238,9 @@ class HookedWhisper(HookedRootModule):
                 param.normal_(0.0, std)
 
     # --- forward passes ------------------------------------------------------------------------
-    def forward(self, mel: Float[Tensor, "batch n_mels frame"], tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
+    def forward(
+        self, mel: Float[Tensor, "batch n_mels frame"], tokens: Int[Tensor, "batch pos"]
+    ) -> Float[Tensor, "batch pos d_vocab"]:
         """Decoder logits for `tokens` given the log-mel spectrogram `mel` (encoder then decoder)."""
         return self.decode(tokens, self.encode(mel))
 
@@ -225,8 +248,9 @@ class HookedWhisper(HookedRootModule):
         """Audio features: the encoder output after ``ln_post``."""
         expected = (self.cfg.n_mels, self.cfg.n_frames)
         if mel.ndim != 3 or tuple(mel.shape[1:]) != expected:
-            raise InputError(f"expected a log-mel spectrogram of shape [batch, {expected[0]}, {expected[1]}], "
-                             f"got {tuple(mel.shape)}")
+            raise InputError(
+                f"expected a log-mel spectrogram of shape [batch, {expected[0]}, {expected[1]}], got {tuple(mel.shape)}"
+            )
         return self.encoder(mel.to(self.encoder.conv1.weight.dtype))
 
     def decode(
@@ -246,8 +270,10 @@ class HookedWhisper(HookedRootModule):
         if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
             raise InputError(f"tokens must be integer token ids, got {tokens.dtype}")
         if ((tokens < 0) | (tokens >= self.cfg.n_vocab)).any():
-            raise InputError(f"token ids must lie in 0..{self.cfg.n_vocab - 1}, got ids from "
-                             f"{int(tokens.min())} to {int(tokens.max())}")
+            raise InputError(
+                f"token ids must lie in 0..{self.cfg.n_vocab - 1}, got ids from "
+                f"{int(tokens.min())} to {int(tokens.max())}"
+            )
         return self.decoder(tokens, audio, cache)
 
     def new_cache(self) -> KeyValueCache:

@@ -35,11 +35,17 @@ def get_tokenizer(model: "HookedWhisper", language: str | None = "en", task: str
         full = whisper_tokenizer(True, language=language or "en", task=task)
         return SubsetTokenizer(full, model.vocabulary)
     if model.cfg.n_vocab < 51864:
-        raise InputError(f"this model's vocabulary ({model.cfg.n_vocab} tokens) is smaller than Whisper's "
-                         "tokenizer (51864 or more): it has no text tokenizer")
+        raise InputError(
+            f"this model's vocabulary ({model.cfg.n_vocab} tokens) is smaller than Whisper's "
+            "tokenizer (51864 or more): it has no text tokenizer"
+        )
     multilingual = model.is_multilingual
-    return whisper_tokenizer(multilingual, num_languages=model.num_languages,
-                             language=language if multilingual else None, task=task if multilingual else None)
+    return whisper_tokenizer(
+        multilingual,
+        num_languages=model.num_languages,
+        language=language if multilingual else None,
+        task=task if multilingual else None,
+    )
 
 
 def token_batch(tokens: TokensLike) -> Int[Tensor, "1 pos"]:

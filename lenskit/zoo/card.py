@@ -24,8 +24,12 @@ TARGETS = [  # (what, measured value, target, met?) from the metrics of `evaluat
     ("held-out IOI accuracy", lambda m: m["ioi_accuracy"], ">= 95%", lambda m: m["ioi_accuracy"] >= 0.95),
     ("held-out IOI logit difference", lambda m: m["ioi_logit_diff"], ">= 3.0", lambda m: m["ioi_logit_diff"] >= 3.0),
     ("best induction score", lambda m: m["induction_score"], ">= 0.6", lambda m: m["induction_score"] >= 0.6),
-    ("repeated-half loss / first-half loss", lambda m: m["loss_second_half"] / m["loss_first_half"], "<= 0.5",
-     lambda m: m["loss_second_half"] <= 0.5 * m["loss_first_half"]),
+    (
+        "repeated-half loss / first-half loss",
+        lambda m: m["loss_second_half"] / m["loss_first_half"],
+        "<= 0.5",
+        lambda m: m["loss_second_half"] <= 0.5 * m["loss_first_half"],
+    ),
 ]
 
 
@@ -33,7 +37,11 @@ def training_summary(folder: Path) -> dict:
     """Steps, final logged loss and training time from train_log.csv."""
     with open(folder / LOG_FILE) as f:
         rows = list(csv.DictReader(f))
-    return {"steps": int(rows[-1]["step"]), "final_loss": float(rows[-1]["loss"]), "minutes": float(rows[-1]["seconds"]) / 60}
+    return {
+        "steps": int(rows[-1]["step"]),
+        "final_loss": float(rows[-1]["loss"]),
+        "minutes": float(rows[-1]["seconds"]) / 60,
+    }
 
 
 def position_init(recipe) -> str:
@@ -53,7 +61,9 @@ def model_card(name: str, folder: Path, metrics: dict) -> str:
     cfg = read_json(folder / CONFIG_FILE)
     recipe = RECIPES.get(name)
     log = training_summary(folder)
-    by_length = {key.rsplit("_", 1)[1]: value for key, value in metrics.items() if key.startswith("induction_score_length_")}
+    by_length = {
+        key.rsplit("_", 1)[1]: value for key, value in metrics.items() if key.startswith("induction_score_length_")
+    }
     mixture = ", ".join(f"{kind} {share:.0%}" for kind, share in recipe.mixture.items()) if recipe else "see train.py"
     return f"""# lenskit/{name}
 
@@ -98,7 +108,10 @@ Held out for evaluation: {len(data.EVAL_NAMES)} names that never occur in a trai
 
 | target | measured | wanted | met |
 |---|---|---|---|
-""" + "".join(f"| {what} | {value(metrics):.3g} | {wanted} | {'yes' if met(metrics) else 'NO'} |\n" for what, value, wanted, met in TARGETS)
+""" + "".join(
+        f"| {what} | {value(metrics):.3g} | {wanted} | {'yes' if met(metrics) else 'NO'} |\n"
+        for what, value, wanted, met in TARGETS
+    )
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -50,7 +50,9 @@ def repeated_tokens(model: HookedTransformer, length: int, batch: int, seed: int
 
 
 @torch.no_grad()
-def induction(model: HookedTransformer, length: int = INDUCTION_LENGTH, batch: int = INDUCTION_BATCH, seed: int = 0) -> dict:
+def induction(
+    model: HookedTransformer, length: int = INDUCTION_LENGTH, batch: int = INDUCTION_BATCH, seed: int = 0
+) -> dict:
     """Induction scores [n_layers, n_heads] (TransformerLens Main Demo: the mean attention on the
     diagonal offset 1 - length), the same on the diagonal one further right ("shifted_scores": a head
     that copies from the token after next, reading the answer from a previous-token output there),
@@ -59,14 +61,20 @@ def induction(model: HookedTransformer, length: int = INDUCTION_LENGTH, batch: i
     logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
 
     def diagonal_scores(offset: int) -> Tensor:
-        return torch.stack([
-            cache["pattern", layer].diagonal(offset=offset, dim1=-2, dim2=-1).mean(dim=(0, 2))
-            for layer in range(model.cfg.n_layers)
-        ])
+        return torch.stack(
+            [
+                cache["pattern", layer].diagonal(offset=offset, dim1=-2, dim2=-1).mean(dim=(0, 2))
+                for layer in range(model.cfg.n_layers)
+            ]
+        )
 
     losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none").mean(0)  # [2 * length]
-    return {"scores": diagonal_scores(1 - length), "shifted_scores": diagonal_scores(2 - length),
-            "loss_first_half": losses[:length].mean().item(), "loss_second_half": losses[length:].mean().item()}
+    return {
+        "scores": diagonal_scores(1 - length),
+        "shifted_scores": diagonal_scores(2 - length),
+        "loss_first_half": losses[:length].mean().item(),
+        "loss_second_half": losses[length:].mean().item(),
+    }
 
 
 def best_head(scores: Tensor) -> tuple[str, float]:
@@ -99,8 +107,7 @@ def evaluate(model: HookedTransformer, n_prompts: int = IOI_PROMPTS, seed: int =
         "shifted_induction_score": shifted_score,
         "loss_first_half": result["loss_first_half"],
         "loss_second_half": result["loss_second_half"],
-        **{f"induction_score_length_{length}": by_length[length]["scores"].max().item()
-           for length in fitting},
+        **{f"induction_score_length_{length}": by_length[length]["scores"].max().item() for length in fitting},
     }
 
 

@@ -31,8 +31,9 @@ EXAMPLE_SPEEDS = (130, 160, 190)  # words per minute of the example phrases
 LENGTH_BINS = ((1, 2), (3, 4), (5, 6), (7, 8))  # word counts of the per-length table
 
 
-def corpus_wer(model: HookedWhisper, data: list[Utterance], seed: int = 0, progress: bool = True,
-               noise: bool = True) -> tuple[float, list[str]]:
+def corpus_wer(
+    model: HookedWhisper, data: list[Utterance], seed: int = 0, progress: bool = True, noise: bool = True
+) -> tuple[float, list[str]]:
     """Word error rate over all of `data` (errors / reference words, each utterance with fresh light
     noise, gain and delay from `seed`, or with ``noise=False`` as espeak-ng wrote it) and the transcripts."""
     generator = torch.Generator().manual_seed(seed)
@@ -70,18 +71,33 @@ def example_transcripts(model: HookedWhisper, seed: int = 0) -> list[dict]:
             samples = synthesise(phrase, Voice(HELD_OUT_VOICE, speed=speed, pitch=50))
             text = transcribe(model, samples, progress=False).text.strip()
             noisy = transcribe(model, augment(samples, generator), progress=False).text.strip()
-            rows.append({"phrase": phrase, "speed": speed, "transcript": text, "wer": word_error_rate(phrase, text),
-                         "noisy_transcript": noisy, "noisy_wer": word_error_rate(phrase, noisy)})
+            rows.append(
+                {
+                    "phrase": phrase,
+                    "speed": speed,
+                    "transcript": text,
+                    "wer": word_error_rate(phrase, text),
+                    "noisy_transcript": noisy,
+                    "noisy_wer": word_error_rate(phrase, noisy),
+                }
+            )
     return rows
 
 
-def evaluate(model: HookedWhisper, n_utterances: int = N_UTTERANCES, seed: int = 0, progress: bool = True,
-             n_sequences: int = N_SEQUENCES) -> dict:
+def evaluate(
+    model: HookedWhisper,
+    n_utterances: int = N_UTTERANCES,
+    seed: int = 0,
+    progress: bool = True,
+    n_sequences: int = N_SEQUENCES,
+) -> dict:
     """Word error rates on held-out word sequences and held-out sentences, spoken by the held-out voice
     and by training voices, and the example phrases' transcripts."""
+
     def speech(n, offset, held_out_voice, kind):
-        return utterances(n, seed + offset, held_out_sentences=True, held_out_voice=held_out_voice, progress=progress,
-                          kind=kind)
+        return utterances(
+            n, seed + offset, held_out_sentences=True, held_out_voice=held_out_voice, progress=progress, kind=kind
+        )
 
     sequences = speech(n_sequences, 5000, True, "sequences")
     wer_sequences, sequence_transcripts = corpus_wer(model, sequences, seed, progress)
@@ -109,7 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", help="zoo name (speech-3l or lenskit/speech-3l) or a checkpoint folder")
     parser.add_argument("--utterances", type=int, default=N_UTTERANCES, help="held-out sentences per voice condition")
-    parser.add_argument("--sequences", type=int, default=N_SEQUENCES, help="held-out word sequences per voice condition")
+    parser.add_argument(
+        "--sequences", type=int, default=N_SEQUENCES, help="held-out word sequences per voice condition"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out data")
     args = parser.parse_args(argv)
     name = args.name if "/" in args.name else ZOO_PREFIX + args.name

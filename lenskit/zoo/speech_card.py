@@ -31,8 +31,10 @@ def removal_table(model: HookedWhisper, seed: int = 0) -> pd.DataFrame:
     encoder then decoder."""
     utterance = speech_data.utterances(1, seed + 3000, held_out_sentences=True, held_out_voice=True, progress=False)[0]
     samples = speech_data.augment(utterance.samples, torch.Generator().manual_seed(seed))
-    return pd.concat([layer_removal(model, samples, utterance.text, part=part, progress=False)
-                      for part in ("encoder", "decoder")], ignore_index=True)
+    return pd.concat(
+        [layer_removal(model, samples, utterance.text, part=part, progress=False) for part in ("encoder", "decoder")],
+        ignore_index=True,
+    )
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
@@ -55,35 +57,51 @@ def model_card(name: str, folder: Path, model: HookedWhisper, metrics: dict, rem
     cfg, recipe, log = model.cfg, RECIPES.get(name), training_summary(folder)
     wer = metrics["wer_sequences_held_out_voice"]
     if wer <= WER_TARGET:
-        verdict = (f"It recognises words, not templates: on random word sequences it never heard, spoken by a voice it "
-                   f"never heard, {wer:.1%} of the words come out wrong (target: at most {WER_TARGET:.0%}).")
+        verdict = (
+            f"It recognises words, not templates: on random word sequences it never heard, spoken by a voice it "
+            f"never heard, {wer:.1%} of the words come out wrong (target: at most {WER_TARGET:.0%})."
+        )
     else:
-        verdict = (f"**It misses the target**: on random word sequences it never heard, spoken by a voice it never heard, "
-                   f"{wer:.1%} of the words come out wrong, against a target of at most {WER_TARGET:.0%}. "
-                   f"Treat its transcripts of anything but the templates with care.")
+        verdict = (
+            f"**It misses the target**: on random word sequences it never heard, spoken by a voice it never heard, "
+            f"{wer:.1%} of the words come out wrong, against a target of at most {WER_TARGET:.0%}. "
+            f"Treat its transcripts of anything but the templates with care."
+        )
     clean = metrics["wer_sequences_held_out_voice_clean"]
     if clean > WER_TARGET:
-        verdict += (f" **But only with noise**: every training utterance carried light noise, and on audio without any "
-                    f"(exact digital silence, as espeak-ng writes it) it inserts words: {clean:.1%} word error rate on "
-                    f"the same sequences. Add light noise (`lenskit.zoo.speech_data.augment`) to clean synthetic audio.")
+        verdict += (
+            f" **But only with noise**: every training utterance carried light noise, and on audio without any "
+            f"(exact digital silence, as espeak-ng writes it) it inserts words: {clean:.1%} word error rate on "
+            f"the same sequences. Add light noise (`lenskit.zoo.speech_data.augment`) to clean synthetic audio."
+        )
     examples = "".join(f"| {reference} | {transcript.strip()} |\n" for reference, transcript in metrics["examples"])
-    sequence_examples = "".join(f"| {reference} | {transcript.strip()} |\n"
-                                for reference, transcript in metrics["sequence_examples"])
-    phrases = "".join(f"| {row['phrase']} | {row['speed']} | {row['transcript']} ({row['wer']:.0%}) | "
-                      f"{row['noisy_transcript']} ({row['noisy_wer']:.0%}) |\n" for row in metrics["example_phrases"])
-    lengths = "".join(f"| {row['words']} | {row['utterances']} | {percent(row['wer'])} |\n"
-                      for row in metrics["sequence_wer_by_length"])
+    sequence_examples = "".join(
+        f"| {reference} | {transcript.strip()} |\n" for reference, transcript in metrics["sequence_examples"]
+    )
+    phrases = "".join(
+        f"| {row['phrase']} | {row['speed']} | {row['transcript']} ({row['wer']:.0%}) | "
+        f"{row['noisy_transcript']} ({row['noisy_wer']:.0%}) |\n"
+        for row in metrics["example_phrases"]
+    )
+    lengths = "".join(
+        f"| {row['words']} | {row['utterances']} | {percent(row['wer'])} |\n"
+        for row in metrics["sequence_wer_by_length"]
+    )
     training = (
-        f"{recipe.n_utterances} utterances ({recipe.n_sentences} template sentences, "
-        f"{recipe.n_utterances - recipe.n_sentences} word sequences),\n{log['steps']} steps of batch {recipe.batch_size}, "
-        f"AdamW, peak lr {recipe.lr} with warmup and cosine decay.\n"
-        f"Curriculum: the first {recipe.template_steps} steps draw template sentences only (the sentence frame tells the\n"
-        "model what kind of word comes where, and it soon learns to hear them), then every batch draws from all\n"
-        "utterances. (Trained on a mix of 20% sentences and 80% word sequences from the start, shortest first, the\n"
-        "model stayed at chance on the words for the 450 steps it was given.) Every utterance of every batch gets\n"
-        f"fresh noise, gain and delay, and a band of up to {recipe.freq_mask} of the {cfg.n_mels} mel bins set to its mean\n"
-        "(SpecAugment's frequency mask)"
-    ) if recipe else f"{log['steps']} steps"
+        (
+            f"{recipe.n_utterances} utterances ({recipe.n_sentences} template sentences, "
+            f"{recipe.n_utterances - recipe.n_sentences} word sequences),\n{log['steps']} steps of batch {recipe.batch_size}, "
+            f"AdamW, peak lr {recipe.lr} with warmup and cosine decay.\n"
+            f"Curriculum: the first {recipe.template_steps} steps draw template sentences only (the sentence frame tells the\n"
+            "model what kind of word comes where, and it soon learns to hear them), then every batch draws from all\n"
+            "utterances. (Trained on a mix of 20% sentences and 80% word sequences from the start, shortest first, the\n"
+            "model stayed at chance on the words for the 450 steps it was given.) Every utterance of every batch gets\n"
+            f"fresh noise, gain and delay, and a band of up to {recipe.freq_mask} of the {cfg.n_mels} mel bins set to its mean\n"
+            "(SpecAugment's frequency mask)"
+        )
+        if recipe
+        else f"{log['steps']} steps"
+    )
     return f"""# lenskit/{name}
 
 A small Whisper-architecture speech recogniser trained by lenskit on speech synthesised by espeak-ng,

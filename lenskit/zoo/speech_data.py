@@ -107,8 +107,20 @@ def is_held_out(text: str) -> bool:
 
 def words() -> list[str]:
     """Every word any text can use (plural objects included)."""
-    return sorted({*SUBJECTS, *VERBS, *NUMBERS, *COLOURS, *OBJECTS, *(o + "s" for o in OBJECTS), *ADJECTIVES,
-                   *EXTRA_WORDS, "the", "is"})
+    return sorted(
+        {
+            *SUBJECTS,
+            *VERBS,
+            *NUMBERS,
+            *COLOURS,
+            *OBJECTS,
+            *(o + "s" for o in OBJECTS),
+            *ADJECTIVES,
+            *EXTRA_WORDS,
+            "the",
+            "is",
+        }
+    )
 
 
 def random_voice(rng: random.Random, held_out: bool) -> Voice:
@@ -123,8 +135,11 @@ def synthesise(text: str, voice: Voice) -> Float[Tensor, " sample"]:
         raise RuntimeError("speech synthesis needs espeak-ng (Debian: apt-get install espeak-ng)")
     with tempfile.TemporaryDirectory() as folder:
         wav = Path(folder) / "utterance.wav"
-        subprocess.run(["espeak-ng", "-v", voice.name, "-s", str(voice.speed), "-p", str(voice.pitch),
-                        "-w", str(wav), text], check=True, capture_output=True)
+        subprocess.run(
+            ["espeak-ng", "-v", voice.name, "-s", str(voice.speed), "-p", str(voice.pitch), "-w", str(wav), text],
+            check=True,
+            capture_output=True,
+        )
         return load_audio(wav)
 
 
@@ -144,8 +159,9 @@ class Utterance:
     samples: Float[Tensor, " sample"]
 
 
-def utterances(n: int, seed: int, held_out_sentences: bool, held_out_voice: bool,
-               progress: bool = True, kind: str = "sentences") -> list[Utterance]:
+def utterances(
+    n: int, seed: int, held_out_sentences: bool, held_out_voice: bool, progress: bool = True, kind: str = "sentences"
+) -> list[Utterance]:
     """`n` synthesised utterances (no noise yet; see `augment`) short enough for the model's window:
     template sentences or word sequences (`kind`, see `text`), held out or not. A text too long
     for the window at its drawn speed is skipped, so long word sequences come mostly at faster speeds."""

@@ -127,8 +127,11 @@ def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim
     """AdamW with weight decay on matrices only (not on biases, norm gains or other vectors)."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                             lr=lr, betas=(0.9, 0.98))
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.98),
+    )
 
 
 def best_induction_score(model: HookedTransformer) -> float:
@@ -147,8 +150,15 @@ def optimise(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: Ten
     return loss.item()
 
 
-def run_steps(model: torch.nn.Module, recipe, batch_loss: Callable[[], Tensor], probe_name: str,
-              probe: Callable[[], float], log_path: Path, progress: bool = True) -> None:
+def run_steps(
+    model: torch.nn.Module,
+    recipe,
+    batch_loss: Callable[[], Tensor],
+    probe_name: str,
+    probe: Callable[[], float],
+    log_path: Path,
+    progress: bool = True,
+) -> None:
     """The loop every zoo trainer runs: `recipe.steps` AdamW steps, each on `batch_loss()` of a fresh batch,
     with warmup and cosine decay. Every `recipe.log_every` steps a row goes to the CSV at `log_path`
     (step, loss averaged over the interval, lr, seconds, and `probe()` under `probe_name`)."""
@@ -181,8 +191,12 @@ def command_line(description: str, recipes: dict) -> argparse.ArgumentParser:
     parser.add_argument("name", choices=sorted(recipes), help="which recipe to train")
     parser.add_argument("--steps", type=int, help="optimisation steps (default: the recipe's)")
     parser.add_argument("--seed", type=int, help="seed of weights and data (default: the recipe's)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1; more threads "
-                        "were 40x slower on a shared 2-core machine)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default: 1; more threads were 40x slower on a shared 2-core machine)",
+    )
     parser.add_argument("--out", type=Path, help="output folder (default: lenskit/zoo/checkpoints/NAME)")
     return parser
 
@@ -220,8 +234,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weight-decay", type=float, help="AdamW weight decay of matrices (default: the recipe's)")
     parser.add_argument("--init", type=Path, help="continue from the weights of this saved folder")
     args = parser.parse_args(argv)
-    recipe = with_overrides(RECIPES[args.name], steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                            weight_decay=args.weight_decay, seed=args.seed)
+    recipe = with_overrides(
+        RECIPES[args.name],
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+    )
     torch.set_num_threads(args.threads)
     train(recipe, args.out or ZOO_ROOT / args.name, args.init)
 

@@ -65,8 +65,18 @@ class SpeechRecipe:
 
 RECIPES = {
     "speech-3l": SpeechRecipe(),
-    "tiny": SpeechRecipe(n_layers=1, d_model=32, n_heads=2, n_utterances=8, n_sentences=4, steps=4, template_steps=2,
-                         batch_size=4, warmup_steps=2, log_every=2),
+    "tiny": SpeechRecipe(
+        n_layers=1,
+        d_model=32,
+        n_heads=2,
+        n_utterances=8,
+        n_sentences=4,
+        steps=4,
+        template_steps=2,
+        batch_size=4,
+        warmup_steps=2,
+        log_every=2,
+    ),
 }
 
 
@@ -84,9 +94,18 @@ def build_tokenizer() -> SubsetTokenizer:
 def build_model(recipe: SpeechRecipe, tokenizer: SubsetTokenizer) -> HookedWhisper:
     """A freshly initialised HookedWhisper for `recipe` (seeded by recipe.seed)."""
     torch.manual_seed(recipe.seed)
-    cfg = WhisperConfig(n_mels=80, n_audio_ctx=N_AUDIO_CTX, n_audio_state=recipe.d_model, n_audio_head=recipe.n_heads,
-                        n_audio_layer=recipe.n_layers, n_vocab=len(tokenizer.vocabulary), n_text_ctx=recipe.n_text_ctx,
-                        n_text_state=recipe.d_model, n_text_head=recipe.n_heads, n_text_layer=recipe.n_layers)
+    cfg = WhisperConfig(
+        n_mels=80,
+        n_audio_ctx=N_AUDIO_CTX,
+        n_audio_state=recipe.d_model,
+        n_audio_head=recipe.n_heads,
+        n_audio_layer=recipe.n_layers,
+        n_vocab=len(tokenizer.vocabulary),
+        n_text_ctx=recipe.n_text_ctx,
+        n_text_state=recipe.d_model,
+        n_text_head=recipe.n_heads,
+        n_text_layer=recipe.n_layers,
+    )
     return HookedWhisper(cfg, tokenizer.vocabulary)
 
 
@@ -97,12 +116,18 @@ def mask_frequencies(mel: Tensor, max_bins: int, generator: torch.Generator) -> 
         return mel
     start = int(torch.randint(0, mel.shape[0] - width + 1, (1,), generator=generator))
     mel = mel.clone()
-    mel[start:start + width] = mel.mean()
+    mel[start : start + width] = mel.mean()
     return mel
 
 
-def batch(data: list[Utterance], tokenizer: SubsetTokenizer, n_frames: int, n_text_ctx: int,
-          generator: torch.Generator | None, freq_mask: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+def batch(
+    data: list[Utterance],
+    tokenizer: SubsetTokenizer,
+    n_frames: int,
+    n_text_ctx: int,
+    generator: torch.Generator | None,
+    freq_mask: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Log-mel inputs [batch, 80, n_frames], decoder tokens [batch, n_text_ctx] (start sequence, text,
     end of text, padding) and a mask [batch, n_text_ctx] of the positions whose next token is scored.
     With a `generator`, each utterance gets fresh noise, gain and delay (`augment`) and a masked band of
@@ -116,8 +141,8 @@ def batch(data: list[Utterance], tokenizer: SubsetTokenizer, n_frames: int, n_te
         ids = prompt + tokenizer.encode(" " + utterance.text) + [tokenizer.eot]
         if len(ids) > n_text_ctx:
             raise InputError(f"{utterance.text!r} needs {len(ids)} decoder positions; the model has {n_text_ctx}")
-        tokens[row, :len(ids)] = torch.tensor(ids)
-        mask[row, len(prompt) - 1:len(ids) - 1] = 1  # predict the text and the end of text
+        tokens[row, : len(ids)] = torch.tensor(ids)
+        mask[row, len(prompt) - 1 : len(ids) - 1] = 1  # predict the text and the end of text
     return torch.stack(mels), tokens, mask
 
 
@@ -133,8 +158,9 @@ def curriculum(recipe: SpeechRecipe, step: int) -> str:
     return "sentences" if step < recipe.template_steps else "all"
 
 
-def train(recipe: SpeechRecipe, out: str | Path, progress: bool = True,
-          snapshot_every: int | None = None) -> HookedWhisper:
+def train(
+    recipe: SpeechRecipe, out: str | Path, progress: bool = True, snapshot_every: int | None = None
+) -> HookedWhisper:
     """Synthesise the data, train a model following `recipe`, save it and its loss log into `out`, return it.
     With `snapshot_every`, the model so far is also saved into `out`/snapshot every that many steps
     (training is unchanged)."""
@@ -142,13 +168,36 @@ def train(recipe: SpeechRecipe, out: str | Path, progress: bool = True,
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     model = build_model(recipe, tokenizer)
-    sentences = utterances(recipe.n_sentences, recipe.seed, held_out_sentences=False, held_out_voice=False,
-                           progress=progress, kind="sentences")
-    sequences = utterances(recipe.n_utterances - recipe.n_sentences, recipe.seed + 2, held_out_sentences=False,
-                           held_out_voice=False, progress=progress, kind="sequences")
-    held_out = batch(utterances(max(4, recipe.batch_size), recipe.seed + 1, held_out_sentences=True,
-                                held_out_voice=True, progress=False, kind="sequences"),
-                     tokenizer, model.cfg.n_frames, recipe.n_text_ctx, generator=None)
+    sentences = utterances(
+        recipe.n_sentences,
+        recipe.seed,
+        held_out_sentences=False,
+        held_out_voice=False,
+        progress=progress,
+        kind="sentences",
+    )
+    sequences = utterances(
+        recipe.n_utterances - recipe.n_sentences,
+        recipe.seed + 2,
+        held_out_sentences=False,
+        held_out_voice=False,
+        progress=progress,
+        kind="sequences",
+    )
+    held_out = batch(
+        utterances(
+            max(4, recipe.batch_size),
+            recipe.seed + 1,
+            held_out_sentences=True,
+            held_out_voice=True,
+            progress=False,
+            kind="sequences",
+        ),
+        tokenizer,
+        model.cfg.n_frames,
+        recipe.n_text_ctx,
+        generator=None,
+    )
     pools = {"sentences": sentences, "all": sentences + sequences}
     rng, generator = random.Random(recipe.seed), torch.Generator().manual_seed(recipe.seed)
     step = 0
@@ -156,8 +205,14 @@ def train(recipe: SpeechRecipe, out: str | Path, progress: bool = True,
     def batch_loss() -> Tensor:
         nonlocal step
         pool = pools[curriculum(recipe, step)]
-        mel, tokens, mask = batch(rng.sample(pool, recipe.batch_size), tokenizer, model.cfg.n_frames,
-                                  recipe.n_text_ctx, generator, recipe.freq_mask)
+        mel, tokens, mask = batch(
+            rng.sample(pool, recipe.batch_size),
+            tokenizer,
+            model.cfg.n_frames,
+            recipe.n_text_ctx,
+            generator,
+            recipe.freq_mask,
+        )
         step += 1
         return transcript_loss(model, mel, tokens, mask)
 
@@ -174,8 +229,12 @@ def train(recipe: SpeechRecipe, out: str | Path, progress: bool = True,
 def main(argv: list[str] | None = None) -> None:
     parser = command_line(__doc__.splitlines()[0], RECIPES)
     parser.add_argument("--utterances", type=int, help="utterances synthesised for training (default: the recipe's)")
-    parser.add_argument("--snapshot-every", type=int, help="also save the model so far into OUT/snapshot every "
-                        "this many steps (a multiple of the log interval; training is unchanged)")
+    parser.add_argument(
+        "--snapshot-every",
+        type=int,
+        help="also save the model so far into OUT/snapshot every "
+        "this many steps (a multiple of the log interval; training is unchanged)",
+    )
     args = parser.parse_args(argv)
     recipe = with_overrides(RECIPES[args.name], steps=args.steps, n_utterances=args.utterances, seed=args.seed)
     torch.set_num_threads(args.threads)

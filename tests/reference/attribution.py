@@ -8,8 +8,15 @@ import torch
 from transformer_lens import ActivationCache, HookedTransformer
 
 
-def transformer_lens_neurons(model: HookedTransformer, tokens: torch.Tensor, answer, wrong, pos: int = -1,
-                             cache: ActivationCache | None = None, neurons: list[int] | None = None) -> dict[str, float]:
+def transformer_lens_neurons(
+    model: HookedTransformer,
+    tokens: torch.Tensor,
+    answer,
+    wrong,
+    pos: int = -1,
+    cache: ActivationCache | None = None,
+    neurons: list[int] | None = None,
+) -> dict[str, float]:
     """{"L{layer}N{neuron}": attribution} of every neuron (or of `neurons` in each layer) to
     logit(answer) - logit(wrong) at `pos` of prompt 0: stack_neuron_results, then logit_attrs.
 

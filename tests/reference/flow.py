@@ -87,5 +87,7 @@ def tool_graph(model: HookedTransformer, tokens: torch.Tensor, threshold: float)
             add(f"A{layer}_{token}", f"I{layer}_{token}", c_resid_ffn[0, token].item())
     reverse = graph.reverse()
     search = nx.subgraph_view(reverse, filter_edge=lambda u, v: reverse[u][v]["weight"] > threshold)
-    return [search.edge_subgraph(nx.edge_dfs(search, source=f"I{n_layers - 1}_{start}")).reverse()
-            for start in range(n_tokens)]
+    return [
+        search.edge_subgraph(nx.edge_dfs(search, source=f"I{n_layers - 1}_{start}")).reverse()
+        for start in range(n_tokens)
+    ]

@@ -19,8 +19,15 @@ def caches(model: HookedTransformer, clean: torch.Tensor, corrupted: torch.Tenso
         return model.run_with_cache(clean)[1], model.run_with_cache(corrupted)[1]
 
 
-def path_patch_two_runs(model: HookedTransformer, clean: torch.Tensor, corrupted: torch.Tensor, metric,
-                        sender: tuple[int, int | None], receivers="logits", runs=None) -> float:
+def path_patch_two_runs(
+    model: HookedTransformer,
+    clean: torch.Tensor,
+    corrupted: torch.Tensor,
+    metric,
+    sender: tuple[int, int | None],
+    receivers="logits",
+    runs=None,
+) -> float:
     """The metric (a callable on logits -> scalar tensor) for one sender (layer, head or None for the MLP).
 
     runs: `caches(model, clean, corrupted)`, to share between senders (made here when None).

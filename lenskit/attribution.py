@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from lenskit import sites
+from lenskit import checks, sites
 from lenskit.errors import InputError
 from lenskit.readout import Readout
 from lenskit.run import Run, as_run
@@ -241,7 +241,7 @@ def _head_source_contributions(model, store, layer, rows, positions, head_direct
 
 def _positions(pos, batch: int, n_pos: int) -> Tensor:
     """Non-negative positions [batch] from one position or one per prompt."""
-    positions = torch.as_tensor(pos, dtype=torch.long).reshape(-1)
+    positions = torch.tensor(checks.integers(pos, "pos"), dtype=torch.long)
     if len(positions) not in (1, batch):
         raise InputError(f"pos: give one position or one per prompt ({batch}), got {len(positions)}")
     if ((positions < -n_pos) | (positions >= n_pos)).any():

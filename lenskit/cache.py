@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from transformer_lens import HookedTransformer
 
-from lenskit import sites
+from lenskit import checks, sites
 from lenskit.errors import InputError
 from lenskit.labelled import LabelledTensor
 from lenskit.run import Run, as_run
@@ -55,7 +55,7 @@ def decompose_residual(model: HookedTransformer, tokens: Prompts | Run, layer: i
     blocks.{L-1}.hook_resid_post, before the final norm.
     """
     n_layers = model.cfg.n_layers
-    layer = n_layers if layer is None else layer
+    layer = n_layers if layer is None else checks.integer(layer, "layer")
     if not 0 <= layer <= n_layers:
         raise InputError(f"layer {layer} out of range: 0..{n_layers}, where {n_layers} is the final residual stream")
     names = sites.embedding_names(model)

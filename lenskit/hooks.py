@@ -50,7 +50,7 @@ from torch import Tensor
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-from lenskit import sites
+from lenskit import checks, sites
 from lenskit.errors import InputError
 from lenskit.sites import n_key_value_heads  # noqa: F401 (part of the hook vocabulary: hooks.n_key_value_heads)
 
@@ -202,7 +202,7 @@ def resample(name: NameOrFilter, source: Source, head: Index = None, pos: Index 
     def replacement(activation: Tensor, hook: HookPoint) -> Tensor:
         donor = _source_for(source, hook, "resample")
         _check_trailing_shape(donor, activation, (0,), hook.name, "resample source")
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(checks.integer(seed, "resample: seed"))
         rows = torch.randint(len(donor), (activation.shape[0],), generator=generator)
         return donor[rows.to(donor.device)].to(activation.device, activation.dtype)
 
@@ -236,6 +236,9 @@ def add(name: NameOrFilter, vector: Tensor, pos: Index = None, scale: float = 1.
     `vector` broadcasts against the activation: usually [d_model] for the residual stream,
     [d_head] or [head, d_head] for per-head hooks, or the activation's full shape.
     """
+    if not isinstance(vector, Tensor) or not vector.is_floating_point() or not torch.isfinite(vector).all():
+        raise InputError(f"add: vector must be a finite floating-point tensor, got {vector!r:.80}")
+    checks.number(scale, "add: scale")
 
     def replacement(activation: Tensor, hook: HookPoint) -> Tensor:
         steer = vector.to(activation.device, activation.dtype)
@@ -428,6 +431,8 @@ def _selector(names: NameOrFilter | Sequence[str]) -> list[NameOrFilter]:
         return [names]
     if isinstance(names, str):
         return [NameFilter([names])] if _is_glob(names) else [names]
+    if not isinstance(names, (Sequence, set, frozenset)):
+        raise InputError(f"hook names must be a name, a glob, a list of them or a filter function, got {names!r}")
     selected = list(names)
     if not selected:
         raise InputError("no hook names given")

@@ -29,7 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from lenskit import sites
+from lenskit import checks, sites
 from lenskit.errors import InputError
 from lenskit.labelled import LabelledTensor
 from lenskit.readout import Readout
@@ -159,7 +159,7 @@ class LensResult(Pictured):
     def _batch_row(self, batch: int) -> int:
         """`batch` as a row index, checked against the batch rows."""
         n_batch = self.tokens.shape[0]
-        if not -n_batch <= batch < n_batch:
+        if not -n_batch <= checks.integer(batch, "batch") < n_batch:
             raise InputError(f"batch {batch} out of range: this lens has {n_batch} batch rows (valid 0..{n_batch - 1})")
         return batch % n_batch
 
@@ -229,10 +229,10 @@ def logit_lens(
     run = as_run(model, tokens)
     tokens = run.tokens
     readout = Readout(model)
-    if not 1 <= top_k <= readout.d_vocab:
+    if not 1 <= checks.integer(top_k, "top_k") <= readout.d_vocab:
         raise InputError(f"top_k must lie in 1..{readout.d_vocab} (the vocabulary), not {top_k}")
     n_layers = model.cfg.n_layers
-    layers = sorted(set(range(n_layers + 1) if layers is None else [layers] if isinstance(layers, int) else layers))
+    layers = sorted(set(range(n_layers + 1) if layers is None else checks.integers(layers, "layers")))
     outside = [layer for layer in layers if not 0 <= layer <= n_layers]
     if outside or not layers:
         what = f"layers {outside} out of range" if outside else "no layers given"
@@ -242,7 +242,11 @@ def logit_lens(
     names = sites.residual_names(model, "pre", layers)
     target_ids = None if targets is None else token_ids(model, targets).to(tokens.device)
     following = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1).reshape(-1)  # the last position's is a stand-in
-    chunk_size = chunk_size or max(1, LOGITS_PER_CHUNK // readout.d_vocab)
+    chunk_size = (
+        max(1, LOGITS_PER_CHUNK // readout.d_vocab)
+        if chunk_size is None
+        else checks.integer(chunk_size, "chunk_size", low=1)
+    )
     chunks = _ChunkedReadout(readout, top_k, target_ids, return_logits, chunk_size)
     streams = run.require(names)
     with torch.no_grad():

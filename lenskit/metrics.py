@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from lenskit import checks
 from lenskit.errors import InputError
 from lenskit.readout import Readout
 from lenskit.tokens import TokenLike, token_ids
@@ -190,6 +191,11 @@ class KLTo(Metric):
                 f"kl_to: the reference must be logits [batch, pos, d_vocab], got a "
                 f"{reference.dtype} tensor of shape {tuple(reference.shape)}"
             )
+        if reference.shape[-1] != selected.shape[-1] and self.columns() is None:
+            raise InputError(
+                f"kl_to: the reference logits have {reference.shape[-1]} vocabulary columns, the model's "
+                f"{selected.shape[-1]}"
+            )
         reference = self.select(reference.to(selected.device)).log_softmax(-1)
         _check_batch(reference[..., 0], selected, "kl_to reference")
         log_probs = selected.log_softmax(-1)
@@ -286,7 +292,7 @@ class MetricReader:
 def _positions(pos: Positions, n_pos: int) -> list[int]:
     if pos is None:
         return list(range(n_pos))
-    chosen = [pos] if isinstance(pos, int) else [int(p) for p in pos]
+    chosen = checks.integers(pos, "metric position")
     bad = [p for p in chosen if not -n_pos <= p < n_pos]
     if bad:
         raise InputError(

@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
-from lenskit import hooks, sites
+from lenskit import checks, hooks, sites
 from lenskit.errors import InputError
 from lenskit.labelled import LabelledTensor
 from lenskit.metrics import MetricLike, MetricReader, bind, scalar, scalar_tensor
@@ -160,8 +160,8 @@ def patch(
     Returns:
         PatchResult [layer, *cell dims] of metric values (equal to transformer_lens.patching's).
     """
-    if max_cells is not None and (isinstance(max_cells, bool) or not isinstance(max_cells, int) or max_cells < 1):
-        raise InputError(f"max_cells must be None (fit the memory budget) or an int of at least 1, not {max_cells!r}")
+    if max_cells is not None:
+        checks.integer(max_cells, "max_cells (None: fit the memory budget)", low=1)
     clean_run = as_run(model, clean)
     grid = _Grid.build(model, site, by, clean_run.tokens, corrupted, layers, heads, positions)
     clean_store, clean_logits = _clean_activations(clean_run, grid)
@@ -487,7 +487,7 @@ def _check_key_value_heads(model: HookedTransformer, site: str, heads) -> None:
 def _choose(chosen: Sequence[int] | None, size: int, what: str) -> list[int]:
     if chosen is None:
         return list(range(size))
-    chosen = [chosen] if isinstance(chosen, int) else [int(i) for i in chosen]
+    chosen = checks.integers(chosen, f"{what}s")
     bad = [i for i in chosen if not -size <= i < size]
     if bad:
         raise InputError(

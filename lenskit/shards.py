@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from lenskit import hooks
+from lenskit import checks, hooks
 from lenskit.errors import InputError, MissingFileError
 from lenskit.run import Run
 from lenskit.tokens import document_ids
@@ -54,7 +54,7 @@ def stream_cache(
 ) -> Path:
     """Run `model` over `dataset`; write the activations at `names` to safetensors shards in `out_dir`.
 
-    dataset: texts, or token tensors [batch, pos] (or [pos]) whose rows all have one length.
+    dataset: a text (one document), texts, or token tensors [batch, pos] (or [pos]) whose rows all have one length.
         Texts are tokenized, joined into one stream with the end-of-text token between them and
         cut into rows of `max_len` tokens, each row starting with BOS when the model prepends one
         (like TransformerLens' `tokenize_and_concatenate`): no padding, every activation belongs
@@ -79,9 +79,13 @@ def stream_cache(
             f"stream_cache: dtype must be a floating-point torch dtype (torch.float16, torch.bfloat16, "
             f"torch.float32), not {dtype!r}"
         )
+    checks.integer(batch_size, "stream_cache: batch_size", low=1)
+    checks.integer(shard_tokens, "stream_cache: shard_tokens", low=1)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"stream_cache: out_dir {out_dir} is a file; give a folder (it is created if missing)")
     names = _fired_hook_names(model, names)
-    items = iter(dataset)
+    items = iter([dataset] if isinstance(dataset, str) else dataset)
     first_item = next(items, None)
     if first_item is None:
         raise InputError("stream_cache: the dataset is empty")

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from transformer_lens import HookedRootModule
 from transformer_lens.utilities import get_act_name
 
+from lenskit import checks
 from lenskit.errors import InputError
 
 PER_HEAD = frozenset(
@@ -118,10 +119,8 @@ def residual_names(model: HookedRootModule, kind: str = "pre", layers: Iterable[
         )
         raise InputError(f"kind={kind!r} needs blocks.*.hook_resid_mid, which this model has not: {why}")
     top = n_layers if kind in ("pre", "all") else n_layers - 1
-    layers = list(range(top + 1)) if layers is None else list(layers)
-    outside = [
-        layer for layer in layers if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= top
-    ]
+    layers = list(range(top + 1)) if layers is None else checks.integers(layers, "layers")
+    outside = [layer for layer in layers if not 0 <= layer <= top]
     if outside:
         final = f", where {n_layers} is the final residual stream" if top == n_layers else ""
         raise InputError(f"layers {outside} out of range: kind={kind!r} takes layers 0..{top}{final}")

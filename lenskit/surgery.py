@@ -36,7 +36,6 @@ under causal attention (only the pad positions see pads). `generate` expects unp
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -47,7 +46,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from lenskit import hooks
+from lenskit import checks, hooks
 from lenskit.errors import InputError
 from lenskit.readout import Readout
 from lenskit.tokens import Prompts, as_tokens
@@ -66,7 +65,7 @@ class Schedule:
     name: str = ""
 
     def __post_init__(self) -> None:
-        blocks = tuple(operator.index(block) for block in self.blocks)
+        blocks = tuple(checks.integers(list(self.blocks), "schedule blocks"))
         name = self.name or f"blocks {list(blocks)}"
         if not blocks:
             raise InputError(f"schedule {name!r} is empty: it must run at least one block")
@@ -148,11 +147,11 @@ def skip_range(model: ModelOrLayers, start: int, stop: int) -> Schedule:
 def repeat(model: ModelOrLayers, layer: int, times: int = 2) -> Schedule:
     """Every block in order, with block `layer` run `times` times in a row."""
     n_layers = _n_layers(model)
-    if not 0 <= layer < n_layers:
+    if not 0 <= checks.integer(layer, "repeat: layer") < n_layers:
         raise InputError(
             f"repeat: block {layer} out of range: the model has {n_layers} blocks (valid 0..{n_layers - 1})"
         )
-    if times < 1:
+    if checks.integer(times, "repeat: times") < 1:
         raise InputError(f"repeat: times must be at least 1, not {times}")
     blocks = (*range(layer), *[layer] * times, *range(layer + 1, n_layers))
     return Schedule(blocks, f"repeat {layer} x{times}")
@@ -165,6 +164,8 @@ def sequence(blocks: Iterable[int], name: str = "") -> Schedule:
 
 def as_schedule(schedule: Schedule | Sequence[int]) -> Schedule:
     """A `Schedule` as it is, or one made from a sequence of block indices."""
+    if isinstance(schedule, str):
+        raise InputError(f"schedule must be a Schedule or a list of block indices, not the string {schedule!r}")
     return schedule if isinstance(schedule, Schedule) else sequence(schedule)
 
 
@@ -227,7 +228,7 @@ def generate(
     schedule = as_schedule(schedule)
     schedule.validate(model)
     tokens = as_tokens(model, tokens)
-    if n_tokens < 0:
+    if checks.integer(n_tokens, "generate: n_tokens") < 0:
         raise InputError(f"generate: n_tokens must be at least 0, not {n_tokens}")
     if tokens.shape[-1] + n_tokens > model.cfg.n_ctx:
         raise InputError(

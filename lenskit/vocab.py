@@ -39,7 +39,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from lenskit import sites
+from lenskit import checks, sites
 from lenskit.errors import InputError
 from lenskit.labelled import LabelledTensor
 from lenskit.readout import Readout
@@ -63,6 +63,8 @@ def project(
         raise InputError(
             f"project: direction must be a tensor of shape (d_model,) = ({model.cfg.d_model},), got {shape}"
         )
+    if not torch.isfinite(direction).all():
+        raise InputError("project: direction holds NaN or infinite entries; give a finite vector")
     readout = Readout(model)
     vector = direction.to(readout.W_U.device, readout.W_U.dtype)
     return top_tokens(model, readout.contributions(vector, normalize=normalize), k, source="direction")
@@ -252,7 +254,7 @@ def _runs(model: HookedTransformer, tokens: "Prompts | Run", progress: bool, min
 
 
 def _check_index(what: str, index: int, size: int) -> int:
-    """`index` made non-negative, or ValueError naming the valid range."""
-    if not -size <= int(index) < size:
+    """`index` made non-negative, or InputError naming the valid range."""
+    if not -size <= checks.integer(index, what) < size:
         raise InputError(f"{what} {index} out of range: valid 0..{size - 1} (or negative from the end)")
     return int(index) % size

@@ -5,6 +5,9 @@ is an `InputError` (a ValueError): never a deep torch error, a silent truncation
 Hypothesis then throws random token tensors and indices at the entry points.
 """
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -164,6 +167,81 @@ def cases():
             InputError,
             "context",
         ),
+        ("lens-layers-string", lambda m: lenskit.logit_lens(m, GOOD, layers="3", progress=False), InputError, "layers"),
+        ("lens-top-k-float", lambda m: lenskit.logit_lens(m, GOOD, top_k=2.5, progress=False), InputError, "top_k"),
+        (
+            "lens-chunk-size-negative",
+            lambda m: lenskit.logit_lens(m, GOOD, chunk_size=-5, progress=False),
+            InputError,
+            "chunk_size",
+        ),
+        (
+            "lens-plot-batch-string",
+            lambda m: lenskit.logit_lens(m, GOOD, progress=False).plot(batch="0"),
+            InputError,
+            "batch",
+        ),
+        ("attribute-pos-float", lambda m: lenskit.attribute(m, GOOD, "cat", pos=1.5), InputError, "pos"),
+        ("attribute-pos-string", lambda m: lenskit.attribute(m, GOOD, "cat", pos="a"), InputError, "pos"),
+        (
+            "patch-heads-float",
+            lambda m: lenskit.patch(m, GOOD, GOOD, LOGIT_DIFF, site="z", by="layer_head", heads=[1.5], progress=False),
+            InputError,
+            "heads",
+        ),
+        (
+            "patch-layers-string",
+            lambda m: lenskit.patch(m, GOOD, GOOD, LOGIT_DIFF, layers="10", progress=False),
+            InputError,
+            "layers",
+        ),
+        (
+            "metric-kl-reference-vocabulary",
+            lambda m: lenskit.patch(m, GOOD, GOOD, metrics.kl_to(torch.zeros(1, 1, 5)), progress=False),
+            InputError,
+            "vocabulary",
+        ),
+        (
+            "flow-threshold-string",
+            lambda m: lenskit.flow(m, GOOD, threshold="x", progress=False),
+            InputError,
+            "threshold",
+        ),
+        (
+            "flow-threshold-nan",
+            lambda m: lenskit.flow(m, GOOD, threshold=float("nan"), progress=False),
+            InputError,
+            "threshold",
+        ),
+        ("flow-top-neurons-k", lambda m: lenskit.flow(m, GOOD, progress=False).top_neurons(0, 0, k=0), InputError, "k"),
+        ("residual-layers-float", lambda m: lenskit.residual_stream(m, GOOD, layers=[1.0]), InputError, "layers"),
+        ("decompose-layer-string", lambda m: lenskit.decompose_residual(m, GOOD, layer="1"), InputError, "layer"),
+        ("neuron-layer-float", lambda m: vocab.neuron(m, layer=1.5, neuron=0), InputError, "layer"),
+        ("project-nan", lambda m: vocab.project(m, torch.full((32,), float("nan"))), InputError, "NaN"),
+        ("schedule-string", lambda m: surgery.run(m, GOOD, "012"), InputError, "string"),
+        ("generate-float", lambda m: surgery.generate(m, GOOD, surgery.full(m), n_tokens=1.5), InputError, "n_tokens"),
+        ("add-vector-string", lambda m: hooks.add("blocks.0.hook_resid_pre", "x"), InputError, "vector"),
+        (
+            "resample-seed-string",
+            lambda m: hooks.resample("blocks.0.hook_resid_pre", torch.zeros(1, 2, 32), seed="x").run(m, ids[:, :2]),
+            InputError,
+            "seed",
+        ),
+        ("hook-name-none", lambda m: hooks.ablate(None), InputError, "hook names"),
+        (
+            "stream-batch-size-0",
+            lambda m: lenskit.stream_cache(
+                m, [GOOD], "blocks.0.hook_resid_post", _tmp() / "a", batch_size=0, max_len=4, progress=False
+            ),
+            InputError,
+            "batch_size",
+        ),
+        (
+            "stream-out-dir-is-a-file",
+            lambda m: lenskit.stream_cache(m, [GOOD], "blocks.0.hook_resid_post", __file__, max_len=4, progress=False),
+            InputError,
+            "is a file",
+        ),
         (
             "run-of-another-model",
             lambda m: lenskit.logit_lens(m, Run(_other(), torch.tensor([[1, 4]])), progress=False),
@@ -180,6 +258,11 @@ def cases():
 
 
 _OTHER = []
+LOGIT_DIFF = metrics.logit_diff("cat", "dog")
+
+
+def _tmp() -> Path:
+    return Path(tempfile.mkdtemp())
 
 
 def _other():
@@ -314,3 +397,36 @@ def test_random_head_indices_either_work_or_get_an_input_error(word_model, head)
     else:
         with pytest.raises(InputError):
             ablation()
+
+
+def test_the_readme_cache_example_with_a_glob_runs(tmp_path, monkeypatch, capsys):
+    """README: lenskit cache lenskit/ioi-4l --text-file corpus.txt --names 'blocks.*.hook_resid_post' --out acts/"""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.txt").write_text("When Mary and John went to the store, John gave a drink to Mary\n" * 20)
+    argv = ["cache", "lenskit/ioi-4l", "--text-file", "corpus.txt", "--names", "blocks.*.hook_resid_post"]
+    assert cli.main([*argv, "--out", "acts/"]) == 0
+    cache = lenskit.load_cache(tmp_path / "acts")
+    model = lenskit.load("lenskit/ioi-4l")
+    assert cache.names == [f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)]
+
+
+def test_attribution_patching_works_inside_inference_mode(word_model):
+    metric = metrics.logit_diff("cat", "dog")
+    expected = lenskit.attribution_patch(word_model, GOOD, "the dog sat on a mat", metric)
+    with torch.inference_mode():
+        inside = lenskit.attribution_patch(word_model, GOOD, "the dog sat on a mat", metric)
+    torch.testing.assert_close(inside.tensor, expected.tensor)
+
+
+def test_patching_works_with_float64_as_the_default_dtype(word_model):
+    metric = metrics.logit_diff("cat", "dog")
+    expected = lenskit.patch(word_model, GOOD, "the dog sat on a mat", metric, progress=False)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        patched = lenskit.patch(word_model, GOOD, "the dog sat on a mat", metric, progress=False)
+        paths = lenskit.path_patch(word_model, GOOD, "the dog sat on a mat", metric, progress=False)
+    finally:
+        torch.set_default_dtype(default)
+    torch.testing.assert_close(patched.tensor, expected.tensor)
+    assert paths.tensor.shape == (3, 4)

@@ -38,7 +38,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from lenskit import sites, vocab
+from lenskit import checks, sites, vocab
 from lenskit.errors import InputError
 from lenskit.flow.proximity import proximity, shares
 from lenskit.flow.shares import (
@@ -85,6 +85,7 @@ def flow(
             (`FlowGraph.trace` re-traces from another position at no cost).
     """
     check_supported(model)
+    check_threshold(threshold)
     row, activations = row_activations(model, tokens, batch)
     head_shares, routes = route_shares(model, activations, len(row), progress)
     return FlowGraph(model, row, activations, head_shares, routes, threshold, renormalize, target_pos)
@@ -109,8 +110,7 @@ class FlowGraph(Pictured):
     target_pos: int = -1
 
     def __post_init__(self) -> None:
-        if not 0 <= self.threshold < 1:
-            raise InputError(f"threshold must be in [0, 1), got {self.threshold}")
+        check_threshold(self.threshold)
         self.target_pos = check_index("target_pos", self.target_pos, self.n_pos)
 
     # --- layout ---------------------------------------------------------------------------
@@ -329,6 +329,7 @@ class FlowGraph(Pictured):
         """
         if self.model.cfg.attn_only:
             raise InputError("top_neurons: this model is attention-only; it has no MLP neurons")
+        checks.integer(k, "top_neurons: k", low=1)
         layer, pos = check_index("layer", layer, self.model.cfg.n_layers), check_index("pos", pos, self.n_pos)
         parts = self.decompose(layer, pos, "resid_post", neurons=True)
         first = parts.parts.labels["part"].index("neuron 0")
@@ -483,3 +484,9 @@ class FlowGraph(Pictured):
         return f"<p><code>{html.escape(repr(self))}</code></p><p>edges carrying the most flow:</p>" + edges.to_html(
             index=False
         )
+
+
+def check_threshold(threshold: float) -> None:
+    """InputError unless `threshold` is a number in [0, 1)."""
+    if not 0 <= checks.number(threshold, "threshold") < 1:
+        raise InputError(f"threshold must be in [0, 1), got {threshold}")

@@ -25,7 +25,6 @@ and drops b_O, so its parts do not sum to resid_mid; and it floors every proximi
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,7 +36,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
-from lenskit import sites
+from lenskit import checks, sites
 from lenskit.errors import InputError
 from lenskit.flow.proximity import head_source_proximity, proximity, shares
 from lenskit.labelled import LabelledTensor
@@ -206,11 +205,7 @@ def route_shares(
 
 def check_index(what: str, index: int, size: int) -> int:
     """`index` (negative counts from the end) checked against `size`, as a non-negative int."""
-    if isinstance(index, Tensor) and index.numel() == 1 and not index.is_floating_point():
-        index = int(index)
-    if not isinstance(index, numbers.Integral) or isinstance(index, bool):
-        raise InputError(f"{what} must be an integer, got {index!r}")
-    index = int(index)
+    index = checks.integer(index, what)
     if not -size <= index < size:
         raise InputError(
             f"{what} {index} out of range: there are {size} (valid 0..{size - 1}, or negative from the end)"

@@ -48,9 +48,16 @@ PER_HEAD_PAIR = frozenset({"hook_pattern", "hook_attn_scores"})
 RESIDUAL_KINDS = ("pre", "mid", "post", "all")
 
 
-def act_name(site: str, layer: int | None = None) -> str:
-    """TransformerLens' hook name of `site` in block `layer`: ``act_name("resid_pre", 2)`` -> ``blocks.2.hook_resid_pre``."""
-    return get_act_name(site, layer)
+def act_name(site: str, layer: int | None = None, stack: str | None = None, attention: str = "attn") -> str:
+    """TransformerLens' hook name of `site` in block `layer`: ``act_name("resid_pre", 2)`` -> ``blocks.2.hook_resid_pre``.
+
+    HookedWhisper's stacks and its cross-attention: ``act_name("z", 1, "decoder", "cross_attn")`` ->
+    ``decoder.blocks.1.cross_attn.hook_z``.
+    """
+    name = get_act_name(site, layer)
+    if attention != "attn":
+        name = name.replace(".attn.", f".{attention}.")
+    return name if stack is None else f"{stack}.{name}"
 
 
 def leaf(name: str) -> str:

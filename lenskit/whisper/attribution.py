@@ -25,6 +25,7 @@ from lenskit import hooks
 from lenskit.errors import InputError
 from lenskit.labelled import LabelledTensor
 from lenskit.readout import Readout
+from lenskit.sites import act_name
 from lenskit.viz import Figure, Pictured, heatmap
 from lenskit.whisper.audio import AudioLike, model_input
 from lenskit.whisper.model import HookedWhisper
@@ -107,12 +108,12 @@ def decoder_logit_attribution(
     for layer, block in enumerate(model.decoder.blocks):
         for kind_index, kind in enumerate(ATTENTION_KINDS):
             attn = getattr(block, kind)
-            z = store[f"decoder.blocks.{layer}.{kind}.hook_z"][0, pos]  # [head, d_head]
+            z = store[act_name("z", layer, "decoder", kind)][0, pos]  # [head, d_head]
             heads[kind_index, layer] = share(torch.einsum("hd,hdm->hm", z, attn.W_O))
             labels += [f"L{layer} {kind} H{h}" for h in range(attn.n_heads)] + [f"L{layer} {kind} bias"]
             parts += [*heads[kind_index, layer], share(attn.b_O)]
         labels.append(f"L{layer} mlp")
-        parts.append(share(store[f"decoder.blocks.{layer}.hook_mlp_out"][0, pos]))
+        parts.append(share(store[act_name("mlp_out", layer, "decoder")][0, pos]))
     labels.append("ln_final bias")
     parts.append(constant[0])
     components = LabelledTensor(

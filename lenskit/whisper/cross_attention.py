@@ -12,6 +12,7 @@ import torch
 from lenskit import hooks
 from lenskit.errors import InputError
 from lenskit.labelled import LabelledTensor
+from lenskit.sites import act_name
 from lenskit.whisper.audio import HOP_LENGTH, SAMPLE_RATE, AudioLike, model_input
 from lenskit.whisper.model import HookedWhisper
 from lenskit.whisper.tokenizer import TokensLike, str_tokens, token_batch
@@ -43,7 +44,7 @@ def cross_attention(
         model_input(audio, model.cfg.n_mels, n_frames=model.cfg.n_frames).to(model.device),
         token_batch(tokens).to(model.device),
     )
-    name = f"decoder.blocks.{layer}.cross_attn.hook_pattern"
+    name = act_name("pattern", layer, "decoder", "cross_attn")
     cache = hooks.cache(name)
     cache.run(model, mel, ids)
     pattern = cache.store[name][0, head].cpu()  # [token, audio_pos]

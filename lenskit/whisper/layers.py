@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from lenskit import hooks
 from lenskit.errors import InputError
 from lenskit.hooks import Hooks
+from lenskit.sites import act_name
 from lenskit.whisper.audio import AudioLike, model_input
 from lenskit.whisper.decoding import blank_tokens, model_suppressed_tokens, transcribe
 from lenskit.whisper.model import HookedWhisper
@@ -89,7 +90,10 @@ def truncated_encodings(model: HookedWhisper, mel: Float[Tensor, "batch n_mels f
     which equals encoding under `remove_final_layers` (skipped blocks pass the residual stream unchanged).
     """
     n_layers = model.cfg.n_audio_layer
-    names = ["encoder.blocks.0.hook_resid_pre"] + [f"encoder.blocks.{l}.hook_resid_post" for l in range(n_layers)]
+    names = [
+        act_name("resid_pre", 0, "encoder"),
+        *(act_name("resid_post", layer, "encoder") for layer in range(n_layers)),
+    ]
     cache = hooks.cache(names)
     with cache.on(model):
         model.encode(mel.to(model.device))

@@ -114,8 +114,8 @@ def decoder_logit_lens(model: HookedWhisper, audio: AudioLike, tokens: TokensLik
         token_batch(tokens).to(model.device),
     )
     names = [
-        f"decoder.{act_name('resid_pre', 0)}",
-        *(f"decoder.{act_name('resid_post', l)}" for l in range(model.cfg.n_text_layer)),
+        act_name("resid_pre", 0, "decoder"),
+        *(act_name("resid_post", layer, "decoder") for layer in range(model.cfg.n_text_layer)),
     ]
     cache = hooks.cache(names)
     cache.run(model, mel, ids)
@@ -138,7 +138,7 @@ def encoder_lens(
         model_input(audio, model.cfg.n_mels, n_frames=model.cfg.n_frames).to(model.device),
         token_batch(tokens).to(model.device),
     )
-    names = [f"encoder.{act_name('resid_post', l)}" for l in range(model.cfg.n_audio_layer)]
+    names = [act_name("resid_post", layer, "encoder") for layer in range(model.cfg.n_audio_layer)]
     cache = hooks.cache(names)
     cache.run(model, mel, ids)
     rows = [

@@ -50,7 +50,7 @@ from torch import Tensor
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-from lenskit import sites
+from lenskit import backend, sites
 from lenskit.errors import InputError
 from lenskit.sites import n_key_value_heads  # noqa: F401 (part of the hook vocabulary: hooks.n_key_value_heads)
 
@@ -91,7 +91,7 @@ class Hooks(list):
         left alone.
         """
         self.validate(model)
-        with model.hooks(fwd_hooks=list(self)):
+        with model.hooks(fwd_hooks=backend.fwd_hooks(model, self)):
             yield model
 
     def run(self, model: HookedRootModule, *args, **kwargs):

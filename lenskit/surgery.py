@@ -45,14 +45,14 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from lenskit import hooks
+from lenskit.backend import Model
 from lenskit.errors import InputError
 from lenskit.readout import Readout
 from lenskit.tokens import Prompts, as_tokens
 
-ModelOrLayers = HookedTransformer | int
+ModelOrLayers = Model | int
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class Schedule:
                 f"the model has {n_layers} blocks (valid 0..{n_layers - 1})"
             )
 
-    def hooks(self, model: HookedTransformer) -> hooks.Hooks:
+    def hooks(self, model: Model) -> hooks.Hooks:
         """The `hooks.skip` hooks that make the model's forward pass run this schedule.
 
         Only for schedules that keep the blocks' order (`in_order`); repeats and reorderings
@@ -172,7 +172,7 @@ def as_schedule(schedule: Schedule | Sequence[int]) -> Schedule:
 
 
 def run(
-    model: HookedTransformer,
+    model: Model,
     tokens: Prompts,
     schedule: Schedule | Sequence[int],
     attention_mask: Int[Tensor, "batch pos"] | None = None,
@@ -190,7 +190,7 @@ def run(
 
 
 def run_blocks(
-    model: HookedTransformer,
+    model: Model,
     tokens: Prompts,
     schedule: Schedule | Sequence[int],
     attention_mask: Int[Tensor, "batch pos"] | None = None,
@@ -214,7 +214,7 @@ def run_blocks(
 
 @torch.no_grad()
 def generate(
-    model: HookedTransformer,
+    model: Model,
     tokens: Prompts,
     schedule: Schedule | Sequence[int],
     n_tokens: int = 20,
@@ -242,7 +242,7 @@ def generate(
 
 @torch.no_grad()
 def evaluate(
-    model: HookedTransformer,
+    model: Model,
     schedules: Iterable[Schedule | Sequence[int]],
     texts: str | Sequence[str],
     positions: Sequence[int] | None = None,

@@ -69,6 +69,14 @@ def legacy_names(model: Model) -> dict[str, str]:
     return out
 
 
+def use_legacy_names(model: Model) -> None:
+    """Name each of a bridge's HookPoints by its legacy alias, so that hook functions see
+    ``blocks.0.hook_resid_pre`` however they were attached (TransformerLens' own run_with_hooks too)."""
+    points = model.hook_dict
+    for own, legacy in legacy_names(model).items():
+        points[own].name = legacy
+
+
 class _Named:
     """A HookPoint seen under another name (what a hook function reads as ``hook.name``)."""
 

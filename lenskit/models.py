@@ -61,6 +61,7 @@ from lenskit.packaged import PACKAGED, packaged
 
 if backend.TL4:
     from transformer_lens.model_bridge import TransformerBridge
+    from transformer_lens.model_bridge.sources import build_bridge_from_module
 else:
     import transformer_lens.loading_from_pretrained as tl_loading
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -385,11 +386,17 @@ def load_hf_folder(
 
 
 def _bridge(hf_model, tokenizer, default_prepend_bos: bool | None, **processing: bool) -> Model:
-    """A TransformerBridge around a loaded Hugging Face model, in compatibility mode with `processing`
+    """A TransformerBridge around a loaded Hugging Face model (`tokenizer` may be None: a model fed token
+    ids), in compatibility mode with `processing`
     (the weight processing TransformerLens 3.9 applies), prepending BOS by default as 3.9 would."""
     architecture = hf_model.config.architectures[0]
-    model = TransformerBridge.boot_transformers(
-        architecture, hf_model=hf_model, tokenizer=tokenizer, device=hf_model.device, dtype=hf_model.dtype
+    model = build_bridge_from_module(
+        hf_model,
+        architecture,
+        hf_config=hf_model.config,
+        tokenizer=tokenizer,
+        device=hf_model.device,
+        dtype=hf_model.dtype,
     )
     if default_prepend_bos is None:
         default_prepend_bos = architecture not in NO_BOS_ARCHITECTURES
@@ -401,6 +408,7 @@ def _compatible(model: Model, **processing: bool) -> Model:
     """`model` (a bridge) in compatibility mode: TransformerLens 3.9's hook names, shapes and processed
     weights (lenskit's analyses reason in folded, centred coordinates)."""
     model.enable_compatibility_mode(disable_warnings=True, **processing)
+    backend.use_legacy_names(model)
     return model.eval()
 
 

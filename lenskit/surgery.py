@@ -46,10 +46,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lenskit import hooks
+from lenskit import backend, hooks
 from lenskit.backend import Model
 from lenskit.errors import InputError
 from lenskit.readout import Readout
+from lenskit.resume import run_block
 from lenskit.tokens import Prompts, as_tokens
 
 ModelOrLayers = Model | int
@@ -206,9 +207,12 @@ def run_blocks(
         as_tokens(model, tokens), attention_mask=attention_mask
     )
     for block in schedule.blocks:
-        residual = model.blocks[block](
-            residual, shortformer_pos_embed=shortformer_pos_embed, attention_mask=attention_mask
-        )
+        if backend.is_bridge(model):  # a Hugging Face layer: rotary cos/sin and a 4D mask from resume
+            residual = run_block(model, block, residual, lambda layer, rows: None, attention_mask)
+        else:
+            residual = model.blocks[block](
+                residual, shortformer_pos_embed=shortformer_pos_embed, attention_mask=attention_mask
+            )
     return Readout(model)(residual)
 
 

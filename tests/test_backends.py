@@ -166,6 +166,7 @@ ANALYSES = {
     "vocab_head_output": lambda m, p: vocab.head_output(m, p.clean, 1, 2),
     "vocab_head_scores": lambda m, p: vocab.head_scores(m, as_tokens(m, p.clean), "induction"),
     "surgery": lambda m, p: surgery.evaluate(m, [surgery.full(m), surgery.skip_last(m, 1)], p.clean, generate_tokens=3),
+    "surgery_sequence": lambda m, p: surgery.run(m, as_tokens(m, p.clean), [0, 1, 1, 0]),
     "report": lambda m, p: torch.tensor(
         [
             (r := build_report(m, "m", p.clean[0], p.answers[0], p.wrongs[0], p.corrupt[0], progress=False)).logit_diff,

@@ -150,7 +150,7 @@ def _hf_config(cfg: dict) -> transformers.PretrainedConfig:
     )  # fmt: skip
 
 
-def _bridge_model(cfg: dict, seed: int):
+def _bridge_model(cfg: dict, seed: int, tokenizer: transformers.PreTrainedTokenizerFast | None = None):
     import tempfile
 
     import lenskit
@@ -163,6 +163,8 @@ def _bridge_model(cfg: dict, seed: int):
             param.copy_(1 + 0.2 * torch.randn_like(param) if norm else 0.2 * torch.randn_like(param))
     folder = tempfile.mkdtemp(prefix="lenskit-test-model-")
     model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
     processing = dict(fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False)
     return lenskit.load(folder, **processing)
 
@@ -221,6 +223,8 @@ def gpt2_model() -> HookedTransformer:
 @pytest.fixture(scope="module")
 def word_model(tmp_path_factory) -> HookedTransformer:
     """A GPT-2-shaped model with the word tokenizer above (13 words), for tests that need real text."""
+    if TL4:  # a bridge takes its tokenizer when it is built
+        return _bridge_model(CONFIGS["gpt2"] | {"d_vocab": len(WORDS)}, seed=0, tokenizer=word_tokenizer())
     model = make_model("gpt2", d_vocab=len(WORDS))
     folder = tmp_path_factory.mktemp("tokenizer")
     word_tokenizer().save_pretrained(folder)

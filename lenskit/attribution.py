@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
-from lenskit import checks, sites
+from lenskit import backend, checks, sites
+from lenskit.backend import Model
 from lenskit.errors import InputError
 from lenskit.readout import Readout
 from lenskit.run import Run, as_run
@@ -36,7 +36,7 @@ BY = ("layer", "head", "neuron", "position", "head_pos")
 COLUMNS = ["component", "layer", "head", "neuron", "src_pos", "token", "value"]
 
 
-def needed_hooks(model: HookedTransformer, by: str) -> list[str]:
+def needed_hooks(model: Model, by: str) -> list[str]:
     """Hook names whose activations the decomposition `by` reads."""
     names = [*sites.embedding_names(model), sites.final_residual(model)]
     for layer in range(model.cfg.n_layers):
@@ -48,7 +48,7 @@ def needed_hooks(model: HookedTransformer, by: str) -> list[str]:
 
 
 def attribute(
-    model: HookedTransformer,
+    model: Model,
     tokens: "Prompts | Run",
     answer: TokenLike | Sequence[TokenLike] | Tensor,
     wrong: TokenLike | Sequence[TokenLike] | Tensor | None = None,
@@ -218,11 +218,19 @@ def _parts(model, store, by, rows, positions, direction) -> list[Part]:
                     parts.append(Part("head", per_source, layer, ("head", "src_pos")))
                 else:
                     by_source.append(per_source.sum(1))
-            parts.append(Part("attn_bias", direction @ model.blocks[layer].attn.b_O, layer))
+            parts.append(
+                Part(
+                    "attn_bias", direction @ backend.bias(model.blocks[layer].attn, "b_O", direction.shape[-1:]), layer
+                )
+            )
         if by == "neuron":
             post = store[sites.act_name("post", layer)][rows, positions]  # [batch, d_mlp]
             parts.append(Part("neuron", post * (model.blocks[layer].mlp.W_out @ direction.T).T, layer, ("neuron",)))
-            parts.append(Part("mlp_bias", direction @ model.blocks[layer].mlp.b_out, layer))
+            parts.append(
+                Part(
+                    "mlp_bias", direction @ backend.bias(model.blocks[layer].mlp, "b_out", direction.shape[-1:]), layer
+                )
+            )
         else:
             parts.append(Part("mlp", read(sites.act_name("mlp_out", layer)), layer))
     if by == "position":

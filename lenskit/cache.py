@@ -13,9 +13,9 @@ from collections.abc import Iterable
 from typing import Literal
 
 import torch
-from transformer_lens import HookedTransformer
 
 from lenskit import checks, sites
+from lenskit.backend import Model
 from lenskit.errors import InputError
 from lenskit.labelled import LabelledTensor
 from lenskit.run import Run, as_run
@@ -25,7 +25,7 @@ RESIDUAL_DIMS = ("component", "batch", "pos", "d_model")
 
 
 def residual_stream(
-    model: HookedTransformer,
+    model: Model,
     tokens: Prompts | Run,
     kind: Literal["pre", "mid", "post", "all"] = "pre",
     layers: Iterable[int] | None = None,
@@ -45,7 +45,7 @@ def residual_stream(
     return _stacked(as_run(model, tokens), sites.residual_names(model, kind, layers))
 
 
-def decompose_residual(model: HookedTransformer, tokens: Prompts | Run, layer: int | None = None) -> LabelledTensor:
+def decompose_residual(model: Model, tokens: Prompts | Run, layer: int | None = None) -> LabelledTensor:
     """What each component wrote into the residual stream entering block `layer`: [component, batch, pos, d_model].
 
     Components, labelled by hook name: hook_embed; hook_pos_embed when the model adds a learned

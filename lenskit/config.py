@@ -16,11 +16,17 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.utilities.activation_functions import SUPPORTED_ACTIVATIONS
 
+from lenskit import backend
 from lenskit.errors import InputError, ModelFileError
 from lenskit.offline import hf_offline
+
+if not backend.TL4:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+CONFIG_NEEDS_TL3 = "it builds a HookedTransformer from HookedTransformerConfig fields, which TransformerLens 4 removed"
+"""Why lenskit folders, config files, the zoo and llama2.c checkpoints need TransformerLens 3.9."""
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 """The dtypes a model is loaded in, by name (``dtype=`` and a config's "dtype")."""
@@ -126,6 +132,7 @@ def check_config(fields: dict[str, Any], source: str | os.PathLike) -> None:
 def build_model(fields: dict[str, Any], tokenizer, source: str | os.PathLike) -> HookedTransformer:
     """A HookedTransformer from config `fields` read from `source` (checked by `check_config`), offline;
     anything TransformerLens still refuses is a ModelFileError naming `source`."""
+    backend.needs_tl3(f"a model built from config fields ({source})", CONFIG_NEEDS_TL3)
     check_config(fields, source)
     fields = {**fields, "dtype": as_dtype(fields.get("dtype", torch.float32))}
     try:

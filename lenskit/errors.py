@@ -7,6 +7,7 @@ Each subclasses the built-in error a caller would already expect, so ``except Va
       InputError(ValueError)          a bad argument: names the argument, the value and what is valid
       ModelFileError(ValueError)      a file or folder that is not the model it claims to be
       MissingFileError(FileNotFoundError)   a path that does not exist
+      BackendError(NotImplementedError)     a feature the installed TransformerLens (3.9 or 4.x) lacks
 """
 
 from __future__ import annotations
@@ -26,3 +27,7 @@ class ModelFileError(LenskitError, ValueError):
 
 class MissingFileError(LenskitError, FileNotFoundError):
     """A path that does not exist (names the path, and what was expected there)."""
+
+
+class BackendError(LenskitError, NotImplementedError):
+    """A feature the installed TransformerLens lacks (names the feature, the version it needs and why)."""

@@ -50,7 +50,7 @@ from torch import Tensor
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-from lenskit import checks, sites
+from lenskit import backend, checks, sites
 from lenskit.errors import InputError
 from lenskit.sites import n_key_value_heads  # noqa: F401 (part of the hook vocabulary: hooks.n_key_value_heads)
 
@@ -91,7 +91,7 @@ class Hooks(list):
         left alone.
         """
         self.validate(model)
-        with model.hooks(fwd_hooks=list(self)):
+        with model.hooks(fwd_hooks=backend.fwd_hooks(model, self)):
             yield model
 
     def run(self, model: HookedRootModule, *args, **kwargs):
@@ -127,11 +127,16 @@ def check_hook_name(model: HookedRootModule, name: NameOrFilter) -> None:
 
 
 def hook_names(model: HookedRootModule, names: NameOrFilter | Sequence[str]) -> list[str]:
-    """The model's hook names selected by an exact name, a glob, a list of these, or a filter."""
+    """The model's hook names selected by an exact name, a glob, a list of these, or a filter; a
+    pattern gives one name per HookPoint (a bridge's HookPoint answers to its own name and an alias)."""
     selector = _selector(names)
     for name in selector:
         check_hook_name(model, name)
-    return [n for n in model.hook_dict if any(_matches(sel, n) for sel in selector)]
+    return [
+        n
+        for n, point in model.hook_dict.items()
+        if n in selector or (point.name == n and any(_matches(sel, n) for sel in selector))
+    ]
 
 
 # --- factories ------------------------------------------------------------------------------

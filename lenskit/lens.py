@@ -27,9 +27,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from lenskit import checks, sites
+from lenskit.backend import Model
 from lenskit.errors import InputError
 from lenskit.labelled import LabelledTensor
 from lenskit.readout import Readout
@@ -195,7 +195,7 @@ class LensResult(Pictured):
 
 
 def logit_lens(
-    model: HookedTransformer,
+    model: Model,
     tokens: Prompts | Run,
     targets: TokenLike | Sequence[TokenLike] | Tensor | None = None,
     top_k: int = 5,

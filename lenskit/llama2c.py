@@ -24,11 +24,14 @@ import einops
 import numpy as np
 import torch
 from jaxtyping import Float
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizer
 
-from lenskit.config import as_device, as_dtype
+from lenskit import backend
+from lenskit.config import CONFIG_NEEDS_TL3, as_device, as_dtype
 from lenskit.errors import InputError, MissingFileError, ModelFileError
+
+if not backend.TL4:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 HEADER_FIELDS = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
 HEADER_BYTES = 4 * len(HEADER_FIELDS)
@@ -390,6 +393,7 @@ def load_llama2c(
     truncated or whose header llama2.c's architecture cannot take (naming the field), InputError for
     a folder holding several checkpoints or a bad device / dtype.
     """
+    backend.needs_tl3("a llama2.c checkpoint", CONFIG_NEEDS_TL3)
     device, dtype = as_device(device), as_dtype(dtype)
     checkpoint = _resolve_checkpoint(Path(path))
     header, weights = read_llama2c_checkpoint(checkpoint)

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from lenskit import checks
+from lenskit.backend import Model
 from lenskit.errors import InputError
 from lenskit.readout import Readout
 from lenskit.tokens import TokenLike, token_ids
@@ -52,7 +52,7 @@ class Metric:
     pos: Positions
     differentiable = True
 
-    def bind(self, model: HookedTransformer, tokens: Tensor | None = None, logits: Tensor | None = None) -> "Metric":
+    def bind(self, model: Model, tokens: Tensor | None = None, logits: Tensor | None = None) -> "Metric":
         """Resolve token strings to ids; fill left-open targets / references from the given run.
 
         tokens: the run's tokens [batch, pos] (`loss` targets); logits: its logits [batch, pos, d_vocab]
@@ -230,7 +230,7 @@ def kl_to(reference: Tensor | None = None, pos: Positions = -1) -> KLTo:
 # --- evaluating a metric ----------------------------------------------------------------------
 
 
-def bind(metric: MetricLike, model: HookedTransformer, tokens: Tensor, logits: Tensor) -> MetricLike:
+def bind(metric: MetricLike, model: Model, tokens: Tensor, logits: Tensor) -> MetricLike:
     """A spec bound to the run on `tokens` with `logits` (see `Metric.bind`); any other callable as it is."""
     if isinstance(metric, Metric):
         return metric.bind(model, tokens, logits)
@@ -260,7 +260,7 @@ class MetricReader:
     Positions before a run's first changed position are taken from the reference (corrupted) run.
     """
 
-    def __init__(self, model: HookedTransformer, metric: MetricLike, reference_logits: Tensor):
+    def __init__(self, model: Model, metric: MetricLike, reference_logits: Tensor):
         self.model, self.metric, self.readout = model, metric, Readout(model)
         n_pos = reference_logits.shape[1]
         if isinstance(metric, Metric):

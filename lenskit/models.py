@@ -45,19 +45,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformer_lens.loading_from_pretrained as tl_loading
 from safetensors import SafetensorError
 from safetensors.torch import save_file
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.supported_models import MODEL_ALIASES, OFFICIAL_MODEL_NAMES
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from lenskit.config import as_device, as_dtype, build_model, check_config, quiet_deprecation
+from lenskit import backend
+from lenskit.backend import Model
+from lenskit.config import CONFIG_NEEDS_TL3, as_device, as_dtype, build_model, check_config, quiet_deprecation
 from lenskit.errors import InputError, MissingFileError, ModelFileError
 from lenskit.files import check_weights, read_json, read_safetensors
 from lenskit.offline import hf_offline
 from lenskit.packaged import PACKAGED, packaged
+
+if backend.TL4:
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformer_lens.model_bridge.sources import build_bridge_from_module
+else:
+    import transformer_lens.loading_from_pretrained as tl_loading
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 ZOO_PREFIX = "lenskit/"
 WHISPER_CONFIG_FILE = "hooked_whisper.json"  # marks a zoo folder holding a HookedWhisper (lenskit.whisper.load)
@@ -88,6 +95,9 @@ HF_ARCHITECTURES = (
 """Hugging Face architectures that load from a local folder; tests/test_models.py checks each
 against the Hugging Face model's own log-probabilities."""
 
+NO_BOS_ARCHITECTURES = ("GPTNeoXForCausalLM", "BloomForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+"""Architectures TransformerLens 3.9 loads with ``default_prepend_bos=False``; the bridge follows it."""
+
 HF_WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -98,7 +108,7 @@ HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 PATH_SUFFIXES = (".bin", ".json", ".safetensors", ".pt", ".pth")
 
 
-def load(name_or_path: str | os.PathLike, **kwargs: Any) -> HookedTransformer:
+def load(name_or_path: str | os.PathLike, **kwargs: Any) -> Model:
     """Load a model as a HookedTransformer (see the module docstring for what is accepted).
 
     kwargs go to the loader chosen: `HookedTransformer.from_pretrained` for a TransformerLens name,
@@ -116,7 +126,9 @@ def load(name_or_path: str | os.PathLike, **kwargs: Any) -> HookedTransformer:
         if wheel_model.kind == "speech":
             raise InputError(f"lenskit.load: {name!r} is a speech model; load it with lenskit.whisper.load({name!r})")
         return _load_path(wheel_model.path(), **kwargs)
-    if name.lower() in tl_loading.make_model_alias_map():
+    if name.lower() in _tl_model_names():
+        if backend.TL4:
+            return _compatible(TransformerBridge.boot_transformers(name, **kwargs))
         with quiet_deprecation():
             return HookedTransformer.from_pretrained(name, **kwargs)
     if "/" in name or looks_like_path(name):
@@ -151,7 +163,7 @@ def looks_like_path(name: str) -> bool:
     )
 
 
-def save(model: HookedTransformer, folder: str | os.PathLike) -> None:
+def save(model: Model, folder: str | os.PathLike) -> None:
     """Write `model` as a lenskit folder: hooked_transformer.json, model.safetensors, tokenizer.json.
 
     The weights are the model's parameters as they are (already processed: folded, centred, ...).
@@ -159,6 +171,9 @@ def save(model: HookedTransformer, folder: str | os.PathLike) -> None:
     tokens and ``add_bos_token`` under the "tokenizer" key of hooked_transformer.json; otherwise the
     folder has none.
     """
+    backend.needs_tl3(
+        "lenskit.save", "a lenskit folder holds HookedTransformerConfig fields and HookedTransformer weights"
+    )
     if not isinstance(model, HookedTransformer):
         raise InputError(
             f"lenskit.save: model must be a HookedTransformer, got {type(model).__name__}"
@@ -183,17 +198,17 @@ def save(model: HookedTransformer, folder: str | os.PathLike) -> None:
     save_file(weights, folder / WEIGHTS_FILE)
 
 
-def describe(model: HookedTransformer, name: str, hook_names: bool = True) -> str:
+def describe(model: Model, name: str, hook_names: bool = True) -> str:
     """Config summary, parameter count, and (with `hook_names`) hook names grouped by layer."""
-    if not isinstance(model, HookedTransformer):
-        raise InputError(f"describe: model must be a HookedTransformer (from lenskit.load), got {type(model).__name__}")
+    if not isinstance(model, Model):
+        raise InputError(f"describe: model must be a {Model.__name__} (from lenskit.load), got {type(model).__name__}")
     cfg = model.cfg
     heads = f"{cfg.n_heads} heads x d_head {cfg.d_head}"
     if getattr(cfg, "n_key_value_heads", None):
         heads += f" ({cfg.n_key_value_heads} key/value heads)"
     n_params = sum(p.numel() for p in model.parameters())
     lines = [
-        f"model        {name}  ({type(model).__name__}, architecture {cfg.original_architecture or 'n/a'})",
+        f"model        {name}  ({type(model).__name__}, architecture {backend.architecture(cfg) or 'n/a'})",
         f"shape        {cfg.n_layers} layers, d_model {cfg.d_model}, {heads}, d_mlp {cfg.d_mlp}, "
         f"vocab {cfg.d_vocab}, context {cfg.n_ctx}",
         f"components   norm {cfg.normalization_type}, positions {cfg.positional_embedding_type}, "
@@ -231,6 +246,7 @@ def load_lenskit_folder(
     folder: str | os.PathLike, *, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None
 ) -> HookedTransformer:
     """Load a folder written by `save`; `dtype` defaults to the saved one, `device` to TL's default."""
+    backend.needs_tl3(f"a lenskit folder ({folder})", CONFIG_NEEDS_TL3)
     folder = Path(folder)
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     weights = read_safetensors(weights_path)
@@ -279,7 +295,7 @@ def load_hf_folder(
     dtype: torch.dtype | str = torch.float32,
     default_prepend_bos: bool | None = None,
     trust_remote_code: bool = False,
-) -> HookedTransformer:
+) -> Model:
     """Load a local Hugging Face folder offline, processed as `HookedTransformer.from_pretrained` does.
 
     Code shipped in the folder (``auto_map``) runs only with ``trust_remote_code=True`` from the caller.
@@ -326,6 +342,17 @@ def load_hf_folder(
                 f"lenskit.load: transformers cannot build a {architectures[0]} from {config_path} and "
                 f"{weights_path.name} ({type(error).__name__}: {str(error)[:300]})"
             ) from error
+        if backend.TL4:
+            return _bridge(
+                hf_model,
+                tokenizer,
+                default_prepend_bos,
+                fold_ln=fold_ln,
+                center_writing_weights=center_writing_weights,
+                center_unembed=center_unembed,
+                fold_value_biases=fold_value_biases,
+                refactor_factored_attn_matrices=refactor_factored_attn_matrices,
+            )
         try:
             cfg = _tl_config(
                 hf_config,
@@ -358,6 +385,33 @@ def load_hf_folder(
     return model.eval()
 
 
+def _bridge(hf_model, tokenizer, default_prepend_bos: bool | None, **processing: bool) -> Model:
+    """A TransformerBridge around a loaded Hugging Face model (`tokenizer` may be None: a model fed token
+    ids), in compatibility mode with `processing`
+    (the weight processing TransformerLens 3.9 applies), prepending BOS by default as 3.9 would."""
+    architecture = hf_model.config.architectures[0]
+    model = build_bridge_from_module(
+        hf_model,
+        architecture,
+        hf_config=hf_model.config,
+        tokenizer=tokenizer,
+        device=hf_model.device,
+        dtype=hf_model.dtype,
+    )
+    if default_prepend_bos is None:
+        default_prepend_bos = architecture not in NO_BOS_ARCHITECTURES
+    model.cfg.default_prepend_bos = default_prepend_bos
+    return _compatible(model, **processing)
+
+
+def _compatible(model: Model, **processing: bool) -> Model:
+    """`model` (a bridge) in compatibility mode: TransformerLens 3.9's hook names, shapes and processed
+    weights (lenskit's analyses reason in folded, centred coordinates)."""
+    model.enable_compatibility_mode(disable_warnings=True, **processing)
+    backend.use_legacy_names(model)
+    return model.eval()
+
+
 def _hf_tokenizer(folder: Path, trust_remote_code: bool):
     """The tokenizer of a local Hugging Face folder, offline; code in the folder runs only if the caller trusts it."""
     try:
@@ -376,6 +430,7 @@ def load_config_file(
     file must be a folder inside the file's own folder; it is read offline. The file's
     ``trust_remote_code`` is ignored: only the caller's `trust_remote_code` counts.
     """
+    backend.needs_tl3(f"a config file ({path})", CONFIG_NEEDS_TL3)
     path = Path(path)
     fields = read_json(path)
     known = {f.name for f in dataclasses.fields(HookedTransformerConfig)}
@@ -435,7 +490,7 @@ def _load_zoo(name: str, **kwargs: Any) -> HookedTransformer:
     return _call(load_lenskit_folder, folder, kwargs, "a zoo checkpoint")
 
 
-def _load_path(path: Path, **kwargs: Any) -> HookedTransformer:
+def _load_path(path: Path, **kwargs: Any) -> Model:
     if path.is_file():
         if path.suffix == ".bin":
             return _load_llama2c(path, **kwargs)
@@ -477,7 +532,7 @@ def _load_llama2c(path: Path, **kwargs: Any) -> HookedTransformer:
     return _call(load_llama2c, path, kwargs, "a llama2.c checkpoint")
 
 
-def _call(loader, path: Path, kwargs: dict[str, Any], what: str) -> HookedTransformer:
+def _call(loader, path: Path, kwargs: dict[str, Any], what: str) -> Model:
     """``loader(path, **kwargs)``, after refusing (InputError) options `loader` does not take."""
     parameters = list(inspect.signature(loader).parameters.values())[1:]
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
@@ -513,6 +568,13 @@ def _config_to_json(cfg: HookedTransformerConfig) -> dict[str, Any]:
         del config[key]
     config["dtype"] = str(cfg.dtype).removeprefix("torch.")
     return config
+
+
+def _tl_model_names() -> set[str]:
+    """TransformerLens' official model names and aliases, lower case."""
+    return {name.lower() for name in OFFICIAL_MODEL_NAMES} | {
+        alias.lower() for aliases in MODEL_ALIASES.values() for alias in aliases
+    }
 
 
 def _did_you_mean(name: str) -> str:

@@ -54,10 +54,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from lenskit import checks, hooks, sites
+from lenskit.backend import Model
 from lenskit.errors import InputError
 from lenskit.labelled import LabelledTensor
 from lenskit.metrics import MetricLike, MetricReader, bind, scalar, scalar_tensor
@@ -131,7 +131,7 @@ class PatchResult(LabelledTensor):
 
 
 def patch(
-    model: HookedTransformer,
+    model: Model,
     clean: Prompts,
     corrupted: Prompts,
     metric: MetricLike,
@@ -191,7 +191,7 @@ def _clean_activations(clean: Run, grid: "_Grid") -> tuple[dict[str, Tensor], Te
 
 
 def attribution_patch(
-    model: HookedTransformer,
+    model: Model,
     clean: Prompts,
     corrupted: Prompts,
     metric: MetricLike,
@@ -232,7 +232,7 @@ def _attribution_patch(model, clean, corrupted, metric, site, by, layers, heads,
         return activation
 
     with torch.enable_grad():
-        with model.hooks(fwd_hooks=[(name, keep_for_grad) for name in grid.hook_names()]):
+        with hooks.Hooks([(name, keep_for_grad) for name in grid.hook_names()]).on(model):
             value = scalar_tensor(metric, model(grid.corrupted))
         names = grid.hook_names()
         grads = torch.autograd.grad(value, [saved[n] for n in names], allow_unused=True)
@@ -253,7 +253,7 @@ def _attribution_patch(model, clean, corrupted, metric, site, by, layers, heads,
 class _Grid:
     """What is patched: the site, the cells (layer + `by` indices), and the two token batches."""
 
-    model: HookedTransformer
+    model: Model
     site: str
     by: str
     clean: Tensor
@@ -393,7 +393,7 @@ class _CorruptedRun:
     """The corrupted run, cached for resuming: residual stream entering each block (and the final one),
     site activations, and every layer's keys and values."""
 
-    def __init__(self, model: HookedTransformer, grid: _Grid):
+    def __init__(self, model: Model, grid: _Grid):
         self.model, self.grid = model, grid
         n_layers = model.cfg.n_layers
         resid, _, _, self.attention_mask = model.input_to_embed(grid.corrupted)
@@ -462,12 +462,12 @@ def _layout(site: str) -> str:
     return "pattern" if sites.is_pair(name) else "head" if sites.layout(name)[1] is not None else "resid"
 
 
-def _grouped(model: HookedTransformer, site: str) -> bool:
+def _grouped(model: Model, site: str) -> bool:
     """Whether the site's heads are key/value heads each shared by several query heads."""
     return site in ("k", "v") and sites.n_heads_at(model, SITES[site]) < model.cfg.n_heads
 
 
-def _check_key_value_heads(model: HookedTransformer, site: str, heads) -> None:
+def _check_key_value_heads(model: Model, site: str, heads) -> None:
     """Out-of-range heads of a grouped k / v site: ValueError naming the key/value heads and their groups."""
     if heads is None:
         return

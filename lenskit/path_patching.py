@@ -39,10 +39,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
-from lenskit import hooks, sites
+from lenskit import backend, hooks, sites
+from lenskit.backend import Model
 from lenskit.errors import InputError
 from lenskit.metrics import MetricLike, MetricReader, bind, scalar
 from lenskit.patching import PatchResult
@@ -55,7 +55,7 @@ RECEIVER_KINDS = ("q", "k", "v")
 
 
 def path_patch(
-    model: HookedTransformer,
+    model: Model,
     clean: Prompts,
     corrupted: Prompts,
     metric: MetricLike,
@@ -177,9 +177,10 @@ def _projection(attn, kind: str, head: int) -> tuple[Tensor, Tensor]:
     """The weight [d_model, d_head] and bias [d_head] of one head's q, k or v, as the hook sees them
     (k and v per key/value head when the model is grouped)."""
     letter = kind.upper()
-    grouped = hasattr(attn, f"_W_{letter}") and not attn.cfg.ungroup_grouped_query_attention
+    grouped = hasattr(attn, f"_W_{letter}") and not backend.flag(attn.cfg, "ungroup_grouped_query_attention")
     prefix = "_" if grouped else ""
-    return getattr(attn, f"{prefix}W_{letter}")[head], getattr(attn, f"{prefix}b_{letter}")[head]
+    weights = getattr(attn, f"{prefix}W_{letter}")  # [head, d_model, d_head]
+    return weights[head], backend.bias(attn, f"{prefix}b_{letter}", weights.shape[::2])[head]
 
 
 def _output(model, store: dict[str, Tensor], sender: tuple[int, int | None]) -> Float[Tensor, "batch pos d_model"]:
@@ -246,7 +247,7 @@ def _receivers(model, receivers) -> list[Receiver] | None:
             f"path_patch: receivers must be 'logits' or a non-empty list of (layer, head, kind); got {receivers!r}"
         )
     if (
-        model.cfg.original_architecture in POST_NORM_ARCHITECTURES
+        backend.architecture(model.cfg) in POST_NORM_ARCHITECTURES
         or model.cfg.use_split_qkv_input
         or model.cfg.use_attn_in
         or model.cfg.positional_embedding_type == "shortformer"

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from transformer_lens import HookedTransformer
 
 from lenskit import metrics, viz
 from lenskit.attribution import attribute
+from lenskit.backend import Model
 from lenskit.errors import InputError
 from lenskit.flow import flow
 from lenskit.lens import logit_lens
@@ -68,7 +68,7 @@ class Report:
 
 
 def build_report(
-    model: HookedTransformer,
+    model: Model,
     model_name: str,
     prompt: str = DEFAULT_PROMPT,
     answer: str = DEFAULT_ANSWER,

@@ -21,9 +21,9 @@ from collections.abc import Iterable, Mapping
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from lenskit import hooks, sites, viz
+from lenskit.backend import Model
 from lenskit.errors import InputError
 from lenskit.readout import Readout
 from lenskit.tokens import Prompts, as_tokens, str_tokens
@@ -46,7 +46,7 @@ class Run:
 
     def __init__(
         self,
-        model: HookedTransformer,
+        model: Model,
         tokens: Prompts,
         activations: Mapping[str, Tensor] | None = None,
         extend: bool = True,
@@ -63,7 +63,7 @@ class Run:
             )
 
     @classmethod
-    def everything(cls, model: HookedTransformer, tokens: Prompts) -> "Run":
+    def everything(cls, model: Model, tokens: Prompts) -> "Run":
         """A run that caches every hook of the model and keeps the logits, in one forward pass."""
         run = cls(model, tokens)
         store: dict[str, Tensor] = {}
@@ -146,7 +146,7 @@ class Run:
         return f"Run(batch={self.shape[0]}, pos={self.shape[1]}, cached={len(self.activations)} activations)"
 
 
-def as_run(model: HookedTransformer, tokens: "Prompts | Run") -> Run:
+def as_run(model: Model, tokens: "Prompts | Run") -> Run:
     """`tokens` itself when it is a run of `model`; otherwise a new run on them (nothing computed yet)."""
     if isinstance(tokens, Run):
         if tokens.model is not model:

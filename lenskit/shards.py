@@ -26,9 +26,9 @@ from jaxtyping import Int
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from lenskit import checks, hooks
+from lenskit.backend import Model
 from lenskit.errors import InputError, MissingFileError
 from lenskit.run import Run
 from lenskit.tokens import document_ids
@@ -42,7 +42,7 @@ MANIFEST = "manifest.json"
 
 
 def stream_cache(
-    model: HookedTransformer,
+    model: Model,
     dataset: Iterable[str] | Iterable[Int[torch.Tensor, "batch pos"]],
     names: HookNames,
     out_dir: str | os.PathLike,
@@ -132,7 +132,7 @@ def stream_cache(
     return out_dir
 
 
-def _fired_hook_names(model: HookedTransformer, names: HookNames) -> list[str]:
+def _fired_hook_names(model: Model, names: HookNames) -> list[str]:
     """The hook names that `names` selects, in forward order, found by caching them on a one-token pass.
 
     Unknown names raise ValueError (from `hooks`); a selection of which no hook fires, InputError.
@@ -149,7 +149,7 @@ def _fired_hook_names(model: HookedTransformer, names: HookNames) -> list[str]:
     return fired
 
 
-def _text_rows(model: HookedTransformer, texts: Iterable[str], max_len: int) -> Iterator[Int[torch.Tensor, " pos"]]:
+def _text_rows(model: Model, texts: Iterable[str], max_len: int) -> Iterator[Int[torch.Tensor, " pos"]]:
     """Rows of `max_len` token ids cut from the texts joined by end-of-text tokens, each led by BOS."""
     tokenizer = model.tokenizer
     if tokenizer is None:
@@ -193,7 +193,7 @@ def _batched(items: Iterable, n: int) -> Iterator[list]:
 
 
 def _write_shard(
-    model: HookedTransformer,
+    model: Model,
     tokens: Int[torch.Tensor, "rows pos"],
     names: list[str],
     dtype: torch.dtype,
@@ -231,7 +231,7 @@ def _row_shapes(path: Path, names: list[str]) -> dict[str, list[int]]:
         return {name: shard.get_slice(name).get_shape()[1:] for name in names}
 
 
-def _model_summary(model: HookedTransformer) -> dict:
+def _model_summary(model: Model) -> dict:
     """The config fields that tell models apart, and a fingerprint of the weights."""
     cfg = model.cfg
     fields = (

@@ -44,14 +44,15 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
-from lenskit import checks, hooks
+from lenskit import backend, checks, hooks
+from lenskit.backend import Model
 from lenskit.errors import InputError
 from lenskit.readout import Readout
+from lenskit.resume import run_block
 from lenskit.tokens import Prompts, as_tokens
 
-ModelOrLayers = HookedTransformer | int
+ModelOrLayers = Model | int
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ class Schedule:
                 f"the model has {n_layers} blocks (valid 0..{n_layers - 1})"
             )
 
-    def hooks(self, model: HookedTransformer) -> hooks.Hooks:
+    def hooks(self, model: Model) -> hooks.Hooks:
         """The `hooks.skip` hooks that make the model's forward pass run this schedule.
 
         Only for schedules that keep the blocks' order (`in_order`); repeats and reorderings
@@ -173,7 +174,7 @@ def as_schedule(schedule: Schedule | Sequence[int]) -> Schedule:
 
 
 def run(
-    model: HookedTransformer,
+    model: Model,
     tokens: Prompts,
     schedule: Schedule | Sequence[int],
     attention_mask: Int[Tensor, "batch pos"] | None = None,
@@ -191,7 +192,7 @@ def run(
 
 
 def run_blocks(
-    model: HookedTransformer,
+    model: Model,
     tokens: Prompts,
     schedule: Schedule | Sequence[int],
     attention_mask: Int[Tensor, "batch pos"] | None = None,
@@ -207,15 +208,18 @@ def run_blocks(
         as_tokens(model, tokens), attention_mask=attention_mask
     )
     for block in schedule.blocks:
-        residual = model.blocks[block](
-            residual, shortformer_pos_embed=shortformer_pos_embed, attention_mask=attention_mask
-        )
+        if backend.is_bridge(model):  # a Hugging Face layer: rotary cos/sin and a 4D mask from resume
+            residual = run_block(model, block, residual, lambda layer, rows: None, attention_mask)
+        else:
+            residual = model.blocks[block](
+                residual, shortformer_pos_embed=shortformer_pos_embed, attention_mask=attention_mask
+            )
     return Readout(model)(residual)
 
 
 @torch.no_grad()
 def generate(
-    model: HookedTransformer,
+    model: Model,
     tokens: Prompts,
     schedule: Schedule | Sequence[int],
     n_tokens: int = 20,
@@ -243,7 +247,7 @@ def generate(
 
 @torch.no_grad()
 def evaluate(
-    model: HookedTransformer,
+    model: Model,
     schedules: Iterable[Schedule | Sequence[int]],
     texts: str | Sequence[str],
     positions: Sequence[int] | None = None,

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from lenskit.backend import Model
 from lenskit.errors import InputError
 
 TokenLike = str | int
@@ -38,7 +38,7 @@ class UnknownTokenWarning(UserWarning):
 Prompts = str | Sequence[str] | Int[Tensor, "batch pos"] | Int[Tensor, "pos"]
 
 
-def token_id(model: HookedTransformer, token: TokenLike, what: str = "token") -> int:
+def token_id(model: Model, token: TokenLike, what: str = "token") -> int:
     """The id of a single token given as a string (e.g. " Mary") or an id.
 
     A string that is itself a vocabulary entry is that entry; any other string must tokenize to one
@@ -76,9 +76,7 @@ def token_id(model: HookedTransformer, token: TokenLike, what: str = "token") ->
     return int(ids[0])
 
 
-def token_ids(
-    model: HookedTransformer, tokens: TokenLike | Sequence[TokenLike] | Tensor, what: str = "token"
-) -> Tensor:
+def token_ids(model: Model, tokens: TokenLike | Sequence[TokenLike] | Tensor, what: str = "token") -> Tensor:
     """Token ids [n] for one token or a sequence of them (strings or ids), each checked by `token_id`."""
     if not isinstance(tokens, (Sequence, Tensor, np.ndarray)) or (isinstance(tokens, Tensor) and tokens.ndim == 0):
         tokens = [tokens]  # one token: token_id checks what it is
@@ -93,7 +91,7 @@ def token_ids(
 
 
 def as_tokens(
-    model: HookedTransformer, tokens: Prompts, what: str = "tokens", prepend_bos: bool | None = None
+    model: Model, tokens: Prompts, what: str = "tokens", prepend_bos: bool | None = None
 ) -> Int[Tensor, "batch pos"]:
     """Token ids [batch, pos] on the model's device from a text (BOS prepended as the model does, or as
     `prepend_bos` says), a list of texts, or integer ids [pos] / [batch, pos]; a `lenskit.Run` gives its own."""
@@ -144,7 +142,7 @@ def as_tokens(
     return ids.long().to(model.cfg.device)
 
 
-def _warn_unknown(model: HookedTransformer, texts: list[str], what: str) -> None:
+def _warn_unknown(model: Model, texts: list[str], what: str) -> None:
     """A warning (not silence, not an error: a prompt may hold words the model never saw) when the
     tokenizer reads a text with its unknown token, naming the words."""
     unk = getattr(model.tokenizer, "unk_token", None)
@@ -158,7 +156,7 @@ def _warn_unknown(model: HookedTransformer, texts: list[str], what: str) -> None
             )
 
 
-def _unknown_words(model: HookedTransformer, text: str) -> list[str] | str:
+def _unknown_words(model: Model, text: str) -> list[str] | str:
     """The parts of `text` the tokenizer reads as its unknown token (the whole text if it cannot say)."""
     try:
         encoded = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -171,13 +169,13 @@ def _unknown_words(model: HookedTransformer, text: str) -> list[str] | str:
     ]
 
 
-def knows_every_word(model: HookedTransformer, text: str) -> bool:
+def knows_every_word(model: Model, text: str) -> bool:
     """Whether the tokenizer reads `text` without its unknown token."""
     unk = getattr(model.tokenizer, "unk_token_id", None)
     return unk is None or unk not in model.to_tokens(text, prepend_bos=False, truncate=False)[0]
 
 
-def document_ids(model: HookedTransformer, text: str, what: str = "text") -> Int[Tensor, " n"]:
+def document_ids(model: Model, text: str, what: str = "text") -> Int[Tensor, " n"]:
     """The token ids [n] of a text of any length, without BOS and not held to the context: a document
     that the caller cuts into rows (`lenskit.shards.stream_cache`)."""
     if model.tokenizer is None:
@@ -185,7 +183,7 @@ def document_ids(model: HookedTransformer, text: str, what: str = "text") -> Int
     return model.to_tokens(text, prepend_bos=False, truncate=False)[0]
 
 
-def check_context(model: HookedTransformer, n_pos: int, what: str = "tokens") -> None:
+def check_context(model: Model, n_pos: int, what: str = "tokens") -> None:
     """InputError unless `n_pos` positions fit the model's context (cfg.n_ctx)."""
     if n_pos > model.cfg.n_ctx:
         raise InputError(
@@ -194,7 +192,7 @@ def check_context(model: HookedTransformer, n_pos: int, what: str = "tokens") ->
         )
 
 
-def str_tokens(model: HookedTransformer, ids: Int[Tensor, "..."]) -> np.ndarray:
+def str_tokens(model: Model, ids: Int[Tensor, "..."]) -> np.ndarray:
     """The string of each token id, as a numpy array of str shaped like `ids` (the id itself without a tokenizer)."""
     ids = torch.as_tensor(ids).cpu()
     unique, inverse = ids.unique(return_inverse=True)
@@ -202,6 +200,6 @@ def str_tokens(model: HookedTransformer, ids: Int[Tensor, "..."]) -> np.ndarray:
     return np.array(names, dtype=object)[inverse.numpy()]
 
 
-def token_labels(model: HookedTransformer, ids: Int[Tensor, " pos"]) -> list[str]:
+def token_labels(model: Model, ids: Int[Tensor, " pos"]) -> list[str]:
     """The string of each token of one prompt, as a list (the ids as text without a tokenizer)."""
     return list(str_tokens(model, ids))

@@ -37,9 +37,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from lenskit import checks, sites
+from lenskit.backend import Model
 from lenskit.errors import InputError
 from lenskit.labelled import LabelledTensor
 from lenskit.readout import Readout
@@ -54,9 +54,7 @@ ERROR_MEASURES = ("mul", "abs")
 # --- vocabulary projection -----------------------------------------------------------------
 
 
-def project(
-    model: HookedTransformer, direction: Float[Tensor, " d_model"], k: int = 10, normalize: bool = True
-) -> pd.DataFrame:
+def project(model: Model, direction: Float[Tensor, " d_model"], k: int = 10, normalize: bool = True) -> pd.DataFrame:
     """The k tokens a residual direction promotes most and the k it suppresses most."""
     if not isinstance(direction, Tensor) or tuple(direction.shape) != (model.cfg.d_model,):
         shape = tuple(direction.shape) if isinstance(direction, Tensor) else type(direction).__name__
@@ -70,7 +68,7 @@ def project(
     return top_tokens(model, readout.contributions(vector, normalize=normalize), k, source="direction")
 
 
-def neuron(model: HookedTransformer, layer: int, neuron: int, k: int = 10, normalize: bool = True) -> pd.DataFrame:
+def neuron(model: Model, layer: int, neuron: int, k: int = 10, normalize: bool = True) -> pd.DataFrame:
     """The tokens promoted / suppressed by an MLP neuron's output weights, ``W_out[layer, neuron] @ W_U``.
 
     Works for plain and gated (Llama-style) MLPs alike: both write to the residual through W_out.
@@ -85,7 +83,7 @@ def neuron(model: HookedTransformer, layer: int, neuron: int, k: int = 10, norma
 
 
 def head_output(
-    model: HookedTransformer,
+    model: Model,
     tokens: Prompts,
     layer: int,
     head: int,
@@ -121,7 +119,7 @@ def head_output(
     return top_tokens(model, total / count, k, source=f"L{layer}H{head} at pos {pos}")
 
 
-def top_tokens(model: HookedTransformer, logits: Float[Tensor, " d_vocab"], k: int, source: str = "") -> pd.DataFrame:
+def top_tokens(model: Model, logits: Float[Tensor, " d_vocab"], k: int, source: str = "") -> pd.DataFrame:
     """A frame of the k largest (promoted) and k most negative (suppressed) entries of `logits`."""
     if k < 1:
         raise InputError(f"k must be at least 1, got {k}")
@@ -142,7 +140,7 @@ def top_tokens(model: HookedTransformer, logits: Float[Tensor, " d_vocab"], k: i
     return frame
 
 
-def _token_strings(model: HookedTransformer, ids: list[int]) -> list[str]:
+def _token_strings(model: Model, ids: list[int]) -> list[str]:
     if model.tokenizer is None:
         return [f"<{i}>" for i in ids]
     return list(model.to_str_tokens(torch.tensor(ids)))
@@ -152,7 +150,7 @@ def _token_strings(model: HookedTransformer, ids: list[int]) -> list[str]:
 
 
 def head_scores(
-    model: HookedTransformer,
+    model: Model,
     tokens: Prompts,
     kind: HeadKind = "induction",
     exclude_bos: bool = False,
@@ -231,7 +229,7 @@ def detection_pattern(tokens: Int[Tensor, "batch pos"], kind: HeadKind) -> Float
 # --- running prompts ------------------------------------------------------------------------
 
 
-def _runs(model: HookedTransformer, tokens: "Prompts | Run", progress: bool, min_length: int = 1) -> Iterator[Run]:
+def _runs(model: Model, tokens: "Prompts | Run", progress: bool, min_length: int = 1) -> Iterator[Run]:
     """A run of each group of equal-length prompts (nothing padded); a given Run is the only group."""
     if isinstance(tokens, Run) or isinstance(tokens, Tensor):
         groups = [as_run(model, tokens)]

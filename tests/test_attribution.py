@@ -10,6 +10,8 @@ from conftest import STORIES_DIR, make_model
 import lenskit
 from lenskit.attribution import BY, attribute
 
+pytestmark = pytest.mark.both_backends
+
 KINDS = ["gpt2", "llama", "neox"]
 ANSWER, WRONG = 5, 7
 
@@ -59,6 +61,9 @@ def test_per_prompt_rows_sum_to_each_prompts_logit(model, tokens, by):
     assert_close(torch.tensor(frame.groupby("prompt").value.sum().to_numpy()), expected, atol=1e-4)
 
 
+@pytest.mark.needs_tl3(
+    "the reference processes weights with HookedTransformer.process_weights_, which the bridge replaces by enable_compatibility_mode"
+)
 @pytest.mark.parametrize("kind", KINDS)
 def test_layers_agree_with_transformer_lens_decompose_resid(kind, tokens):
     model = processed(kind)
@@ -75,6 +80,9 @@ def test_layers_agree_with_transformer_lens_decompose_resid(kind, tokens):
         assert ours.item() == pytest.approx(value.item(), abs=1e-4), label
 
 
+@pytest.mark.needs_tl3(
+    "the reference processes weights with HookedTransformer.process_weights_, which the bridge replaces by enable_compatibility_mode"
+)
 @pytest.mark.parametrize("kind", KINDS)
 def test_heads_agree_with_transformer_lens_stack_head_results(kind, tokens):
     model = processed(kind)
@@ -85,6 +93,9 @@ def test_heads_agree_with_transformer_lens_stack_head_results(kind, tokens):
     assert_close(values(frame, "head", ["layer", "head"]), reference, atol=1e-4)
 
 
+@pytest.mark.needs_tl3(
+    "the reference processes weights with HookedTransformer.process_weights_, which the bridge replaces by enable_compatibility_mode"
+)
 @pytest.mark.parametrize("kind", KINDS)
 def test_neurons_and_biases_agree_with_transformer_lens_full_decomposition(kind, tokens):
     model = processed(kind)
@@ -133,6 +144,7 @@ def test_positions_sum_the_heads_of_every_layer_per_source(model, tokens):
     assert_close(values(by_position, "attn_src", ["src_pos"]), torch.tensor(expected.to_numpy()), atol=1e-5)
 
 
+@pytest.mark.needs_tl3("llama2.c checkpoints build a HookedTransformerConfig")
 def test_answers_as_strings_and_tokens_labelled_on_stories260k():
     if not STORIES_DIR.exists():
         pytest.skip("../shared/models/stories260K is not present")

@@ -11,6 +11,8 @@ from reference.path_patching import caches, path_patch_two_runs
 import lenskit
 from lenskit import metrics
 
+pytestmark = pytest.mark.both_backends
+
 TOLERANCE = 1e-4
 
 

@@ -20,6 +20,8 @@ from lenskit.whisper import (
     word_error_rate,
 )
 
+pytestmark = pytest.mark.both_backends  # HookedWhisper is lenskit's own HookedRootModule: the same on 4.x
+
 TOL = 1e-4
 
 

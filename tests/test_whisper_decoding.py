@@ -11,6 +11,8 @@ from lenskit import hooks
 from lenskit.whisper import from_openai, get_tokenizer, model_input, transcribe
 from lenskit.whisper.decoding import suppressed_tokens
 
+pytestmark = pytest.mark.both_backends  # HookedWhisper is lenskit's own HookedRootModule: the same on 4.x
+
 whisper = pytest.importorskip("whisper")
 MAX_TOKENS = 12
 

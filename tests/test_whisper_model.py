@@ -7,6 +7,8 @@ from test_whisper_support import SMALL, hf_whisper, one_torch_thread, openai_whi
 from lenskit import hooks
 from lenskit.whisper import HookedWhisper, WhisperConfig, convert, from_hf, from_openai, load
 
+pytestmark = pytest.mark.both_backends  # HookedWhisper is lenskit's own HookedRootModule: the same on 4.x
+
 TINY = WhisperConfig.tiny()
 TOL = 1e-4
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import pandas as pd
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from lenskit.backend import Model
 from lenskit.errors import InputError
 from lenskit.experiments import ioi
 from lenskit.experiments.reproduction import Reproduction, model_label, resolve_model
@@ -31,7 +31,7 @@ ZOO = ("When Claire and Mary went to the shop, Mary gave a drink to", " Claire",
 HELD_OUT_PROMPTS = 100
 
 
-def bos_id(model: HookedTransformer) -> int:
+def bos_id(model: Model) -> int:
     """The tokenizer's BOS token id; a lenskit error when it has none."""
     bos = getattr(model.tokenizer, "bos_token_id", None)
     if bos is None:
@@ -39,7 +39,7 @@ def bos_id(model: HookedTransformer) -> int:
     return bos
 
 
-def tokens_with(model: HookedTransformer, prompts: list[str], prepend_bos: bool) -> Tensor:
+def tokens_with(model: Model, prompts: list[str], prepend_bos: bool) -> Tensor:
     """The prompts' own tokens [batch, pos] (all of one length), with the BOS token put in front if asked."""
     tokens = as_tokens(model, prompts, "prompts", prepend_bos=False)
     if prepend_bos:
@@ -47,21 +47,21 @@ def tokens_with(model: HookedTransformer, prompts: list[str], prepend_bos: bool)
     return tokens
 
 
-def last_logits(model: HookedTransformer, tokens: Tensor) -> Tensor:
+def last_logits(model: Model, tokens: Tensor) -> Tensor:
     """The logits at the last position [batch, d_vocab] (the vocabulary projected at that position only)."""
     with torch.no_grad():
         resid = model(tokens, stop_at_layer=model.cfg.n_layers)[:, -1:]
         return Readout(model)(resid)[:, 0]
 
 
-def logit_diff(model: HookedTransformer, prompt: str, answer: str, wrong: str, prepend_bos: bool) -> float:
+def logit_diff(model: Model, prompt: str, answer: str, wrong: str, prepend_bos: bool) -> float:
     """logit(answer) - logit(wrong) after the prompt's last token."""
     logits = last_logits(model, tokens_with(model, [prompt], prepend_bos))[0]
     return (logits[token_id(model, answer)] - logits[token_id(model, wrong)]).item()
 
 
 def mean_logit_diff(
-    model: HookedTransformer, prompts: list[str], answers: list[str], wrongs: list[str], prepend_bos: bool
+    model: Model, prompts: list[str], answers: list[str], wrongs: list[str], prepend_bos: bool
 ) -> float:
     """The mean over prompts of logit(answer) - logit(wrong), prompts run in batches of one length."""
     by_length: dict[int, list[int]] = {}
@@ -82,9 +82,7 @@ def mean_logit_diff(
     return total / len(prompts)
 
 
-def run(
-    model: HookedTransformer | str | None = None, progress: bool = True, n_frames: int | None = None
-) -> Reproduction:
+def run(model: Model | str | None = None, progress: bool = True, n_frames: int | None = None) -> Reproduction:
     """The BOS experiment; `n_frames` sets the size of the IOI paper's set where it is used (two prompts a frame)."""
     name = model if isinstance(model, str) else None
     model = resolve_model(model, DEFAULT_MODEL)

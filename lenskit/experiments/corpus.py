@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from lenskit.backend import Model
 from lenskit.errors import InputError, MissingFileError
 
 DEVIL_PATH = Path("/usr/share/dictd/devil.dict.dz")
@@ -65,7 +65,7 @@ def devils_dictionary(path: str | Path = DEVIL_PATH) -> str:
     return "\n\n".join(paragraphs)
 
 
-def passages(model: HookedTransformer, n: int, length: int, text: str | None = None) -> Int[Tensor, "n length"]:
+def passages(model: Model, n: int, length: int, text: str | None = None) -> Int[Tensor, "n length"]:
     """`n` windows of `length` tokens of `text` (default: `devils_dictionary`), evenly spread over it.
 
     The whole text is tokenized once without a BOS; each window is a contiguous run of its tokens,

@@ -10,8 +10,8 @@ zero (causal attention), which the heatmap shows.
 from __future__ import annotations
 
 import torch
-from transformer_lens import HookedTransformer
 
+from lenskit.backend import Model
 from lenskit.cache import residual_stream
 from lenskit.errors import InputError
 from lenskit.experiments.reproduction import Reproduction, resolve_model
@@ -42,7 +42,7 @@ def aligned_positions(first: list[str], second: list[str]) -> tuple[list[int], l
     return first_positions, second_positions, [*first[:prefix], span, *first[len(first) - suffix :]]
 
 
-def residual_difference(model: HookedTransformer, first: str, second: str) -> LabelledTensor:
+def residual_difference(model: Model, first: str, second: str) -> LabelledTensor:
     """||resid(first) - resid(second)|| per layer boundary and aligned position: [layer, pos], labelled by tokens."""
     first_positions, second_positions, labels = aligned_positions(
         model.to_str_tokens(first), model.to_str_tokens(second)
@@ -53,7 +53,7 @@ def residual_difference(model: HookedTransformer, first: str, second: str) -> La
     return LabelledTensor(difference, ("layer", "pos"), {"layer": a.labels["component"], "pos": labels})
 
 
-def run(model: HookedTransformer | str | None = None, progress: bool = True) -> Reproduction:
+def run(model: Model | str | None = None, progress: bool = True) -> Reproduction:
     model = resolve_model(model, DEFAULT_MODEL)
     usable = [pair for pair in PAIRS if all(knows_every_word(model, text) for text in pair)]
     if not usable:

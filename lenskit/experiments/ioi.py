@@ -37,10 +37,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from lenskit import metrics, sites
 from lenskit.attribution import attribute, needed_hooks
+from lenskit.backend import Model
 from lenskit.errors import InputError
 from lenskit.experiments.reproduction import Reproduction, resolve_model
 from lenskit.patching import PatchResult, patch
@@ -96,7 +96,7 @@ def zoo_frames(seed: int = 0) -> list[tuple[str, str, str]]:
     return frames
 
 
-def single_token_names(model: HookedTransformer, names: list[str] = PAPER_NAMES) -> list[str]:
+def single_token_names(model: Model, names: list[str] = PAPER_NAMES) -> list[str]:
     """The names that are one known token after a space (`model.to_single_token` accepts " Name")."""
     chosen = []
     for name in names:
@@ -109,7 +109,7 @@ def single_token_names(model: HookedTransformer, names: list[str] = PAPER_NAMES)
     return chosen
 
 
-def paper_frames(model: HookedTransformer, n_frames: int = PAPER_FRAMES, seed: int = 0) -> list[tuple[str, str, str]]:
+def paper_frames(model: Model, n_frames: int = PAPER_FRAMES, seed: int = 0) -> list[tuple[str, str, str]]:
     """`n_frames` frames of the paper's templates (frame i uses template i mod 15), each with two distinct
     single-token names of the model and a random place and object. Raises when too few names are single tokens."""
     names = single_token_names(model)
@@ -140,7 +140,7 @@ def ioi_prompts(frames: list[tuple[str, str, str]]) -> tuple[list[IOIExample], l
     return clean, corrupted
 
 
-def unreadable(model: HookedTransformer, examples: list[IOIExample]) -> str | None:
+def unreadable(model: Model, examples: list[IOIExample]) -> str | None:
     """Why the model cannot run these prompts (an unknown word, a name of several tokens), or None."""
     for name in sorted({n for e in examples for n in (e.io, e.subject)}):
         pieces = model.to_str_tokens(" " + name, prepend_bos=False)
@@ -150,7 +150,7 @@ def unreadable(model: HookedTransformer, examples: list[IOIExample]) -> str | No
     return None if unknown is None else f"{unknown!r} has a word the tokenizer does not know"
 
 
-def choose_prompts(model: HookedTransformer, n_frames: int | None = None) -> tuple[str, list[IOIExample], list[str]]:
+def choose_prompts(model: Model, n_frames: int | None = None) -> tuple[str, list[IOIExample], list[str]]:
     """The first prompt set the model reads: the paper's templates with the model's single-token names
     (`n_frames` frames, default `PAPER_FRAMES`), the demo's prompts, the zoo's held-out ones.
     Returns (source, clean, corrupted)."""
@@ -176,7 +176,7 @@ def choose_prompts(model: HookedTransformer, n_frames: int | None = None) -> tup
     raise InputError(f"no IOI prompt set suits this model's tokenizer ({'; '.join(problems)})")
 
 
-def role_positions(model: HookedTransformer, tokens: Tensor, example: IOIExample) -> tuple[int, ...]:
+def role_positions(model: Model, tokens: Tensor, example: IOIExample) -> tuple[int, ...]:
     """Positions of `ROLES` in one prompt's tokens [pos]: the IO once, the subject twice, END last."""
     io, subject = token_ids(model, [" " + example.io, " " + example.subject]).tolist()
     io_at, subject_at = ((tokens == t).nonzero().flatten().tolist() for t in (io, subject))
@@ -198,7 +198,7 @@ class Group:
     subject: list[str]
     positions: tuple[int, ...]  # of ROLES
 
-    def measure(self, model: HookedTransformer, head_patching: bool = True) -> dict:
+    def measure(self, model: Model, head_patching: bool = True) -> dict:
         """Per-prompt logit differences [batch] (clean, corrupted), head attribution [layer, head], attention
         from END to the IO, S1 and S2 [layer, head, 3], and the patching grids (batch means): resid_pre by
         role, path patching from each head to the logits, and (`head_patching`) each head's output z."""
@@ -258,7 +258,7 @@ class Group:
 
 
 def logit_diffs(
-    model: HookedTransformer, tokens: Tensor, io: list[str], subject: list[str], logits: Tensor | None = None
+    model: Model, tokens: Tensor, io: list[str], subject: list[str], logits: Tensor | None = None
 ) -> Tensor:
     """logit(IO) - logit(S) at the last position of each prompt: [batch] (from `logits` of `tokens` if given)."""
     logits = (model(tokens) if logits is None else logits)[:, -1]
@@ -266,7 +266,7 @@ def logit_diffs(
     return logits[rows, token_ids(model, io)] - logits[rows, token_ids(model, subject)]
 
 
-def groups(model: HookedTransformer, clean: list[IOIExample], corrupted: list[str]) -> list[Group]:
+def groups(model: Model, clean: list[IOIExample], corrupted: list[str]) -> list[Group]:
     """The prompts split into groups of one layout, in order of first appearance."""
     layouts: dict[tuple, list[int]] = {}
     clean_tokens = [as_tokens(model, e.prompt, "prompts")[0] for e in clean]
@@ -308,14 +308,14 @@ def top_indices(values: Tensor) -> list[int]:
     return values.flatten().abs().argsort(descending=True)[:TOP].tolist()
 
 
-def head_name(flat_index: int, model: HookedTransformer) -> str:
+def head_name(flat_index: int, model: Model) -> str:
     """ "layer.head" (the paper's naming, e.g. 9.9) of a flat index into [layer, head]."""
     layer, head = divmod(flat_index, model.cfg.n_heads)
     return f"{layer}.{head}"
 
 
 def summary(
-    model: HookedTransformer,
+    model: Model,
     clean: Tensor,
     corrupted: Tensor,
     attribution: Tensor,
@@ -431,7 +431,7 @@ def by_length(batches: list[Group]) -> list[Group]:
 
 
 def path_to_queries(
-    model: HookedTransformer, batches: list[Group], receivers: list[tuple[int, int]], progress: bool = True
+    model: Model, batches: list[Group], receivers: list[tuple[int, int]], progress: bool = True
 ) -> PatchResult:
     """Path patching from every head to the queries of `receivers` (at all positions), pooled over the prompts
     (a mean weighted by group size) and normalised: [layer, head], NaN where a head is not before any receiver."""
@@ -453,7 +453,7 @@ def path_to_queries(
 
 
 def classify(
-    model: HookedTransformer,
+    model: Model,
     batches: list[Group],
     measured: list[dict],
     weights: list[float],
@@ -520,7 +520,7 @@ def _depth(heads: list[tuple[int, int]], n_layers: int) -> str:
     return f"{span} of {n_layers} (depth {low / n_layers:.2f}-{(high + 1) / n_layers:.2f})"
 
 
-def comparison(model: HookedTransformer, circuit: Circuit, resid: PatchResult) -> str:
+def comparison(model: Model, circuit: Circuit, resid: PatchResult) -> str:
     """How the circuit found here compares with GPT-2 small's published one, in words, with the numbers
     (`resid`: the normalised resid_pre grid [layer, role])."""
     n_layers, table = model.cfg.n_layers, circuit.table.set_index("head")
@@ -595,7 +595,7 @@ def comparison(model: HookedTransformer, circuit: Circuit, resid: PatchResult) -
     return text
 
 
-def paper_set(model: HookedTransformer, n_frames: int | None = None) -> list[IOIExample] | None:
+def paper_set(model: Model, n_frames: int | None = None) -> list[IOIExample] | None:
     """The IOI prompts from the paper's templates if the model reads them, else None."""
     try:
         clean, _ = ioi_prompts(paper_frames(model, n_frames or PAPER_FRAMES))
@@ -604,9 +604,7 @@ def paper_set(model: HookedTransformer, n_frames: int | None = None) -> list[IOI
     return clean if unreadable(model, clean) is None else None
 
 
-def run(
-    model: HookedTransformer | str | None = None, progress: bool = True, n_frames: int | None = None
-) -> Reproduction:
+def run(model: Model | str | None = None, progress: bool = True, n_frames: int | None = None) -> Reproduction:
     """The IOI reproduction; `n_frames` sets the size of the paper's set (two prompts per frame; default
     `PAPER_FRAMES`, 120 prompts)."""
     model = resolve_model(model, DEFAULT_MODEL)

@@ -31,9 +31,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from lenskit import sites, surgery
+from lenskit.backend import Model
 from lenskit.errors import InputError
 from lenskit.experiments.bos import ZOO
 from lenskit.experiments.corpus import NAME, passages
@@ -65,7 +65,7 @@ def zoo_material() -> tuple[str, list[str]]:
     return ZOO[0], texts + [story(rng) for _ in range(ZOO_SENTENCES)]
 
 
-def material(model: HookedTransformer) -> tuple[str, list[str]]:
+def material(model: Model) -> tuple[str, list[str]]:
     """The generic story if the model reads it without unknown words, else the zoo's text, else ValueError."""
     for prompt, texts in (STORY, zoo_material()):
         if all(knows_every_word(model, text) for text in [prompt, *texts]):
@@ -92,7 +92,7 @@ def study_schedules(n_layers: int) -> list[surgery.Schedule]:
     return schedules + [surgery.sequence(order, "order " + " ".join(map(str, order))) for order in orders]
 
 
-def run(model: HookedTransformer | str | None = None, progress: bool = True, **options) -> Reproduction:
+def run(model: Model | str | None = None, progress: bool = True, **options) -> Reproduction:
     """The seed study (`seed_study`) on a pretrained model with a real English vocabulary (at least
     `SEED_MIN_VOCAB` tokens, reading the seed's prompts without unknown tokens); the schedule study
     (`schedule_study`) on anything else, the zoo's default model included. `options` go to `seed_study`."""
@@ -107,7 +107,7 @@ def run(model: HookedTransformer | str | None = None, progress: bool = True, **o
     return schedule_study(model, progress)
 
 
-def schedule_study(model: HookedTransformer, progress: bool = True) -> Reproduction:
+def schedule_study(model: Model, progress: bool = True) -> Reproduction:
     """Every schedule of `study_schedules` on the story (or the zoo's text): loss, top tokens, generation."""
     prompt, texts = material(model)
     table = surgery.evaluate(
@@ -156,7 +156,7 @@ GENERATION_COUNTS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25)
 """Numbers of final layers skipped for the greedy generations (those below the model's depth)."""
 
 
-def reads_english(model: HookedTransformer) -> bool:
+def reads_english(model: Model) -> bool:
     """A pretrained English model: a tokenizer of at least `SEED_MIN_VOCAB` tokens that reads the seed prompts."""
     return (
         model.tokenizer is not None
@@ -166,7 +166,7 @@ def reads_english(model: HookedTransformer) -> bool:
 
 
 @torch.no_grad()
-def residual_stack(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> tuple[Tensor, Tensor]:
+def residual_stack(model: Model, tokens: Int[Tensor, "batch pos"]) -> tuple[Tensor, Tensor]:
     """(the intact model's logits [batch, pos, vocab], the residual stream x_0..x_L [L+1, batch, pos, d_model]).
 
     x_l is the input of block l (``blocks.l.hook_resid_pre``), x_L the output of the last block.
@@ -177,7 +177,7 @@ def residual_stack(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -
 
 
 def run_schedule_from(
-    model: HookedTransformer, stack: Tensor, blocks: Sequence[int], tokens: Int[Tensor, "batch pos"] | None = None
+    model: Model, stack: Tensor, blocks: Sequence[int], tokens: Int[Tensor, "batch pos"] | None = None
 ) -> Float[Tensor, "batch pos vocab"]:
     """Logits of `blocks` run in order, started from the cached residual stream where they begin.
 
@@ -225,7 +225,7 @@ def measures(logits: Tensor, tokens: Tensor, intact_top: Tensor) -> dict[str, fl
 
 
 @torch.no_grad()
-def greedy(model: HookedTransformer, prompt: str, blocks: Sequence[int], n_tokens: int) -> str:
+def greedy(model: Model, prompt: str, blocks: Sequence[int], n_tokens: int) -> str:
     """The greedy continuation of `prompt` (`n_tokens` new tokens, decoded) with only `blocks` running."""
     tokens = as_tokens(model, prompt, "prompt")
     for _ in range(n_tokens):
@@ -258,7 +258,7 @@ def seed_schedules(
 
 @torch.no_grad()
 def seed_study(
-    model: HookedTransformer,
+    model: Model,
     progress: bool = True,
     n_passages: int = N_PASSAGES,
     passage_tokens: int = PASSAGE_TOKENS,

@@ -6,8 +6,9 @@ import html
 from dataclasses import dataclass, field
 
 import pandas as pd
-from transformer_lens import HookedTransformer
 
+from lenskit import backend
+from lenskit.backend import Model
 from lenskit.models import load
 from lenskit.viz import Figure
 
@@ -78,7 +79,7 @@ def _records(table: pd.DataFrame) -> list[dict]:
     return [{str(key): plain(value) for key, value in row.items()} for row in table.to_dict("records")]
 
 
-def model_label(model: HookedTransformer, name: str | None = None) -> str:
+def model_label(model: Model, name: str | None = None) -> str:
     """What to call the model in a report: the name it was loaded by, else its TransformerLens name (unless
     that is a content hash, as for GGUF files), else its architecture."""
     if name:
@@ -86,9 +87,9 @@ def model_label(model: HookedTransformer, name: str | None = None) -> str:
     given = model.cfg.model_name or ""
     if given and not (len(given) == 64 and all(c in "0123456789abcdef" for c in given)):
         return given
-    return f"a {model.cfg.original_architecture or 'transformer'} model"
+    return f"a {backend.architecture(model.cfg) or 'transformer'} model"
 
 
-def resolve_model(model: HookedTransformer | str | None, default: str) -> HookedTransformer:
+def resolve_model(model: Model | str | None, default: str) -> Model:
     """`model` itself, or loaded by name (`default` when None)."""
-    return model if isinstance(model, HookedTransformer) else load(model or default)
+    return model if isinstance(model, Model) else load(model or default)

@@ -9,8 +9,8 @@ openai-whisper is installed. Words are tokenized alone, without BOS.
 from __future__ import annotations
 
 import pandas as pd
-from transformer_lens import HookedTransformer
 
+from lenskit.backend import Model
 from lenskit.errors import InputError
 from lenskit.experiments.reproduction import Reproduction, model_label
 from lenskit.models import load
@@ -28,12 +28,12 @@ def gpt2_pieces(texts: list[str]) -> list[list[str]]:
     return [[encoding.decode([t]) for t in encoding.encode(text)] for text in texts]
 
 
-def run(model: HookedTransformer | str | None = None, progress: bool = True) -> Reproduction:
+def run(model: Model | str | None = None, progress: bool = True) -> Reproduction:
     if model is None:
         source, pieces = "GPT-2 byte-pair ranks (openai-whisper's gpt2.tiktoken)", gpt2_pieces(WORDS)
     else:
         name = model if isinstance(model, str) else None
-        model = model if isinstance(model, HookedTransformer) else load(model)
+        model = model if isinstance(model, Model) else load(model)
         source = f"{model_label(model, name)}'s tokenizer"
         pieces = [model.to_str_tokens(word, prepend_bos=False) for word in WORDS]
     table = pd.DataFrame(

@@ -36,9 +36,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
-from lenskit import checks, sites, vocab
+from lenskit import backend, checks, sites, vocab
+from lenskit.backend import Model
 from lenskit.errors import InputError
 from lenskit.flow.proximity import proximity, shares
 from lenskit.flow.shares import (
@@ -64,7 +64,7 @@ from lenskit.viz.graph import route_graph
 
 
 def flow(
-    model: HookedTransformer,
+    model: Model,
     tokens: "Prompts | Run",
     threshold: float = 0.04,
     renormalize: bool = True,
@@ -100,7 +100,7 @@ class FlowGraph(Pictured):
     same shares without running the model again.
     """
 
-    model: HookedTransformer
+    model: Model
     tokens: Int[Tensor, " pos"]
     activations: dict[str, Tensor]  # hook name -> activation of the traced prompt [pos, ...]
     head_shares: Float[Tensor, "layer pos src_pos head"]  # share of each head's part, before threshold
@@ -307,7 +307,8 @@ class FlowGraph(Pictured):
                 mlp = self.model.blocks[layer].mlp
                 labels += [f"neuron {n}" for n in range(len(post))]
                 parts.append(
-                    post[:, None] * mlp.W_out.detach().to(post.dtype) + mlp.b_out.detach().to(post.dtype) / len(post)
+                    post[:, None] * mlp.W_out.detach().to(post.dtype)
+                    + backend.bias(mlp, "b_out", mlp.W_out.shape[-1:]).detach().to(post.dtype) / len(post)
                 )
             else:
                 labels.append("mlp_out")

@@ -33,10 +33,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
-from lenskit import checks, sites
+from lenskit import backend, checks, sites
+from lenskit.backend import Model
 from lenskit.errors import InputError
 from lenskit.flow.proximity import head_source_proximity, proximity, shares
 from lenskit.labelled import LabelledTensor
@@ -58,14 +58,14 @@ class Routes:
     share: Float[Tensor, " edge"]  # proximity share in the target node, before threshold
 
 
-def check_supported(model: HookedTransformer) -> None:
+def check_supported(model: Model) -> None:
     """Raise InputError for blocks whose update is not a sum of head, MLP and residual parts."""
     cfg = model.cfg
     reasons = {
         "it normalises attention and MLP outputs inside the block (use_normalization_before_and_after)": cfg.use_normalization_before_and_after,
-        f"it is a post-norm architecture ({cfg.original_architecture})": cfg.original_architecture
+        f"it is a post-norm architecture ({backend.architecture(cfg)})": backend.architecture(cfg)
         in POST_NORM_ARCHITECTURES,
-        "its attention sinks make pattern rows sum to less than 1": cfg.use_attention_sinks,
+        "its attention sinks make pattern rows sum to less than 1": backend.flag(cfg, "use_attention_sinks"),
         "its MLPs are mixtures of experts": bool(cfg.num_experts),
         "its weights are 4-bit quantised": cfg.load_in_4bit,
     }
@@ -89,7 +89,7 @@ def attention_kind(cfg) -> NodeKind:
     return "resid_post" if cfg.attn_only or cfg.parallel_attn_mlp else "resid_mid"
 
 
-def needed_hooks(model: HookedTransformer) -> list[str]:
+def needed_hooks(model: Model) -> list[str]:
     """Hook names whose activations the shares (and the graph's views) read."""
     cfg = model.cfg
     names = [sites.block_input(0)]
@@ -102,9 +102,7 @@ def needed_hooks(model: HookedTransformer) -> list[str]:
     return names
 
 
-def row_activations(
-    model: HookedTransformer, tokens: "Prompts | Run", batch: int
-) -> tuple[Int[Tensor, " pos"], dict[str, Tensor]]:
+def row_activations(model: Model, tokens: "Prompts | Run", batch: int) -> tuple[Int[Tensor, " pos"], dict[str, Tensor]]:
     """Token ids [pos] of prompt `batch` and its activations by hook name [pos, ...] (or [head, pos,
     pos]), on the CPU in float32 or wider: read from `tokens` when it is a run, else from one
     forward pass (no unembedding) on that prompt alone."""
@@ -117,24 +115,23 @@ def row_activations(
     return run.tokens[row].cpu(), {name: activations[name][row].to("cpu", dtype) for name in names}
 
 
-def values(model: HookedTransformer, activations: dict[str, Tensor], layer: int) -> Float[Tensor, "src head d_head"]:
+def values(model: Model, activations: dict[str, Tensor], layer: int) -> Float[Tensor, "src head d_head"]:
     """hook_v with grouped key/value heads repeated to one per query head, as the model does."""
     v = activations[sites.act_name("v", layer)]
     return v.repeat_interleave(model.cfg.n_heads // v.shape[1], dim=1)
 
 
-def head_sources(
-    model: HookedTransformer, activations: dict[str, Tensor], layer: int
-) -> Float[Tensor, "src head d_model"]:
+def head_sources(model: Model, activations: dict[str, Tensor], layer: int) -> Float[Tensor, "src head d_model"]:
     """What each head writes per unit of attention to each source: v[j, h] @ W_O[h] + b_O / n_heads."""
     attn = model.blocks[layer].attn
     v = values(model, activations, layer)
-    W_O, b_O = attn.W_O.detach().to("cpu", v.dtype), attn.b_O.detach().to("cpu", v.dtype)
+    W_O = attn.W_O.detach().to("cpu", v.dtype)
+    b_O = backend.bias(attn, "b_O", W_O.shape[-1:]).detach().to("cpu", v.dtype)
     return torch.einsum("jhe,hed->jhd", v, W_O) + b_O / model.cfg.n_heads
 
 
 def route_shares(
-    model: HookedTransformer, activations: dict[str, Tensor], n_pos: int, progress: bool
+    model: Model, activations: dict[str, Tensor], n_pos: int, progress: bool
 ) -> tuple[Float[Tensor, "layer pos src_pos head"], Routes]:
     """Head shares [layer, pos, src_pos, head] and every edge with a non-zero share."""
     cfg = model.cfg

@@ -14,9 +14,9 @@ import json
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 import lenskit
+from lenskit.backend import Model
 from lenskit.models import ZOO_PREFIX
 from lenskit.zoo.data import IOIExample, ioi_dataset
 from lenskit.zoo.tokenizer import SPECIAL_TOKENS
@@ -29,7 +29,7 @@ INDUCTION_LENGTHS = (10, 20, 30)
 
 
 @torch.no_grad()
-def ioi_logit_diffs(model: HookedTransformer, examples: list[IOIExample], prepend_bos: bool = True) -> Tensor:
+def ioi_logit_diffs(model: Model, examples: list[IOIExample], prepend_bos: bool = True) -> Tensor:
     """logit(indirect object) - logit(subject) at each prompt's last position: [n_examples]."""
     tokens = model.to_tokens([e.prompt for e in examples], prepend_bos=prepend_bos, padding_side="right")
     pad = model.tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS["pad_token"])
@@ -40,7 +40,7 @@ def ioi_logit_diffs(model: HookedTransformer, examples: list[IOIExample], prepen
     return logits.gather(1, io[:, None])[:, 0] - logits.gather(1, subject[:, None])[:, 0]
 
 
-def repeated_tokens(model: HookedTransformer, length: int, batch: int, seed: int = 0) -> Tensor:
+def repeated_tokens(model: Model, length: int, batch: int, seed: int = 0) -> Tensor:
     """[BOS] + R + R with R uniform over the non-special tokens: [batch, 1 + 2 * length]."""
     generator = torch.Generator().manual_seed(seed)
     first_word = len(SPECIAL_TOKENS)
@@ -50,9 +50,7 @@ def repeated_tokens(model: HookedTransformer, length: int, batch: int, seed: int
 
 
 @torch.no_grad()
-def induction(
-    model: HookedTransformer, length: int = INDUCTION_LENGTH, batch: int = INDUCTION_BATCH, seed: int = 0
-) -> dict:
+def induction(model: Model, length: int = INDUCTION_LENGTH, batch: int = INDUCTION_BATCH, seed: int = 0) -> dict:
     """Induction scores [n_layers, n_heads] (TransformerLens Main Demo: the mean attention on the
     diagonal offset 1 - length), the same on the diagonal one further right ("shifted_scores": a head
     that copies from the token after next, reading the answer from a previous-token output there),
@@ -83,7 +81,7 @@ def best_head(scores: Tensor) -> tuple[str, float]:
     return f"{layer}.{head}", scores.max().item()
 
 
-def evaluate(model: HookedTransformer, n_prompts: int = IOI_PROMPTS, seed: int = 0) -> dict:
+def evaluate(model: Model, n_prompts: int = IOI_PROMPTS, seed: int = 0) -> dict:
     """All measured behaviours on held-out names in held-out templates, as a flat dict of numbers."""
     examples = ioi_dataset(n_prompts, seed=seed, held_out=True)
     with_bos = ioi_logit_diffs(model, examples, prepend_bos=True)

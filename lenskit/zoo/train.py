@@ -27,12 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from lenskit import backend
+from lenskit.config import CONFIG_NEEDS_TL3
 from lenskit.models import ZOO_ROOT, load, save
 from lenskit.zoo.data import training_batch, vocabulary
 from lenskit.zoo.evaluate import induction
 from lenskit.zoo.tokenizer import as_transformers, build_tokenizer
+
+if not backend.TL4:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 LOG_FILE = "train_log.csv"
 
@@ -84,6 +88,7 @@ def sinusoidal_code(n_ctx: int, d_model: int) -> Tensor:
 
 def build_model(recipe: Recipe) -> HookedTransformer:
     """A freshly initialised GPT-2-style HookedTransformer with the zoo tokenizer (seeded by recipe.seed)."""
+    backend.needs_tl3("training a zoo model", CONFIG_NEEDS_TL3)
     tokenizer = as_transformers(build_tokenizer(vocabulary()))
     cfg = HookedTransformerConfig(
         n_layers=recipe.n_layers,

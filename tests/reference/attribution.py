@@ -5,11 +5,13 @@ code with lenskit.attribution; exact on weight-processed models (fold_ln, center
 from __future__ import annotations
 
 import torch
-from transformer_lens import ActivationCache, HookedTransformer
+from transformer_lens import ActivationCache
+
+from lenskit.backend import Model
 
 
 def transformer_lens_neurons(
-    model: HookedTransformer,
+    model: Model,
     tokens: torch.Tensor,
     answer,
     wrong,

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import networkx as nx
 import torch
-from transformer_lens import ActivationCache, HookedTransformer
+from transformer_lens import ActivationCache
+
+from lenskit.backend import Model
 
 
 def proximity(part: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
@@ -22,7 +24,7 @@ def proximity(part: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
     return (whole.abs().sum(-1) - (whole - part).abs().sum(-1)).clamp(min=0)
 
 
-def tool_decomposed_attn(model: HookedTransformer, cache: ActivationCache, batch_i: int, layer: int) -> torch.Tensor:
+def tool_decomposed_attn(model: Model, cache: ActivationCache, batch_i: int, layer: int) -> torch.Tensor:
     """[pos, key_pos, head, d_model] as the tool's decomposed_attn: hook_v + b_V (b_V twice), no b_O."""
     hook_v = cache[f"blocks.{layer}.attn.hook_v"][batch_i]
     b_v = model.blocks[layer].attn.b_V
@@ -49,7 +51,7 @@ def tool_threshold(threshold: float, c_blocks: torch.Tensor, c_residual: torch.T
     return c_blocks / denom.reshape(denom.shape + (1,) * (c_blocks.ndim - c_residual.ndim)), c_residual / denom
 
 
-def tool_graph(model: HookedTransformer, tokens: torch.Tensor, threshold: float) -> list[nx.DiGraph]:
+def tool_graph(model: Model, tokens: torch.Tensor, threshold: float) -> list[nx.DiGraph]:
     """The tool's run, build_full_graph and build_paths_to_predictions (every token), batch index 0."""
     model.set_use_attn_result(True)
     try:

@@ -5,10 +5,11 @@ avoids). Shares no code with lenskit."""
 from __future__ import annotations
 
 import torch
-from transformer_lens import HookedTransformer
+
+from lenskit.backend import Model
 
 
-def final_norm_by_hand(model: HookedTransformer, x: torch.Tensor) -> torch.Tensor:
+def final_norm_by_hand(model: Model, x: torch.Tensor) -> torch.Tensor:
     """The model's final normalisation written out from its config: LayerNorm or RMSNorm, with or without weights."""
     kind = model.cfg.normalization_type
     if kind is None:
@@ -22,7 +23,7 @@ def final_norm_by_hand(model: HookedTransformer, x: torch.Tensor) -> torch.Tenso
     return x
 
 
-def reference_logits(model: HookedTransformer, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+def reference_logits(model: Model, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     """[layer, batch, pos, vocab]: each resid_pre and the final resid_post (run_with_cache), normed, @ W_U + b_U."""
     n = model.cfg.n_layers
     names = [f"blocks.{layer}.hook_resid_pre" for layer in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
@@ -32,6 +33,6 @@ def reference_logits(model: HookedTransformer, tokens: torch.Tensor, normalize: 
         return (final_norm_by_hand(model, resid) if normalize else resid) @ model.W_U + model.b_U
 
 
-def naive_lens(model: HookedTransformer, tokens: torch.Tensor, top_k: int = 5):
+def naive_lens(model: Model, tokens: torch.Tensor, top_k: int = 5):
     """Top-k probabilities and ids [layer, batch, pos, k] from all the logits [layer, batch, pos, vocab] at once."""
     return reference_logits(model, tokens).softmax(dim=-1).topk(top_k, dim=-1)

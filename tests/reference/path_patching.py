@@ -10,17 +10,18 @@ value. The metric is read off the last run. Independent of lenskit.path_patching
 from __future__ import annotations
 
 import torch
-from transformer_lens import HookedTransformer
+
+from lenskit.backend import Model
 
 
-def caches(model: HookedTransformer, clean: torch.Tensor, corrupted: torch.Tensor):
+def caches(model: Model, clean: torch.Tensor, corrupted: torch.Tensor):
     """The clean and corrupted runs' activation caches, made once for every sender."""
     with torch.no_grad():
         return model.run_with_cache(clean)[1], model.run_with_cache(corrupted)[1]
 
 
 def path_patch_two_runs(
-    model: HookedTransformer,
+    model: Model,
     clean: torch.Tensor,
     corrupted: torch.Tensor,
     metric,

@@ -24,7 +24,6 @@ Prints a table and writes benchmarks/results/bench_whisper.json (bench_whisper_<
 """
 
 import argparse
-import platform
 import sys
 from pathlib import Path
 
@@ -242,8 +241,6 @@ def main() -> None:
             "repeats": repeats,
             "threads": args.threads,
             "tokens": n_tokens,
-            "torch": torch.__version__,
-            "machine": platform.processor() or platform.machine(),
         },
         indent=2,
     )
@@ -288,8 +285,6 @@ def main_real(args, repeats: int, n_tokens: int) -> None:
             "repeats": repeats,
             "threads": args.threads,
             "tokens": n_tokens,
-            "torch": torch.__version__,
-            "machine": platform.processor() or platform.machine(),
         },
         indent=2,
     )

@@ -430,3 +430,35 @@ def test_patching_works_with_float64_as_the_default_dtype(word_model):
         torch.set_default_dtype(default)
     torch.testing.assert_close(patched.tensor, expected.tensor)
     assert paths.tensor.shape == (3, 4)
+
+
+@pytest.fixture(scope="module")
+def speech():
+    """The zoo's small Whisper, a second of quiet noise and its transcript's decoder sequence."""
+    from lenskit import whisper
+
+    model = whisper.load("lenskit/speech-3l")
+    audio = 0.01 * torch.randn(16000, generator=torch.Generator().manual_seed(0))
+    return model, audio, whisper.transcribe(model, audio, progress=False).sequence
+
+
+@pytest.mark.parametrize(
+    "call, word",
+    [
+        (lambda w, m, a, s: w.decoder_logit_lens(m, a, s.float()), "integers"),
+        (lambda w, m, a, s: w.decoder_logit_lens(m, a, "hello"), "tokenize it first"),
+        (lambda w, m, a, s: w.decoder_logit_lens(m, a, torch.tensor([[-1]])), "0.."),
+        (lambda w, m, a, s: w.decoder_logit_attribution(m, a, s, target=1.5), "target"),
+        (lambda w, m, a, s: w.decoder_logit_attribution(m, a, s, target=5, pos=1.5), "pos"),
+        (lambda w, m, a, s: w.transcribe(m, a, max_tokens=0, progress=False), "max_tokens"),
+        (lambda w, m, a, s: w.transcribe(m, a, max_tokens=2.5, progress=False), "max_tokens"),
+        (lambda w, m, a, s: w.transcribe(m, a, language="xx", progress=False), "language"),
+        (lambda w, m, a, s: w.remove_final_layers(m, "decoder", 1.5), "count"),
+        (lambda w, m, a, s: w.word_error_rate(None, "hello"), "texts"),
+    ],
+)
+def test_whisper_bad_input_gets_a_named_lenskit_error(speech, call, word):
+    from lenskit import whisper
+
+    with pytest.raises(InputError, match=word):
+        call(whisper, *speech)

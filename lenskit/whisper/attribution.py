@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from lenskit import hooks
+from lenskit import checks, hooks
 from lenskit.errors import InputError
 from lenskit.labelled import LabelledTensor
 from lenskit.readout import Readout
@@ -74,11 +74,10 @@ def decoder_logit_attribution(
         model_input(audio, model.cfg.n_mels, n_frames=model.cfg.n_frames).to(model.device),
         token_batch(tokens).to(model.device),
     )
-    if isinstance(target, str):
-        target = single_token(get_tokenizer(model), target)
+    target = single_token(get_tokenizer(model), target) if isinstance(target, str) else checks.integer(target, "target")
     if not 0 <= target < model.cfg.n_vocab:
         raise InputError(f"target token {target} is outside the vocabulary (0..{model.cfg.n_vocab - 1})")
-    if not -ids.shape[1] <= pos < ids.shape[1]:
+    if not -ids.shape[1] <= checks.integer(pos, "pos") < ids.shape[1]:
         raise InputError(f"pos {pos} out of range for {ids.shape[1]} tokens")
     n_layers = model.cfg.n_text_layer
     cache = hooks.cache(

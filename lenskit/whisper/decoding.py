@@ -25,6 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lenskit import checks
 from lenskit.errors import InputError
 from lenskit.hooks import Hooks
 from lenskit.whisper.audio import AudioLike, model_input
@@ -72,6 +73,7 @@ def transcribe(
         trim: keep the first 30 s of longer audio instead of raising InputError. Non-finite samples or
             spectrogram values, a spectrogram of another n_mels or window, or a batch also raise InputError.
     """
+    checks.integer(max_tokens, "max_tokens", low=1)
     mel = model_input(audio, model.cfg.n_mels, trim=trim, n_frames=model.cfg.n_frames).to(model.device)
     if mel.shape[0] != 1:
         raise InputError(f"transcribe takes one recording; got a batch of {mel.shape[0]} spectrograms")

@@ -20,7 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lenskit import hooks
+from lenskit import checks, hooks
 from lenskit.errors import InputError
 from lenskit.hooks import Hooks
 from lenskit.sites import act_name
@@ -36,7 +36,7 @@ Part = Literal["encoder", "decoder"]
 def remove_final_layers(model: HookedWhisper, part: Part, count: int) -> Hooks:
     """Hooks that make the last `count` blocks of the encoder or decoder the identity."""
     n_layers = _n_layers(model, part)
-    if not 0 <= count <= n_layers:
+    if not 0 <= checks.integer(count, "count") <= n_layers:
         raise InputError(f"cannot remove {count} layers: the {part} has {n_layers} (valid 0..{n_layers})")
     layers = list(range(n_layers - count, n_layers))
     return hooks.skip(model, layers, stack=f"{part}.blocks") if layers else Hooks()

@@ -28,9 +28,12 @@ def get_tokenizer(model: "HookedWhisper", language: str | None = "en", task: str
     zoo's speech model) gets a `SubsetTokenizer` over it. Needs openai-whisper (``pip install 'lenskit[whisper]'``).
     """
     try:
+        from whisper.tokenizer import LANGUAGES
         from whisper.tokenizer import get_tokenizer as whisper_tokenizer
     except ImportError:
         raise ImportError("Whisper's tokenizer comes from openai-whisper: pip install 'lenskit[whisper]'") from None
+    if language is not None and language not in LANGUAGES:
+        raise InputError(f"language={language!r} is not a Whisper language code; valid: {', '.join(LANGUAGES)}")
     if model.vocabulary is not None:
         full = whisper_tokenizer(True, language=language or "en", task=task)
         return SubsetTokenizer(full, model.vocabulary)
@@ -49,8 +52,18 @@ def get_tokenizer(model: "HookedWhisper", language: str | None = "en", task: str
 
 
 def token_batch(tokens: TokensLike) -> Int[Tensor, "1 pos"]:
-    """Token ids as a [1, pos] tensor, from a list of ids, a [pos] tensor or a [1, pos] tensor."""
-    ids = torch.as_tensor(tokens, dtype=torch.long)
+    """Token ids as a [1, pos] tensor, from a list of ids, a [pos] tensor or a [1, pos] tensor (integers only)."""
+    if isinstance(tokens, str):
+        raise InputError(
+            f"expected token ids, got the text {tokens!r}; tokenize it first (get_tokenizer(model).encode)"
+        )
+    try:
+        ids = torch.as_tensor(tokens)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise InputError(f"expected the token ids of one sequence, got {type(tokens).__name__} ({error})") from None
+    if ids.numel() and (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool):
+        raise InputError(f"token ids must be integers, got {ids.dtype}")
+    ids = ids.long()
     if ids.ndim == 1:
         ids = ids[None]
     if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:

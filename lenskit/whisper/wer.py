@@ -23,6 +23,12 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
 
 def corpus_word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
     """Word errors over all pairs / reference words over all pairs, after `normalise` (``jiwer.wer`` on lists)."""
+    if (
+        isinstance(references, str)
+        or isinstance(hypotheses, str)
+        or not all(isinstance(text, str) for text in [*references, *hypotheses])
+    ):
+        raise InputError("word error rates compare texts: give a list of reference strings and one of transcripts")
     if len(references) != len(hypotheses):
         raise InputError(f"{len(references)} references for {len(hypotheses)} transcripts: give one transcript each")
     if not references:

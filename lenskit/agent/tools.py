@@ -226,17 +226,7 @@ def patch(
     result = run_patch(
         lab.model(model), prompt, corrupted, metrics.logit_diff(answer, wrong), site=site, by=by, progress=False
     )
-    normalised = result.normalised()
-    frame = _compact(normalised.to_frame())
-    largest = frame.reindex(frame.value.abs().sort_values(ascending=False).index).head(top)
-    picture = lab.picture_path("patch")
-    viz.save_page([normalised.plot(title=f"patching {site} by {by} (0 = corrupted, 1 = clean)")], picture)
-    text = (
-        f"logit diff: clean {result.clean_value:.3f}, corrupted {result.corrupted_value:.3f}\n"
-        f"patched {site} by {by}, normalised, largest |value| first:\n"
-        f"{largest.to_string(index=False, float_format='%.3f')}"
-    )
-    return Finding(text, str(picture), model)
+    return _patching_finding(lab, model, result, "patch", f"patched {site} by {by}", f"patching {site} by {by}", top)
 
 
 def path_patch(
@@ -266,15 +256,22 @@ def path_patch(
         receivers="logits" if receivers is None else [tuple(r) for r in receivers],
         progress=False,
     )
+    target = "the logits" if receivers is None else ", ".join(f"L{r[0]}H{r[1]}.{r[2]}" for r in receivers)
+    label = f"path patching {senders} -> {target}"
+    return _patching_finding(lab, model, result, "path_patch", label, label, top)
+
+
+def _patching_finding(lab: Lab, model: str, result, picture_name: str, label: str, title: str, top: int) -> Finding:
+    """A patching grid as a finding: the clean and corrupted values, the `top` largest normalised cells
+    (blank cells left out) and a heatmap of the normalised grid."""
     normalised = result.normalised()
     frame = _compact(normalised.to_frame()).dropna(subset=["value"])
     largest = frame.reindex(frame.value.abs().sort_values(ascending=False).index).head(top)
-    picture = lab.picture_path("path_patch")
-    target = "the logits" if receivers is None else ", ".join(f"L{r[0]}H{r[1]}.{r[2]}" for r in receivers)
-    viz.save_page([normalised.plot(title=f"path patching {senders} -> {target} (0 = corrupted, 1 = clean)")], picture)
+    picture = lab.picture_path(picture_name)
+    viz.save_page([normalised.plot(title=f"{title} (0 = corrupted, 1 = clean)")], picture)
     text = (
         f"logit diff: clean {result.clean_value:.3f}, corrupted {result.corrupted_value:.3f}\n"
-        f"path patching {senders} -> {target}, normalised, largest |value| first:\n"
+        f"{label}, normalised, largest |value| first:\n"
         f"{largest.to_string(index=False, float_format='%.3f')}"
     )
     return Finding(text, str(picture), model)
